@@ -1,0 +1,5 @@
+import sys
+
+from pertbench.cli.main import main
+
+sys.exit(main())

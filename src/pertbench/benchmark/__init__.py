@@ -1,0 +1,1 @@
+"""The benchmark runner: many (dataset, task, model, seed) jobs, resumable."""

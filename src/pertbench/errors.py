@@ -1,0 +1,74 @@
+"""Typed exceptions.
+
+Every error a user can cause by passing bad input is a subclass of :class:`PertbenchError`.
+The message is one line that says what is wrong and how to fix it; the CLI prints it to
+stderr and exits with status 2 (the traceback only appears with ``--debug``).
+"""
+
+from __future__ import annotations
+
+
+class PertbenchError(Exception):
+    """Base class of all errors caused by user input or environment, not by a bug."""
+
+
+class InputFileError(PertbenchError, FileNotFoundError):
+    """A file is missing, unreadable or of the wrong format."""
+
+
+class DataValidationError(PertbenchError, ValueError):
+    """The data violates the data contract (missing key, bad values, no controls, ...)."""
+
+
+class SplitError(PertbenchError, ValueError):
+    """A split cannot be built or read, or it leaks held-out groups into training."""
+
+
+class ConfigError(PertbenchError, ValueError):
+    """A configuration value, hyperparameter or option is invalid."""
+
+
+class ModelError(PertbenchError, ValueError):
+    """A model cannot be trained, loaded or asked for this prediction."""
+
+
+class UnknownCategoryError(ModelError, KeyError):
+    """A perturbation or covariate value that the trained model never saw."""
+
+    def __str__(self) -> str:  # KeyError would otherwise quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class EvaluationError(PertbenchError, ValueError):
+    """Predictions and truth cannot be compared (missing gene or group, NaN, ...)."""
+
+
+class MissingDependencyError(PertbenchError, ImportError):
+    """An optional extra is not installed."""
+
+
+class NetworkError(PertbenchError, ConnectionError):
+    """A download failed (for example, no internet access)."""
+
+
+def require(module: str, extra: str, purpose: str):
+    """Import an optional dependency or raise a helpful :class:`MissingDependencyError`.
+
+    Parameters
+    ----------
+    module
+        Importable module name, e.g. ``"ray"``.
+    extra
+        Name of the pertbench extra that provides it, e.g. ``"ray"``.
+    purpose
+        What the module is needed for, used in the message.
+    """
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise MissingDependencyError(
+            f"{purpose} needs the optional package '{module}'; "
+            f"install it with: pip install 'pertbench[{extra}]'"
+        ) from exc

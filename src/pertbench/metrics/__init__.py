@@ -1,0 +1,1 @@
+"""Evaluation suite: aggregations, fit, rank, distribution and DE metrics, calibration."""

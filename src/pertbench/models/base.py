@@ -1,0 +1,556 @@
+"""The one API every model follows.
+
+A :class:`PerturbationModel` is the user-facing object: it owns hyperparameters, the gene
+list and category encodings, training and save/load. Neural models keep their network in a
+plain ``torch.nn.Module`` (one per model file) and train it with
+:func:`pertbench.models.training.fit_module`.
+
+Prediction is always *counterfactual*: given control cells of known covariates and a
+requested perturbation per cell, return what those cells would look like perturbed. It is
+deterministic given the seed and never samples latent noise. :func:`build_counterfactuals`
+makes such requests from a dataset; :meth:`PerturbationModel.predict_split` does it for
+every held-out group of a split.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from pertbench.data.groups import group_cells
+from pertbench.data.keys import PerturbationKeys
+from pertbench.data.splits import LEFT_OUT, SPLIT_NAMES, check_split_values
+from pertbench.errors import ConfigError, DataValidationError, EvaluationError, InputFileError, ModelError
+from pertbench.models.encoding import CategoryEncoding
+from pertbench.utils.io import atomic_path, write_json_atomic
+from pertbench.utils.random import resolve_device
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "weights.pt"
+CONTROL_OBS_COLUMN = "control_obs_name"
+EpochCallback = Callable[[int, Mapping[str, float]], None]
+
+
+@dataclass
+class FitContext:
+    """Run settings of one :meth:`PerturbationModel.fit` call (not hyperparameters)."""
+
+    seed: int = 0
+    device: str = "cpu"
+    max_epochs: int | None = None
+    progress: bool = True
+    log_dir: Path | None = None
+    epoch_callback: EpochCallback | None = None
+    """Called after every epoch with the epoch's metrics (``val_loss`` among them); may
+    raise (e.g. ``optuna.TrialPruned``) to stop training."""
+
+
+@dataclass
+class PredictionInputs:
+    """What a model receives at prediction time, aligned row by row.
+
+    Attributes
+    ----------
+    X
+        Control expression restricted and ordered to the training genes (CSR or dense),
+        or the control cells' embedding from ``obsm`` for embedding-input models.
+    perturbations
+        Multi-hot CSR (n_cells x n_perturbation components) of the requested perturbation.
+    covariate_codes
+        (n_cells x n_covariate_keys) integer codes.
+    covariate_onehot
+        Concatenated one-hot covariates, float32.
+    obs
+        The request's obs (covariates, perturbation, control obs names, ...).
+    """
+
+    X: Any
+    perturbations: sp.csr_matrix
+    covariate_codes: np.ndarray
+    covariate_onehot: np.ndarray
+    obs: pd.DataFrame
+
+    @property
+    def n_cells(self) -> int:
+        return len(self.obs)
+
+
+class PerturbationModel(ABC):
+    """Base class of all models.
+
+    Subclasses set ``name``, a ``Params`` dataclass with hyperparameters and their defaults,
+    and implement :meth:`_fit` and :meth:`_predict`. Models with learned state implement
+    :meth:`_state` / :meth:`_load_state` (tensors only, so loading works with
+    ``torch.load(weights_only=True)``) and :meth:`_extra_config` for JSON-able facts
+    needed to rebuild the network.
+    """
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    Params: ClassVar[type] = dataclasses.make_dataclass("Params", [])
+    #: ``"expression"``: prediction starts from control expression; ``"none"``: from
+    #: covariates/perturbation only (decoder-only and analytic baselines).
+    input_kind: ClassVar[str] = "expression"
+
+    def __init__(self, *, keys: PerturbationKeys | None = None, **params: Any) -> None:
+        self.keys = keys if keys is not None else PerturbationKeys()
+        self.params = self.make_params(params)
+        self.genes: pd.Index | None = None
+        self.encoding: CategoryEncoding | None = None
+        self.history: pd.DataFrame | None = None
+        self.seed: int = 0
+        self.device: str = "cpu"
+        self.fit_seconds: float | None = None
+
+    # -- hyperparameters -------------------------------------------------------------------
+    @classmethod
+    def make_params(cls, params: Mapping[str, Any]) -> Any:
+        """Build the ``Params`` dataclass, rejecting unknown names and coercing types."""
+        fields = {f.name: f for f in dataclasses.fields(cls.Params)}
+        unknown = sorted(set(params) - set(fields))
+        if unknown:
+            raise ConfigError(
+                f"model '{cls.name}' has no hyperparameter {', '.join(unknown)}; "
+                f"valid: {', '.join(sorted(fields)) or '(none)'}"
+            )
+        coerced = {}
+        for key, value in params.items():
+            default = fields[key].default
+            coerced[key] = _coerce_like(value, default, f"{cls.name}.{key}")
+        return cls.Params(**coerced)
+
+    @classmethod
+    def default_params(cls) -> dict[str, Any]:
+        return dataclasses.asdict(cls.Params())
+
+    # -- fitting -------------------------------------------------------------------------
+    def fit(
+        self,
+        adata: ad.AnnData,
+        split: pd.Series | None = None,
+        *,
+        seed: int = 0,
+        device: str = "auto",
+        max_epochs: int | None = None,
+        progress: bool = True,
+        log_dir: str | Path | None = None,
+        epoch_callback: EpochCallback | None = None,
+    ) -> PerturbationModel:
+        """Train on the ``train`` cells of ``split`` (validation on ``val`` when present).
+
+        Parameters
+        ----------
+        adata
+            The whole dataset (log-normalised ``X``); only cells marked ``train``/``val``
+            are used.
+        split
+            Split Series aligned to ``adata.obs_names``; ``None`` trains on all cells.
+        seed
+            Seeds weight initialisation, control matching and batching.
+        device
+            ``auto`` (GPU when present), ``cpu``, ``cuda``...
+        max_epochs
+            Overrides the model's default number of epochs.
+        log_dir
+            Where to write ``training_log.csv`` and checkpoints.
+        epoch_callback
+            ``f(epoch, metrics)`` after each epoch; may raise to stop (used for pruning).
+        """
+        split = align_split(adata, split)
+        train_mask = (split == "train").to_numpy()
+        val_mask = (split == "val").to_numpy()
+        if not train_mask.any():
+            raise ModelError("the split has no 'train' cells; check the split file")
+        self.seed = int(seed)
+        self.device = resolve_device(device)
+        self.genes = pd.Index(adata.var_names.astype(str), name="gene")
+        if not self.genes.is_unique:
+            raise DataValidationError("gene names (var_names) are not unique; make them unique before training")
+        train = adata[train_mask]
+        val = adata[val_mask] if val_mask.any() else None
+        missing_controls = _covariates_without_controls(train, self.keys)
+        if missing_controls and self.input_kind == "expression":
+            raise ModelError(
+                f"training cells of covariates {', '.join(missing_controls)} have no controls; "
+                "a split must keep control cells of every covariate in train"
+            )
+        self.encoding = CategoryEncoding.fit(adata[train_mask | val_mask].obs, self.keys)
+        context = FitContext(
+            seed=self.seed,
+            device=self.device,
+            max_epochs=max_epochs,
+            progress=progress,
+            log_dir=Path(log_dir) if log_dir is not None else None,
+            epoch_callback=epoch_callback,
+        )
+        if context.log_dir is not None:
+            context.log_dir.mkdir(parents=True, exist_ok=True)
+        start = time.perf_counter()
+        self._fit(train, val, context)
+        self.fit_seconds = time.perf_counter() - start
+        return self
+
+    @abstractmethod
+    def _fit(self, train: ad.AnnData, val: ad.AnnData | None, context: FitContext) -> None:
+        """Learn from training cells (``val`` for early stopping, may be ``None``)."""
+
+    @property
+    def is_fitted(self) -> bool:
+        return self.genes is not None and self.encoding is not None
+
+    def _require_fitted(self) -> None:
+        if not self.is_fitted:
+            raise ModelError(f"model '{self.name}' is not trained yet; call fit() or load a trained run")
+
+    # -- prediction ------------------------------------------------------------------------
+    def predict(self, counterfactual: ad.AnnData, *, seed: int | None = None) -> ad.AnnData:
+        """Predict perturbed expression for each row of a counterfactual request.
+
+        Parameters
+        ----------
+        counterfactual
+            One row per control cell to perturb: ``X`` its expression (any gene order; all
+            training genes must be present), obs with the covariate columns and, in the
+            perturbation column, the requested perturbation. Build it with
+            :func:`build_counterfactuals`.
+        seed
+            Seed for any randomness at prediction time (defaults to the training seed).
+
+        Returns
+        -------
+        AnnData
+            Predicted log-normalised expression over the training genes, obs copied from
+            the request, ``uns['pertbench']`` describing the prediction.
+        """
+        self._require_fitted()
+        inputs = self.prepare_inputs(counterfactual)
+        seed = self.seed if seed is None else int(seed)
+        values = self._predict(inputs, seed=seed)
+        values = np.asarray(values, dtype=np.float32)
+        if values.shape != (inputs.n_cells, len(self.genes)):
+            raise RuntimeError(f"{self.name} returned shape {values.shape}, expected {(inputs.n_cells, len(self.genes))}")
+        if not np.isfinite(values).all():
+            raise ModelError(f"model '{self.name}' produced NaN/inf predictions; training diverged (try a lower lr)")
+        out = ad.AnnData(X=values, obs=inputs.obs.copy(), var=pd.DataFrame(index=self.genes.copy()))
+        out.uns["pertbench"] = {"model": self.name, "prediction": "counterfactual", "seed": seed}
+        return out
+
+    def prepare_inputs(self, counterfactual: ad.AnnData) -> PredictionInputs:
+        """Check a counterfactual request and encode it for :meth:`_predict`."""
+        self._require_fitted()
+        obs = counterfactual.obs
+        for key in (self.keys.perturbation_key, *self.keys.covariate_keys):
+            if key not in obs.columns:
+                raise DataValidationError(f"counterfactual obs has no column '{key}'")
+        perturbations = self.encoding.perturbation_matrix(
+            obs[self.keys.perturbation_key],
+            dose=obs[self.keys.dose_key] if self.keys.dose_key and self.keys.dose_key in obs else None,
+        )
+        cov_codes = self.encoding.covariate_codes(obs)
+        cov_onehot = self.encoding.covariate_onehot(obs)
+        X = self._input_matrix(counterfactual) if self.input_kind == "expression" else None
+        return PredictionInputs(X=X, perturbations=perturbations, covariate_codes=cov_codes, covariate_onehot=cov_onehot, obs=obs.copy())
+
+    def _input_matrix(self, adata: ad.AnnData):
+        """Control expression restricted to the training genes, in training order."""
+        return align_genes(adata, self.genes)
+
+    @abstractmethod
+    def _predict(self, inputs: PredictionInputs, *, seed: int) -> np.ndarray:
+        """Return a dense (n_cells x n_genes) array of predicted log expression."""
+
+    def predict_split(
+        self, adata: ad.AnnData, split: pd.Series, *, on: str = "test", seed: int | None = None
+    ) -> ad.AnnData:
+        """Predict every held-out group of ``split[on]`` from its covariates' control cells.
+
+        One predicted cell per control cell. Controls are those of the same covariates in
+        the ``on`` split; a covariate with none there (e.g. the cell-type task, whose
+        controls stay in train) uses all of its control cells.
+        """
+        if on not in SPLIT_NAMES:
+            raise ConfigError(f"--on must be one of {', '.join(SPLIT_NAMES)}, got '{on}'")
+        split = align_split(adata, split)
+        requests = heldout_groups(adata, split, self.keys, on=on)
+        if requests.empty:
+            raise ModelError(f"the split has no perturbed '{on}' cells to predict")
+        counterfactual = build_counterfactuals(adata, requests, self.keys, control_split=split, prefer_split=on)
+        pred = self.predict(counterfactual, seed=seed)
+        pred.uns["pertbench"]["split"] = on
+        return pred
+
+    # -- persistence ---------------------------------------------------------------------
+    def _extra_config(self) -> dict[str, Any]:
+        """JSON-able facts (beyond params/genes/encoding) needed to rebuild the model."""
+        return {}
+
+    def _state(self) -> dict[str, Any]:
+        """Learned state as a (nested) dict of tensors."""
+        return {}
+
+    def _load_state(self, state: dict[str, Any], extra: dict[str, Any]) -> None:
+        """Rebuild networks from ``extra`` and load ``state``."""
+
+    def save(self, path: str | Path) -> Path:
+        """Save to a directory: ``config.json`` (readable) and ``weights.pt`` (tensors only)."""
+        import torch
+
+        from pertbench import __version__
+
+        self._require_fitted()
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        state = _to_cpu(self._state())
+        with atomic_path(path / WEIGHTS_FILE) as tmp:
+            torch.save(state, tmp)
+        config = {
+            "model": self.name,
+            "pertbench_version": __version__,
+            "params": _jsonable(dataclasses.asdict(self.params)),
+            "keys": self.keys.to_dict(),
+            "genes": self.genes.tolist(),
+            "encoding": self.encoding.to_dict(),
+            "seed": self.seed,
+            "fit_seconds": self.fit_seconds,
+            "extra": _jsonable(self._extra_config()),
+        }
+        write_json_atomic(path / CONFIG_FILE, config)
+        if self.history is not None:
+            from pertbench.utils.io import write_csv_atomic
+
+            write_csv_atomic(path / "history.csv", self.history)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, *, device: str = "auto") -> PerturbationModel:
+        """Load a model saved with :meth:`save` (the class is read from the config)."""
+        import torch
+
+        from pertbench.models.registry import get_model_class
+
+        path = Path(path)
+        config_path = path / CONFIG_FILE
+        if not config_path.is_file():
+            raise InputFileError(f"'{path}' is not a saved model: {CONFIG_FILE} is missing")
+        try:
+            config = json.loads(config_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise InputFileError(f"cannot parse {config_path}: {exc}") from exc
+        model_cls = get_model_class(config["model"])
+        if cls is not PerturbationModel and not issubclass(model_cls, cls):
+            raise ModelError(f"'{path}' holds a '{config['model']}' model, not '{cls.name}'")
+        keys = PerturbationKeys.from_dict(config["keys"])
+        model = model_cls(keys=keys, **config["params"])
+        model.genes = pd.Index(config["genes"], name="gene")
+        model.encoding = CategoryEncoding.from_dict(config["encoding"])
+        model.seed = int(config.get("seed", 0))
+        model.fit_seconds = config.get("fit_seconds")
+        model.device = resolve_device(device)
+        weights = path / WEIGHTS_FILE
+        state = torch.load(weights, map_location=model.device, weights_only=True) if weights.is_file() else {}
+        model._load_state(state, config.get("extra", {}))
+        history = path / "history.csv"
+        if history.is_file():
+            model.history = pd.read_csv(history)
+        return model
+
+
+# ---------------------------------------------------------------------------------------
+# Helpers shared by models, the CLI and the benchmark runner
+# ---------------------------------------------------------------------------------------
+def align_split(adata: ad.AnnData, split: pd.Series | None) -> pd.Series:
+    """Return ``split`` aligned to ``adata.obs_names`` (all ``train`` when ``None``)."""
+    if split is None:
+        return pd.Series("train", index=adata.obs_names.astype(str), name="split", dtype=object)
+    check_split_values(split)
+    names = pd.Index(adata.obs_names.astype(str))
+    idx = pd.Index(split.index.astype(str))
+    if not idx.equals(names):
+        unknown = idx.difference(names)
+        if len(unknown):
+            raise ConfigError(
+                f"the split names {len(unknown)} cell(s) not in the data (e.g. {unknown[0]!r}); "
+                "was it made for another dataset?"
+            )
+        split = pd.Series(split.to_numpy(), index=idx).reindex(names, fill_value=LEFT_OUT)
+    return split
+
+
+def align_genes(adata: ad.AnnData, genes: pd.Index):
+    """``adata.X`` with columns reordered to ``genes`` (CSR stays CSR); missing genes are an error."""
+    names = pd.Index(adata.var_names.astype(str))
+    if names.equals(genes):
+        X = adata.X
+    else:
+        idx = names.get_indexer(genes)
+        if (idx < 0).any():
+            missing = genes[idx < 0]
+            raise DataValidationError(
+                f"{len(missing)} training gene(s) are missing from the input, e.g. {', '.join(missing[:5])}"
+            )
+        X = adata.X[:, idx]
+    if sp.issparse(X):
+        return sp.csr_matrix(X, dtype=np.float32)
+    return np.asarray(X, dtype=np.float32)
+
+
+def heldout_groups(adata: ad.AnnData, split: pd.Series, keys: PerturbationKeys, *, on: str = "test") -> pd.DataFrame:
+    """The (covariates, perturbation) groups with cells in ``split == on``, controls excluded."""
+    mask = (split.to_numpy() == on) & (adata.obs[keys.perturbation_key].astype(str).to_numpy() != keys.control)
+    sub = adata.obs.loc[mask, [*keys.covariate_keys, keys.perturbation_key]].astype(str)
+    return sub.drop_duplicates().sort_values([*keys.covariate_keys, keys.perturbation_key]).reset_index(drop=True)
+
+
+def build_counterfactuals(
+    adata: ad.AnnData,
+    requests: pd.DataFrame,
+    keys: PerturbationKeys,
+    *,
+    control_split: pd.Series | None = None,
+    prefer_split: str | None = None,
+    max_controls: int | None = None,
+    seed: int = 0,
+) -> ad.AnnData:
+    """Pair each requested (covariates, perturbation) with the control cells of those covariates.
+
+    Parameters
+    ----------
+    adata
+        Data holding the control cells.
+    requests
+        One row per prediction group: the covariate columns and the perturbation column.
+    control_split, prefer_split
+        When given, controls in ``control_split == prefer_split`` are used if the
+        covariates have any there; otherwise all of the covariates' controls.
+    max_controls
+        Subsample at most this many controls per group (seeded).
+
+    Returns
+    -------
+    AnnData
+        One row per (request, control cell): the control's expression and obsm, obs with the
+        covariates, the requested perturbation and ``control_obs_name``.
+    """
+    missing = [c for c in (*keys.covariate_keys, keys.perturbation_key) if c not in requests.columns]
+    if missing:
+        raise ConfigError(f"counterfactual requests lack column(s) {', '.join(missing)}")
+    grouping = group_cells(adata.obs, keys)
+    control_cells = grouping.is_control.copy()
+    preferred = control_cells & (control_split.to_numpy() == prefer_split) if control_split is not None and prefer_split else None
+    cov_table = grouping.covariates
+    if keys.covariate_keys:
+        lookup = pd.MultiIndex.from_frame(cov_table[list(keys.covariate_keys)])
+        req_codes = lookup.get_indexer(pd.MultiIndex.from_frame(requests[list(keys.covariate_keys)].astype(str)))
+    else:
+        req_codes = np.zeros(len(requests), dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    rows, request_rows = [], []
+    # Loop over requested groups (not cells); each group's controls are found by mask.
+    order = np.argsort(grouping.covariate_codes, kind="stable")
+    sorted_codes = grouping.covariate_codes[order]
+    for r, code in enumerate(req_codes):
+        if code < 0:
+            label = "/".join(requests.iloc[r][list(keys.covariate_keys)].astype(str))
+            raise EvaluationError(f"no cells with covariates '{label}' in the data; cannot build controls")
+        lo, hi = np.searchsorted(sorted_codes, [code, code + 1])
+        cells = order[lo:hi]
+        chosen = cells[preferred[cells]] if preferred is not None else np.empty(0, dtype=np.int64)
+        if chosen.size == 0:
+            chosen = cells[control_cells[cells]]
+        if chosen.size == 0:
+            label = cov_table.loc[code, "label"]
+            raise DataValidationError(f"covariates '{label}' have no control cells to perturb")
+        if max_controls is not None and chosen.size > max_controls:
+            chosen = np.sort(rng.choice(chosen, size=max_controls, replace=False))
+        rows.append(chosen)
+        request_rows.append(np.full(chosen.size, r))
+    rows_all = np.concatenate(rows)
+    req_all = np.concatenate(request_rows)
+    X = adata.X[rows_all]
+    obs = requests.iloc[req_all].reset_index(drop=True).astype(str)
+    obs[CONTROL_OBS_COLUMN] = adata.obs_names.to_numpy()[rows_all].astype(str)
+    if keys.dose_key and keys.dose_key in requests.columns:
+        obs[keys.dose_key] = requests[keys.dose_key].to_numpy()[req_all]
+    obs.index = pd.Index([f"cf{i}" for i in range(len(obs))])
+    out = ad.AnnData(X=X, obs=obs, var=adata.var[[]].copy())
+    for key, value in adata.obsm.items():
+        out.obsm[key] = value[rows_all]
+    return out
+
+
+def _covariates_without_controls(adata: ad.AnnData, keys: PerturbationKeys) -> list[str]:
+    grouping = group_cells(adata.obs, keys)
+    has_ctrl = np.zeros(len(grouping.covariates), dtype=bool)
+    has_ctrl[np.unique(grouping.covariate_codes[grouping.is_control])] = True
+    return grouping.covariates.loc[~has_ctrl, "label"].tolist()
+
+
+def _coerce_like(value: Any, default: Any, name: str) -> Any:
+    """Coerce CLI strings (``--set lr=1e-3``) to the type of the default."""
+    if not isinstance(value, str) or isinstance(default, str) or default is None:
+        if isinstance(default, bool) and not isinstance(value, bool):
+            raise ConfigError(f"{name} must be true or false, got {value!r}")
+        if isinstance(default, int) and not isinstance(default, bool) and isinstance(value, float):
+            if not value.is_integer():
+                raise ConfigError(f"{name} must be an integer, got {value!r}")
+            return int(value)
+        if isinstance(default, tuple) and isinstance(value, list):
+            return tuple(value)
+        return value
+    try:
+        if isinstance(default, bool):
+            low = value.strip().lower()
+            if low in {"true", "1", "yes"}:
+                return True
+            if low in {"false", "0", "no"}:
+                return False
+            raise ValueError(value)
+        if isinstance(default, int):
+            return int(value)
+        if isinstance(default, float):
+            return float(value)
+        if isinstance(default, (tuple, list)):
+            return type(default)(json.loads(value))
+    except (ValueError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{name}: cannot read {value!r} as {type(default).__name__}") from exc
+    return value
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def _to_cpu(state: Any) -> Any:
+    import torch
+
+    if isinstance(state, torch.Tensor):
+        return state.detach().cpu()
+    if isinstance(state, dict):
+        return {k: _to_cpu(v) for k, v in state.items()}
+    if isinstance(state, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(state))
+    return state
+
+
+def params_field(default: Any, help: str, **kwargs: Any) -> Any:
+    """A ``Params`` dataclass field with a help text (shown by ``pertbench models``)."""
+    return field(default=default, metadata={"help": help, **kwargs})

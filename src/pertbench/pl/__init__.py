@@ -1,0 +1,1 @@
+"""Figures (matplotlib), in scanpy's ``pl`` style: data first, options by keyword."""

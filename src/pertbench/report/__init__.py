@@ -1,0 +1,1 @@
+"""Self-contained HTML reports and RO-Crate packaging of benchmark results."""

@@ -1,0 +1,1 @@
+"""Hyperparameter optimisation with Optuna."""

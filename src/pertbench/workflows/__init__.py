@@ -1,0 +1,1 @@
+"""End-to-end workflows built from data, models and metrics."""
