@@ -96,7 +96,9 @@ def make_toy_adata(
     var = pd.DataFrame(index=[f"G{g}" for g in range(n_genes)])
     adata = ad.AnnData(X=sp.csr_matrix(X), obs=obs, var=var)
     adata.layers["counts"] = sp.csr_matrix(counts)
-    adata.uns["true_effects"] = pd.DataFrame(effects, index=[f"P{p}" for p in range(n_perturbations)], columns=var.index)
+    adata.uns["true_effects"] = pd.DataFrame(
+        effects, index=[f"P{p}" for p in range(n_perturbations)], columns=var.index
+    )
     return adata
 
 

@@ -14,7 +14,7 @@ try:
 except PackageNotFoundError:  # running from a source tree without installation
     __version__ = "0.0.0+unknown"
 
-from pertbench.data.keys import PerturbationKeys  # noqa: E402
-from pertbench.errors import PertbenchError  # noqa: E402
+from pertbench.data.keys import PerturbationKeys
+from pertbench.errors import PertbenchError
 
 __all__ = ["PertbenchError", "PerturbationKeys", "__version__"]

@@ -8,7 +8,15 @@ import pytest
 import scipy.sparse as sp
 
 from pertbench.cli.main import main
-from pertbench.data import PerturbationKeys, group_cells, group_mean, group_mean_var, make_split, read_split, write_split
+from pertbench.data import (
+    PerturbationKeys,
+    group_cells,
+    group_mean,
+    group_mean_var,
+    make_split,
+    read_split,
+    write_split,
+)
 from pertbench.errors import ConfigError, DataValidationError, SplitError, UnknownCategoryError
 from pertbench.models.base import build_counterfactuals, heldout_groups
 from pertbench.models.encoding import CategoryEncoding
@@ -76,7 +84,9 @@ def test_encoding_multihot_and_unknowns(toy_adata):
     enc = CategoryEncoding.fit(toy_adata.obs, keys)
     m = enc.perturbation_matrix(["P0+P1", "control", "P2"])
     assert m.shape == (3, enc.n_perturbations)
-    assert m[0].toarray().ravel()[[enc.perturbations.index("P0"), enc.perturbations.index("P1")]].tolist() == [1, 1]
+    assert m[0].toarray().ravel()[
+        [enc.perturbations.index("P0"), enc.perturbations.index("P1")]
+    ].tolist() == [1, 1]
     assert m[1].nnz == 0
     with pytest.raises(UnknownCategoryError, match="not trained on perturbation"):
         enc.perturbation_matrix(["P99"])

@@ -12,13 +12,22 @@ from pertbench.data.keys import PerturbationKeys
 PerturbationKeyOpt = Annotated[
     str, typer.Option("--perturbation-key", help="obs column with the perturbation of each cell.")
 ]
-ControlOpt = Annotated[str, typer.Option("--control", help="Label of control cells in the perturbation column.")]
-CovariatesOpt = Annotated[
-    str, typer.Option("--covariates", help="Comma-separated obs columns defining biological states.")
+ControlOpt = Annotated[
+    str, typer.Option("--control", help="Label of control cells in the perturbation column.")
 ]
-DelimiterOpt = Annotated[str, typer.Option("--delimiter", help="Joins the parts of a combination, e.g. A+B.")]
-DoseKeyOpt = Annotated[str | None, typer.Option("--dose-key", help="Optional obs column with the dose.")]
-SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed; the same seed gives the same result.")]
+CovariatesOpt = Annotated[
+    str,
+    typer.Option("--covariates", help="Comma-separated obs columns defining biological states."),
+]
+DelimiterOpt = Annotated[
+    str, typer.Option("--delimiter", help="Joins the parts of a combination, e.g. A+B.")
+]
+DoseKeyOpt = Annotated[
+    str | None, typer.Option("--dose-key", help="Optional obs column with the dose.")
+]
+SeedOpt = Annotated[
+    int, typer.Option("--seed", help="Random seed; the same seed gives the same result.")
+]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto (GPU when present), cpu or cuda.")]
 ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")]
 ExistingFile = Annotated[Path, typer.Argument(help="Input .h5ad file.", show_default=False)]

@@ -47,7 +47,11 @@ def build_app() -> typer.Typer:
     def _root(
         debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
         version: bool = typer.Option(
-            False, "--version", help="Print the version and exit.", is_eager=True, callback=_print_version
+            False,
+            "--version",
+            help="Print the version and exit.",
+            is_eager=True,
+            callback=_print_version,
         ),
     ) -> None:
         """Predict and benchmark single-cell responses to perturbations."""
@@ -93,7 +97,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # a bug: say so briefly, with the traceback on --debug
         if debug:
             traceback.print_exc()
-        typer.echo(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", err=True)
+        typer.echo(
+            f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
+            err=True,
+        )
         return 1
     return 0
 

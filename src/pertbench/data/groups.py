@@ -61,13 +61,15 @@ class Grouping:
 
     @property
     def n_groups(self) -> int:
-        return int(len(self.groups))
+        return len(self.groups)
 
     def group_labels(self) -> pd.Series:
         """Readable label of each group: ``<covariate label>:<perturbation>``."""
         cov = self.covariates["label"].to_numpy()[self.groups["covariate_code"].to_numpy()]
         pert = self.groups[self.keys.perturbation_key].to_numpy()
-        return pd.Series([f"{c}:{p}" for c, p in zip(cov, pert, strict=True)], index=self.groups.index)
+        return pd.Series(
+            [f"{c}:{p}" for c, p in zip(cov, pert, strict=True)], index=self.groups.index
+        )
 
     def control_mask_for(self, covariate_code: int) -> np.ndarray:
         """Boolean mask of the control cells of one covariate combination."""
@@ -110,7 +112,9 @@ def group_cells(obs: pd.DataFrame, keys: PerturbationKeys) -> Grouping:
         cov_codes_raw, cov_uniques = pd.factorize(cov_tuples, sort=True)
         covariates = cov_uniques.to_frame(index=False)
         covariates.columns = list(keys.covariate_keys)
-        covariates["label"] = covariates[list(keys.covariate_keys)].agg(COVARIATE_LABEL_SEP.join, axis=1)
+        covariates["label"] = covariates[list(keys.covariate_keys)].agg(
+            COVARIATE_LABEL_SEP.join, axis=1
+        )
     else:
         cov_codes_raw = np.zeros(n, dtype=np.int64)
         covariates = pd.DataFrame({"label": ["all"]})
@@ -171,7 +175,9 @@ def group_mean(X, codes: np.ndarray, n_groups: int | None = None) -> np.ndarray:
         return sums / counts[:, None]
 
 
-def group_mean_var(X, codes: np.ndarray, n_groups: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def group_mean_var(
+    X, codes: np.ndarray, n_groups: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Per-group mean and population variance (ddof=0) of the rows of ``X``.
 
     Uses E[x^2] - E[x]^2 with float64 accumulation, clipped at 0 against round-off.

@@ -61,7 +61,9 @@ class PerturbationKeys:
                 f"'{self.delimiter}'; choose another --delimiter"
             )
         if self.perturbation_key in self.covariate_keys:
-            raise ConfigError(f"'{self.perturbation_key}' is both the perturbation key and a covariate key")
+            raise ConfigError(
+                f"'{self.perturbation_key}' is both the perturbation key and a covariate key"
+            )
         if len(set(self.covariate_keys)) != len(self.covariate_keys):
             raise ConfigError(f"covariate keys are repeated: {', '.join(self.covariate_keys)}")
 

@@ -21,7 +21,9 @@ LEFT_OUT = ""
 SPLIT_COLUMNS = ("obs_name", "split")
 
 
-def make_split(obs_names: pd.Index | list[str], values: np.ndarray | list[str] | str = LEFT_OUT) -> pd.Series:
+def make_split(
+    obs_names: pd.Index | list[str], values: np.ndarray | list[str] | str = LEFT_OUT
+) -> pd.Series:
     """Build a split Series over ``obs_names`` (all cells left out unless ``values`` given)."""
     index = pd.Index(obs_names, dtype=object, name="obs_name")
     if isinstance(values, str):
@@ -47,7 +49,9 @@ def check_split_values(split: pd.Series) -> None:
 def write_split(split: pd.Series, path: str | os.PathLike) -> Path:
     """Write a split as CSV (``obs_name,split``) atomically."""
     check_split_values(split)
-    frame = pd.DataFrame({"obs_name": split.index.astype(str), "split": split.to_numpy(dtype=object)})
+    frame = pd.DataFrame(
+        {"obs_name": split.index.astype(str), "split": split.to_numpy(dtype=object)}
+    )
     return write_csv_atomic(path, frame)
 
 
@@ -64,7 +68,9 @@ def read_split(path: str | os.PathLike, obs_names: pd.Index | None = None) -> pd
     """
     path = Path(path)
     if not path.is_file():
-        raise InputFileError(f"split file '{path}' does not exist; create one with 'pertbench split'")
+        raise InputFileError(
+            f"split file '{path}' does not exist; create one with 'pertbench split'"
+        )
     try:
         frame = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[])
     except Exception as exc:  # malformed CSV of any kind
@@ -73,7 +79,11 @@ def read_split(path: str | os.PathLike, obs_names: pd.Index | None = None) -> pd
         raise SplitError(
             f"split file '{path}' must have the header 'obs_name,split', found '{','.join(frame.columns)}'"
         )
-    split = pd.Series(frame["split"].str.strip().to_numpy(dtype=object), index=pd.Index(frame["obs_name"], dtype=object, name="obs_name"), name="split")
+    split = pd.Series(
+        frame["split"].str.strip().to_numpy(dtype=object),
+        index=pd.Index(frame["obs_name"], dtype=object, name="obs_name"),
+        name="split",
+    )
     check_split_values(split)
     if obs_names is not None:
         obs_names = pd.Index(obs_names, dtype=object)

@@ -31,7 +31,13 @@ import scipy.sparse as sp
 from pertbench.data.groups import group_cells
 from pertbench.data.keys import PerturbationKeys
 from pertbench.data.splits import LEFT_OUT, SPLIT_NAMES, check_split_values
-from pertbench.errors import ConfigError, DataValidationError, EvaluationError, InputFileError, ModelError
+from pertbench.errors import (
+    ConfigError,
+    DataValidationError,
+    EvaluationError,
+    InputFileError,
+    ModelError,
+)
 from pertbench.models.encoding import CategoryEncoding
 from pertbench.utils.io import atomic_path, write_json_atomic
 from pertbench.utils.random import resolve_device
@@ -176,7 +182,9 @@ class PerturbationModel(ABC):
         self.device = resolve_device(device)
         self.genes = pd.Index(adata.var_names.astype(str), name="gene")
         if not self.genes.is_unique:
-            raise DataValidationError("gene names (var_names) are not unique; make them unique before training")
+            raise DataValidationError(
+                "gene names (var_names) are not unique; make them unique before training"
+            )
         train = adata[train_mask]
         val = adata[val_mask] if val_mask.any() else None
         missing_controls = _covariates_without_controls(train, self.keys)
@@ -211,7 +219,9 @@ class PerturbationModel(ABC):
 
     def _require_fitted(self) -> None:
         if not self.is_fitted:
-            raise ModelError(f"model '{self.name}' is not trained yet; call fit() or load a trained run")
+            raise ModelError(
+                f"model '{self.name}' is not trained yet; call fit() or load a trained run"
+            )
 
     # -- prediction ------------------------------------------------------------------------
     def predict(self, counterfactual: ad.AnnData, *, seed: int | None = None) -> ad.AnnData:
@@ -239,9 +249,13 @@ class PerturbationModel(ABC):
         values = self._predict(inputs, seed=seed)
         values = np.asarray(values, dtype=np.float32)
         if values.shape != (inputs.n_cells, len(self.genes)):
-            raise RuntimeError(f"{self.name} returned shape {values.shape}, expected {(inputs.n_cells, len(self.genes))}")
+            raise RuntimeError(
+                f"{self.name} returned shape {values.shape}, expected {(inputs.n_cells, len(self.genes))}"
+            )
         if not np.isfinite(values).all():
-            raise ModelError(f"model '{self.name}' produced NaN/inf predictions; training diverged (try a lower lr)")
+            raise ModelError(
+                f"model '{self.name}' produced NaN/inf predictions; training diverged (try a lower lr)"
+            )
         out = ad.AnnData(X=values, obs=inputs.obs.copy(), var=pd.DataFrame(index=self.genes.copy()))
         out.uns["pertbench"] = {"model": self.name, "prediction": "counterfactual", "seed": seed}
         return out
@@ -255,12 +269,20 @@ class PerturbationModel(ABC):
                 raise DataValidationError(f"counterfactual obs has no column '{key}'")
         perturbations = self.encoding.perturbation_matrix(
             obs[self.keys.perturbation_key],
-            dose=obs[self.keys.dose_key] if self.keys.dose_key and self.keys.dose_key in obs else None,
+            dose=obs[self.keys.dose_key]
+            if self.keys.dose_key and self.keys.dose_key in obs
+            else None,
         )
         cov_codes = self.encoding.covariate_codes(obs)
         cov_onehot = self.encoding.covariate_onehot(obs)
         X = self._input_matrix(counterfactual) if self.input_kind == "expression" else None
-        return PredictionInputs(X=X, perturbations=perturbations, covariate_codes=cov_codes, covariate_onehot=cov_onehot, obs=obs.copy())
+        return PredictionInputs(
+            X=X,
+            perturbations=perturbations,
+            covariate_codes=cov_codes,
+            covariate_onehot=cov_onehot,
+            obs=obs.copy(),
+        )
 
     def _input_matrix(self, adata: ad.AnnData):
         """Control expression restricted to the training genes, in training order."""
@@ -285,7 +307,9 @@ class PerturbationModel(ABC):
         requests = heldout_groups(adata, split, self.keys, on=on)
         if requests.empty:
             raise ModelError(f"the split has no perturbed '{on}' cells to predict")
-        counterfactual = build_counterfactuals(adata, requests, self.keys, control_split=split, prefer_split=on)
+        counterfactual = build_counterfactuals(
+            adata, requests, self.keys, control_split=split, prefer_split=on
+        )
         pred = self.predict(counterfactual, seed=seed)
         pred.uns["pertbench"]["split"] = on
         return pred
@@ -358,7 +382,11 @@ class PerturbationModel(ABC):
         model.fit_seconds = config.get("fit_seconds")
         model.device = resolve_device(device)
         weights = path / WEIGHTS_FILE
-        state = torch.load(weights, map_location=model.device, weights_only=True) if weights.is_file() else {}
+        state = (
+            torch.load(weights, map_location=model.device, weights_only=True)
+            if weights.is_file()
+            else {}
+        )
         model._load_state(state, config.get("extra", {}))
         history = path / "history.csv"
         if history.is_file():
@@ -405,11 +433,19 @@ def align_genes(adata: ad.AnnData, genes: pd.Index):
     return np.asarray(X, dtype=np.float32)
 
 
-def heldout_groups(adata: ad.AnnData, split: pd.Series, keys: PerturbationKeys, *, on: str = "test") -> pd.DataFrame:
+def heldout_groups(
+    adata: ad.AnnData, split: pd.Series, keys: PerturbationKeys, *, on: str = "test"
+) -> pd.DataFrame:
     """The (covariates, perturbation) groups with cells in ``split == on``, controls excluded."""
-    mask = (split.to_numpy() == on) & (adata.obs[keys.perturbation_key].astype(str).to_numpy() != keys.control)
+    mask = (split.to_numpy() == on) & (
+        adata.obs[keys.perturbation_key].astype(str).to_numpy() != keys.control
+    )
     sub = adata.obs.loc[mask, [*keys.covariate_keys, keys.perturbation_key]].astype(str)
-    return sub.drop_duplicates().sort_values([*keys.covariate_keys, keys.perturbation_key]).reset_index(drop=True)
+    return (
+        sub.drop_duplicates()
+        .sort_values([*keys.covariate_keys, keys.perturbation_key])
+        .reset_index(drop=True)
+    )
 
 
 def build_counterfactuals(
@@ -442,16 +478,24 @@ def build_counterfactuals(
         One row per (request, control cell): the control's expression and obsm, obs with the
         covariates, the requested perturbation and ``control_obs_name``.
     """
-    missing = [c for c in (*keys.covariate_keys, keys.perturbation_key) if c not in requests.columns]
+    missing = [
+        c for c in (*keys.covariate_keys, keys.perturbation_key) if c not in requests.columns
+    ]
     if missing:
         raise ConfigError(f"counterfactual requests lack column(s) {', '.join(missing)}")
     grouping = group_cells(adata.obs, keys)
     control_cells = grouping.is_control.copy()
-    preferred = control_cells & (control_split.to_numpy() == prefer_split) if control_split is not None and prefer_split else None
+    preferred = (
+        control_cells & (control_split.to_numpy() == prefer_split)
+        if control_split is not None and prefer_split
+        else None
+    )
     cov_table = grouping.covariates
     if keys.covariate_keys:
         lookup = pd.MultiIndex.from_frame(cov_table[list(keys.covariate_keys)])
-        req_codes = lookup.get_indexer(pd.MultiIndex.from_frame(requests[list(keys.covariate_keys)].astype(str)))
+        req_codes = lookup.get_indexer(
+            pd.MultiIndex.from_frame(requests[list(keys.covariate_keys)].astype(str))
+        )
     else:
         req_codes = np.zeros(len(requests), dtype=np.int64)
     rng = np.random.default_rng(seed)
@@ -462,7 +506,9 @@ def build_counterfactuals(
     for r, code in enumerate(req_codes):
         if code < 0:
             label = "/".join(requests.iloc[r][list(keys.covariate_keys)].astype(str))
-            raise EvaluationError(f"no cells with covariates '{label}' in the data; cannot build controls")
+            raise EvaluationError(
+                f"no cells with covariates '{label}' in the data; cannot build controls"
+            )
         lo, hi = np.searchsorted(sorted_codes, [code, code + 1])
         cells = order[lo:hi]
         chosen = cells[preferred[cells]] if preferred is not None else np.empty(0, dtype=np.int64)

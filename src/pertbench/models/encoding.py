@@ -39,7 +39,9 @@ class CategoryEncoding:
         """Collect the vocabulary from the cells a model trains on."""
         labels = pd.unique(obs[keys.perturbation_key].astype(str))
         components = sorted({c for label in labels for c in keys.components(label)})
-        covariates = {k: sorted(pd.unique(obs[k].astype(str)).tolist()) for k in keys.covariate_keys}
+        covariates = {
+            k: sorted(pd.unique(obs[k].astype(str)).tolist()) for k in keys.covariate_keys
+        }
         return cls(keys=keys, perturbations=components, covariates=covariates)
 
     @property
@@ -56,7 +58,9 @@ class CategoryEncoding:
         return int(sum(self.covariate_sizes))
 
     # -- encoding --------------------------------------------------------------------------
-    def perturbation_matrix(self, labels: Sequence[str] | pd.Series, dose: Sequence[Any] | None = None) -> sp.csr_matrix:
+    def perturbation_matrix(
+        self, labels: Sequence[str] | pd.Series, dose: Sequence[Any] | None = None
+    ) -> sp.csr_matrix:
         """Multi-hot (n_cells x n_perturbations) CSR matrix; controls are all-zero rows.
 
         With ``dose``, each component's entry is its dose instead of 1 (a scalar dose
@@ -95,7 +99,9 @@ class CategoryEncoding:
             matrix = self._apply_dose(matrix, labels, dose)
         return sp.csr_matrix(matrix, dtype=np.float32)
 
-    def _apply_dose(self, matrix: sp.csr_matrix, labels: np.ndarray, dose: Sequence[Any]) -> sp.csr_matrix:
+    def _apply_dose(
+        self, matrix: sp.csr_matrix, labels: np.ndarray, dose: Sequence[Any]
+    ) -> sp.csr_matrix:
         dose_str = np.asarray(pd.Series(dose).astype(str))
         pairs = pd.Series(list(zip(labels, dose_str, strict=True)))
         codes, uniques = pd.factorize(pairs)
@@ -118,7 +124,10 @@ class CategoryEncoding:
                 rows.append(u)
                 cols.append(index[comp])
                 vals.append(value)
-        per_unique = sp.csr_matrix((np.asarray(vals, np.float32), (rows, cols)), shape=(len(uniques), len(self.perturbations)))
+        per_unique = sp.csr_matrix(
+            (np.asarray(vals, np.float32), (rows, cols)),
+            shape=(len(uniques), len(self.perturbations)),
+        )
         return per_unique[codes]
 
     def covariate_codes(self, obs: pd.DataFrame) -> np.ndarray:
@@ -152,7 +161,11 @@ class CategoryEncoding:
 
     # -- (de)serialisation ---------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return {"keys": self.keys.to_dict(), "perturbations": list(self.perturbations), "covariates": dict(self.covariates)}
+        return {
+            "keys": self.keys.to_dict(),
+            "perturbations": list(self.perturbations),
+            "covariates": dict(self.covariates),
+        }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> CategoryEncoding:

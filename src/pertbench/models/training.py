@@ -50,7 +50,10 @@ class TrainingConfig:
 
 def move_batch(batch: Batch, device: str | torch.device) -> dict[str, torch.Tensor]:
     """Move every tensor of a batch to ``device`` (non-blocking when pinned)."""
-    return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+    return {
+        k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
+        for k, v in batch.items()
+    }
 
 
 def _batch_size(batch: Batch) -> int:
@@ -60,7 +63,9 @@ def _batch_size(batch: Batch) -> int:
     return 1
 
 
-def evaluate_loss(module: torch.nn.Module, batches: Iterable[Batch], device: str) -> dict[str, float]:
+def evaluate_loss(
+    module: torch.nn.Module, batches: Iterable[Batch], device: str
+) -> dict[str, float]:
     """Cell-weighted mean of each validation term over all batches."""
     module.eval()
     totals: dict[str, float] = {}
@@ -115,7 +120,9 @@ def fit_module(
     best_epoch = -1
     epochs_without_improvement = 0
     step = 0
-    bar = tqdm(range(config.max_epochs), desc=config.description, disable=not config.progress, leave=False)
+    bar = tqdm(
+        range(config.max_epochs), desc=config.description, disable=not config.progress, leave=False
+    )
     for epoch in bar:
         module.train()
         sums: dict[str, float] = {}
@@ -141,7 +148,9 @@ def fit_module(
         if not math.isfinite(monitored):
             history.append(row)
             _write_history(config, history)
-            raise FloatingPointError(f"{config.description}: loss became {monitored} at epoch {epoch}; lower the learning rate")
+            raise FloatingPointError(
+                f"{config.description}: loss became {monitored} at epoch {epoch}; lower the learning rate"
+            )
         history.append(row)
         improved = monitored < best_loss - config.min_delta
         if improved:
@@ -154,12 +163,18 @@ def fit_module(
         else:
             epochs_without_improvement += 1
         _write_history(config, history)
-        bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k != "epoch" and k.endswith("loss")})
+        bar.set_postfix(
+            {k: f"{v:.4g}" for k, v in row.items() if k != "epoch" and k.endswith("loss")}
+        )
         if config.epoch_callback is not None:
             metrics = {k: float(v) for k, v in row.items()}
             metrics["val_loss"] = float(monitored)
             config.epoch_callback(epoch, metrics)
-        if val_batches is not None and config.patience is not None and epochs_without_improvement >= config.patience:
+        if (
+            val_batches is not None
+            and config.patience is not None
+            and epochs_without_improvement >= config.patience
+        ):
             break
     bar.close()
     if best_state is not None:

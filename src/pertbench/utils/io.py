@@ -27,7 +27,9 @@ def atomic_path(target: str | os.PathLike, *, suffix: str | None = None) -> Iter
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     suffix = target.suffix if suffix is None else suffix
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".tmp{suffix}", dir=target.parent)
+    fd, tmp_name = tempfile.mkstemp(
+        prefix=f".{target.name}.", suffix=f".tmp{suffix}", dir=target.parent
+    )
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -55,17 +57,23 @@ def write_bytes_atomic(target: str | os.PathLike, data: bytes) -> Path:
 
 def write_json_atomic(target: str | os.PathLike, obj: Any, *, indent: int = 2) -> Path:
     """Write ``obj`` as JSON to ``target`` atomically."""
-    return write_text_atomic(target, json.dumps(obj, indent=indent, sort_keys=False, default=str) + "\n")
+    return write_text_atomic(
+        target, json.dumps(obj, indent=indent, sort_keys=False, default=str) + "\n"
+    )
 
 
-def write_csv_atomic(target: str | os.PathLike, frame: pd.DataFrame, *, index: bool = False, **kwargs: Any) -> Path:
+def write_csv_atomic(
+    target: str | os.PathLike, frame: pd.DataFrame, *, index: bool = False, **kwargs: Any
+) -> Path:
     """Write a DataFrame as CSV to ``target`` atomically."""
     with atomic_path(target) as tmp:
         frame.to_csv(tmp, index=index, **kwargs)
     return Path(target)
 
 
-def write_parquet_atomic(target: str | os.PathLike, frame: pd.DataFrame, *, index: bool = False) -> Path:
+def write_parquet_atomic(
+    target: str | os.PathLike, frame: pd.DataFrame, *, index: bool = False
+) -> Path:
     """Write a DataFrame as Parquet to ``target`` atomically."""
     with atomic_path(target) as tmp:
         frame.to_parquet(tmp, index=index)

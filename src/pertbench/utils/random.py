@@ -43,11 +43,15 @@ def resolve_device(device: str = "auto") -> str:
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise ConfigError(f"device '{device}' was requested but no CUDA GPU is available; use --device cpu or auto")
+            raise ConfigError(
+                f"device '{device}' was requested but no CUDA GPU is available; use --device cpu or auto"
+            )
         return device
     if device == "mps":
         if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
-            raise ConfigError("device 'mps' was requested but is not available; use --device cpu or auto")
+            raise ConfigError(
+                "device 'mps' was requested but is not available; use --device cpu or auto"
+            )
         return device
     if device == "cpu":
         return device
