@@ -323,8 +323,8 @@ class PerturbationModel(ABC):
         """Learned state as a (nested) dict of tensors."""
         return {}
 
-    def _load_state(self, state: dict[str, Any], extra: dict[str, Any]) -> None:
-        """Rebuild networks from ``extra`` and load ``state``."""
+    def _load_state(self, state: dict[str, Any], extra: dict[str, Any]) -> None:  # noqa: B027
+        """Rebuild networks from ``extra`` and load ``state`` (no-op for stateless models)."""
 
     def save(self, path: str | Path) -> Path:
         """Save to a directory: ``config.json`` (readable) and ``weights.pt`` (tensors only)."""
