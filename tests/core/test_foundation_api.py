@@ -125,3 +125,24 @@ def test_cli_version_and_unknown_command(capsys):
     assert main(["--version"]) == 0
     assert "pertbench" in capsys.readouterr().out
     assert main(["no-such-command"]) == 2
+
+
+def test_search_space_validation_and_sampling():
+    import optuna
+
+    from pertbench.models.search_space import suggest_params, validate_space
+
+    space = {
+        "n_layers": {"type": "int", "low": 1, "high": 7, "step": 2},
+        "lr": {"type": "float", "low": 5e-6, "high": 1e-3, "log": True},
+        "n_latent": {"type": "categorical", "choices": [64, 128]},
+    }
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    params = suggest_params(study.ask(), space)
+    assert params["n_layers"] in {1, 3, 5, 7}
+    assert 5e-6 <= params["lr"] <= 1e-3
+    assert params["n_latent"] in {64, 128}
+    with pytest.raises(ConfigError, match="low <= high"):
+        validate_space({"lr": {"type": "float", "low": 1.0, "high": 0.1}})
+    with pytest.raises(ConfigError, match="unknown hyperparameter"):
+        validate_space(space, valid_params={"lr"})

@@ -108,6 +108,8 @@ class PerturbationModel(ABC):
     #: ``"expression"``: prediction starts from control expression; ``"none"``: from
     #: covariates/perturbation only (decoder-only and analytic baselines).
     input_kind: ClassVar[str] = "expression"
+    #: Hyperparameter distributions for tuning (see :mod:`pertbench.models.search_space`).
+    search_space: ClassVar[dict[str, dict[str, Any]]] = {}
 
     def __init__(self, *, keys: PerturbationKeys | None = None, **params: Any) -> None:
         self.keys = keys if keys is not None else PerturbationKeys()
