@@ -225,10 +225,11 @@ class _RowSource:
 
 
 def _value_codes(block: np.ndarray) -> np.ndarray:
-    """Order-preserving uint32-range codes of the values (equal values, equal codes).
+    """Order-preserving int64 codes of the values in [-2^31, 2^31) (equal values, equal codes).
 
     float32 values (and float64 values that are exactly float32) map through their bit
-    pattern; other values are replaced by their dense rank within the block.
+    pattern; other values are replaced by their dense rank within the block. The range
+    leaves the low 32 bits of a shifted code free for the group.
     """
     if block.dtype != np.float32:
         as32 = block.astype(np.float32)
@@ -240,7 +241,8 @@ def _value_codes(block: np.ndarray) -> np.ndarray:
     block = block + np.float32(0.0)  # -0.0 -> +0.0 so that equal values share a code
     bits = block.view(np.uint32).astype(np.int64)
     negative = bits >= 0x80000000
-    return np.where(negative, 0xFFFFFFFF - bits, bits + 0x80000000)
+    # negative floats: larger bit pattern = more negative; map both halves monotonically
+    return np.where(negative, 0x7FFFFFFF - bits, bits)
 
 
 def _rank_sums(
@@ -253,7 +255,7 @@ def _rank_sums(
     (n_groups, n_chunk) and the reference-only tie term (n_chunk,).
     """
     n_pooled, n_chunk = block.shape
-    keys = (_value_codes(block.T) << 32) | pooled_codes[None, :]
+    keys = (_value_codes(block.T) << 32) + pooled_codes[None, :]
     keys.sort(axis=1)
     keys = keys.ravel()
     n = keys.size

@@ -71,6 +71,9 @@ PER_COVARIATE_FILE = "per_covariate.csv"
 CALIBRATION_FILE = "calibration.csv"
 INFO_FILE = "evaluation.json"
 _ROW_CHUNK = 4_000_000
+#: Baselines predict from all evaluation controls unless that exceeds this many cells
+#: (or the number of predicted cells, if larger).
+BASELINE_CELL_BUDGET = 200_000
 
 
 # ---------------------------------------------------------------------------------------
@@ -768,18 +771,35 @@ class Evaluator:
         if not can.all():
             labels = [ctx.group_labels()[g] for g in np.flatnonzero(~can)[:5]]
             self.notes.append(
-                f"baseline {name} cannot predict {int((~can).sum())} group(s) (perturbation or "
-                f"covariates without training data), e.g. {', '.join(labels)}: left NaN"
+                f"baseline {name} cannot predict {int((~can).sum())} group(s) (a perturbation "
+                f"without training data), e.g. {', '.join(labels)}: left NaN"
             )
-        cap = int(max(pred_side.n.max(), 1))
+        # Every group of a covariate gets the SAME control cells: the evaluator's own
+        # controls, so no_change is exactly the control profile. Only when that would make
+        # more predicted cells than max(predicted cells, BASELINE_CELL_BUDGET) are the
+        # controls subsampled (seeded) to the size of the largest predicted group.
+        per_group_ctrl = np.array([ctx.control_rows[c].size for c in ctx.cov_of_group[can]])
+        budget = max(int(pred_side.n.sum()), BASELINE_CELL_BUDGET)
+        cap = None
+        if per_group_ctrl.sum() > budget:
+            cap = int(max(pred_side.n.max(), 1))
+            self.notes.append(
+                f"baselines were predicted from at most {cap} control cells per covariate "
+                "combination (seeded subsample, the same for every group) to bound memory"
+            )
+        rng = np.random.default_rng([self.seed, 1])
+        chosen = np.zeros(truth.n_obs, dtype=bool)
+        for rows in ctx.control_rows:
+            chosen[rows[subsample(rows.size, cap, rng)]] = True
+        inputs_split = pd.Series(
+            np.where(chosen, "test", ""), index=truth.obs_names.astype(str), dtype=object
+        )
         cf = build_counterfactuals(
             truth,
             requests[can].reset_index(drop=True),
             keys,
-            control_split=split,
-            prefer_split=self.on if split is not None else None,
-            max_controls=cap,
-            seed=self.seed,
+            control_split=inputs_split,
+            prefer_split="test",
         )
         predicted = model.predict(cf, seed=self.seed)
         group_index = np.flatnonzero(can)
@@ -997,12 +1017,4 @@ def _take_columns(X, idx: np.ndarray, n_cols: int):
 
 def _predictable(model, requests: pd.DataFrame, keys: PerturbationKeys) -> np.ndarray:
     """Which requested groups a fitted baseline can predict."""
-    ok = np.ones(len(requests), dtype=bool)
-    for key in keys.covariate_keys:
-        ok &= requests[key].astype(str).isin(model.encoding.covariates[key]).to_numpy()
-    labels = requests[keys.perturbation_key].astype(str)
-    known = set(model.encoding.perturbations)
-    ok &= labels.map(lambda s: all(p in known for p in keys.components(s))).to_numpy()
-    if hasattr(model, "can_predict"):
-        ok &= model.can_predict(labels)
-    return ok
+    return np.asarray(model.can_predict(requests[keys.perturbation_key].astype(str)), dtype=bool)

@@ -139,7 +139,11 @@ def rank_metrics(pred: np.ndarray, truth: np.ndarray, metrics=FIT_METRICS) -> di
 
 
 def similarity_matrix(profiles: np.ndarray) -> np.ndarray:
-    """Cosine similarity between all pairs of rows (zero rows: 0 to others, 1 to themselves)."""
+    """Cosine similarity between all pairs of rows.
+
+    As in :func:`pertbench.metrics.fit.cosine`, a zero row has similarity 0 with a
+    non-zero row and 1 with a zero row (including itself).
+    """
     P = np.atleast_2d(np.asarray(profiles, dtype=np.float64))
     return _similarity_matrix(P, P, center=False)
 

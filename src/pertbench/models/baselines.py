@@ -32,7 +32,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from pertbench.data.groups import group_cells
-from pertbench.errors import ModelError
+from pertbench.errors import DataValidationError, ModelError
 from pertbench.metrics.aggregations import group_stats
 from pertbench.models.base import FitContext, PerturbationModel, PredictionInputs
 
@@ -43,12 +43,42 @@ def _dense(X) -> np.ndarray:
     return X.toarray() if sp.issparse(X) else np.asarray(X)
 
 
+class _AnalyticBaseline(PerturbationModel):
+    """Shared input handling: the baselines read perturbation labels from obs themselves.
+
+    They do not use the learned category encoding at prediction time, so requests with
+    perturbations or covariate values unseen in training are accepted wherever the
+    baseline's definition still applies (see :meth:`can_predict`).
+    """
+
+    def prepare_inputs(self, counterfactual: ad.AnnData) -> PredictionInputs:
+        self._require_fitted()
+        obs = counterfactual.obs
+        for key in (self.keys.perturbation_key, *self.keys.covariate_keys):
+            if key not in obs.columns:
+                raise DataValidationError(f"counterfactual obs has no column '{key}'")
+        n = counterfactual.n_obs
+        X = self._input_matrix(counterfactual) if self.input_kind == "expression" else None
+        return PredictionInputs(
+            X=X,
+            perturbations=sp.csr_matrix((n, 0), dtype=np.float32),
+            covariate_codes=np.zeros((n, 0), dtype=np.int64),
+            covariate_onehot=np.zeros((n, 0), dtype=np.float32),
+            obs=obs.copy(),
+        )
+
+    def can_predict(self, labels) -> np.ndarray:
+        """True for each perturbation label this model can predict."""
+        self._require_fitted()
+        return np.ones(len(pd.Series(labels)), dtype=bool)
+
+
 def _combo_key(components) -> str:
     """Order-independent identity of a combination (A+B is B+A)."""
     return "\x1f".join(sorted(components))
 
 
-class NoChange(PerturbationModel):
+class NoChange(_AnalyticBaseline):
     """Predicts that the perturbation changes nothing: each control cell is returned as is."""
 
     name = "no_change"
@@ -62,7 +92,7 @@ class NoChange(PerturbationModel):
         return _dense(inputs.X)
 
 
-class PerturbationMean(PerturbationModel):
+class PerturbationMean(_AnalyticBaseline):
     """Control cell + mean training delta of the perturbation (additive for combinations)."""
 
     name = "perturbation_mean"
@@ -182,7 +212,7 @@ class PerturbationMean(PerturbationModel):
         self.combo_labels = list(extra.get("combo_labels", []))
 
 
-class CovariateMean(PerturbationModel):
+class CovariateMean(_AnalyticBaseline):
     """Mean of all training perturbed cells of the covariates: one profile per covariate."""
 
     name = "covariate_mean"
