@@ -58,7 +58,7 @@ from pertbench.metrics.distribution import (
     project,
     subsample,
 )
-from pertbench.metrics.fit import fit_metrics
+from pertbench.metrics.fit import fit_metrics, rank_rows
 from pertbench.metrics.rank import matrix_distance, rank_metrics
 from pertbench.utils.io import write_csv_atomic, write_json_atomic
 
@@ -616,14 +616,28 @@ class Evaluator:
         columns: dict[str, np.ndarray] = {}
         rows = np.flatnonzero(present)
         fit_specs = [s for s in ctx.specs if s.family == "fit"]
+        rank_specs = [s for s in ctx.specs if s.family == "rank" and not s.per_covariate]
+        # row ranks for spearman, computed once per aggregation for fit and rank metrics
+        p_ranks, t_ranks = {}, {}
+        for s in fit_specs + rank_specs:
+            if s.base == "spearman" and s.aggregation not in p_ranks:
+                p_ranks[s.aggregation] = np.full_like(p_agg[s.aggregation], np.nan)
+                t_ranks[s.aggregation] = np.full_like(t_agg[s.aggregation], np.nan)
+                p_ranks[s.aggregation][rows] = rank_rows(p_agg[s.aggregation][rows])
+                t_ranks[s.aggregation][rows] = rank_rows(t_agg[s.aggregation][rows])
         for agg in dict.fromkeys(s.aggregation for s in fit_specs):
             wanted = [s for s in fit_specs if s.aggregation == agg]
-            values = fit_metrics(p_agg[agg][rows], t_agg[agg][rows], [s.base for s in wanted])
+            values = fit_metrics(
+                p_agg[agg][rows],
+                t_agg[agg][rows],
+                [s.base for s in wanted],
+                pred_ranks=p_ranks[agg][rows] if agg in p_ranks else None,
+                truth_ranks=t_ranks[agg][rows] if agg in t_ranks else None,
+            )
             for s in wanted:
                 col = np.full(G, np.nan)
                 col[rows] = values[s.base]
                 columns[s.name] = col
-        rank_specs = [s for s in ctx.specs if s.family == "rank" and not s.per_covariate]
         per_cov: dict[str, np.ndarray] = {}
         n_per_cov = np.zeros(len(ctx.covariates), dtype=np.int64)
         single = []
@@ -642,7 +656,11 @@ class Evaluator:
             for agg in dict.fromkeys(s.aggregation for s in rank_specs):
                 wanted = [s for s in rank_specs if s.aggregation == agg]
                 ranks = rank_metrics(
-                    p_agg[agg][members], t_agg[agg][members], [s.base for s in wanted]
+                    p_agg[agg][members],
+                    t_agg[agg][members],
+                    [s.base for s in wanted],
+                    pred_ranks=p_ranks[agg][members] if agg in p_ranks else None,
+                    truth_ranks=t_ranks[agg][members] if agg in t_ranks else None,
                 )
                 for s in wanted:
                     columns[s.name][members] = ranks[s.base]
