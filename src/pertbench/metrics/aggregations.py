@@ -21,8 +21,6 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
-from pertbench.data.groups import indicator_matrix
-
 AGGREGATIONS = ("average", "delta", "logfc", "var", "logp")
 DEFAULT_AGGREGATIONS = ("average", "delta", "logfc", "var")
 LOGFC_PSEUDOCOUNT = 0.1
@@ -77,12 +75,17 @@ def group_stats(
     piece_rows = max(1, int(chunk_elements // max(n_genes, 1)))
     for lo, hi in _chunks(sorted_codes, group_start, piece_rows):
         chunk_codes = sorted_codes[lo:hi]
-        dev = _dense_rows(X, rows[lo:hi])
-        dev -= shift[chunk_codes]
-        ind = indicator_matrix(chunk_codes, n_groups)
-        s1 += ind @ dev
+        # rows are sorted by group: sum each group's segment with one reduceat
+        seg = np.flatnonzero(np.r_[True, chunk_codes[1:] != chunk_codes[:-1]])
+        seg_codes = chunk_codes[seg]
+        dev = np.subtract(
+            _raw_rows(X, rows[lo:hi]),
+            np.repeat(shift[seg_codes], np.diff(np.append(seg, hi - lo)), axis=0),
+            dtype=np.float64,
+        )
+        s1[seg_codes] += np.add.reduceat(dev, seg, axis=0)
         dev *= dev
-        s2 += ind @ dev
+        s2[seg_codes] += np.add.reduceat(dev, seg, axis=0)
     n = counts[present, None].astype(np.float64)
     mean[present] = shift[present] + s1[present] / n
     var[present] = np.maximum(s2[present] - s1[present] ** 2 / n, 0.0) / n
@@ -102,6 +105,12 @@ def _chunks(sorted_codes: np.ndarray, group_start: np.ndarray, piece_rows: int):
             lo = int(bounds[i - 1])
     if lo < sorted_codes.size:
         yield lo, int(sorted_codes.size)
+
+
+def _raw_rows(X, rows: np.ndarray) -> np.ndarray:
+    """Rows of ``X`` as a dense array in their stored dtype (no float64 copy)."""
+    sub = X[rows]
+    return sub.toarray() if sp.issparse(sub) else np.asarray(sub)
 
 
 def _dense_rows(X, rows: np.ndarray) -> np.ndarray:

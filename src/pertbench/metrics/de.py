@@ -163,8 +163,21 @@ def wilcoxon_scores(
     U = np.zeros((n_groups, n_genes))
     T = np.zeros((n_groups, n_genes))  # tie term sum(t^3 - t) of group + reference
     T_ref = np.zeros(n_genes)  # the reference-only part of it
-    ref_part = _RowSource(X if R is None else R, ref_rows, np.zeros(n_ref, dtype=np.int64))
-    group_part = _RowSource(X, group_rows, groups[group_rows] + 1)
+    ref_codes = np.zeros(n_ref, dtype=np.int64)
+    if R is None and sp.issparse(X) and X.format == "csc":
+        # one column slice per chunk serves reference and groups alike
+        sources = [
+            _RowSource(
+                X,
+                np.concatenate([ref_rows, group_rows]),
+                np.concatenate([ref_codes, groups[group_rows] + 1]),
+            )
+        ]
+    else:
+        sources = [
+            _RowSource(X if R is None else R, ref_rows, ref_codes),
+            _RowSource(X, group_rows, groups[group_rows] + 1),
+        ]
     # slot = code * n_chunk + gene must fit the low bits of a sort key
     genes_per_chunk = int(
         min(
@@ -181,8 +194,8 @@ def wilcoxon_scores(
     for left in range(0, n_genes, genes_per_chunk):
         right = min(left + genes_per_chunk, n_genes)
         n_chunk = right - left
-        parts = [ref_part.entries(left, right, n_chunk), group_part.entries(left, right, n_chunk)]
-        u, t, t_ref = _rank_sums(parts, n_ref, n_cells, n_chunk)
+        parts = [source.entries(left, right, n_chunk) for source in sources]
+        u, t, t_ref = _rank_sums(parts, n_ref, n_cells, n_chunk, tie_correct)
         U[:, left:right] = u
         T[:, left:right] = t
         T_ref[left:right] = t_ref
@@ -221,19 +234,27 @@ _SLOT_MASK = np.int64((1 << _SLOT_BITS) - 1)
 class _RowSource:
     """Chosen rows of a matrix, read one block of genes at a time as explicit entries.
 
-    Sparse input is sliced to the rows once and kept as CSC, so gene blocks are cheap;
-    dense input is indexed per block, so no full copy is made. ``codes`` is the pooled
-    code of each chosen row (0 = reference, g + 1 = group g).
+    CSC input is read in place: each gene block is a cheap column slice whose entries
+    are filtered by row (pass a CSC matrix to test many row subsets without copies).
+    Other sparse input is sliced to the rows once and converted to CSC. Dense input is
+    indexed per block, so no full copy is made. ``codes`` is the pooled code of each
+    chosen row (0 = reference, g + 1 = group g).
     """
 
     def __init__(self, M, rows: np.ndarray | None, codes: np.ndarray) -> None:
-        self.codes = np.asarray(codes, dtype=np.int64)
+        codes = np.asarray(codes, dtype=np.int64)
         self._template: tuple[int, np.ndarray] | None = None
-        if sp.issparse(M):
+        self.code_of_row = None
+        if sp.issparse(M) and M.format == "csc" and rows is not None:
+            self.M, self.rows = M, None
+            self.code_of_row = np.full(M.shape[0], -1, dtype=np.int64)
+            self.code_of_row[rows] = codes
+            self.codes = None
+        elif sp.issparse(M):
             sub = M if rows is None else M[rows]
-            self.M, self.rows = sp.csc_matrix(sub), None
+            self.M, self.rows, self.codes = sp.csc_matrix(sub), None, codes
         else:
-            self.M, self.rows = M, rows
+            self.M, self.rows, self.codes = M, rows, codes
 
     def _low_bits(self, gene: np.ndarray, code: np.ndarray, n_chunk: int) -> np.ndarray:
         return (gene << _GENE_SHIFT) | (code * n_chunk + gene)
@@ -243,8 +264,13 @@ class _RowSource:
         if sp.issparse(self.M):
             sub = self.M[:, left:right]
             gene = np.repeat(np.arange(right - left, dtype=np.int64), np.diff(sub.indptr))
-            values, code = sub.data, self.codes[sub.indices]
-            keep = values != 0  # explicit zeros are zeros like the implicit ones
+            values = sub.data
+            if self.code_of_row is not None:
+                code = self.code_of_row[sub.indices]
+                keep = (code >= 0) & (values != 0)
+            else:
+                code = self.codes[sub.indices]
+                keep = values != 0  # explicit zeros are zeros like the implicit ones
             if not keep.all():
                 gene, values, code = gene[keep], values[keep], code[keep]
             return values, self._low_bits(gene, code, n_chunk)
@@ -302,11 +328,49 @@ def _sort_keys(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, 
     return (inverse[:-1] << _SLOT_BITS) | low, int(inverse[-1])
 
 
+def _tie_terms(
+    keys: np.ndarray, n_chunk: int, size: int, tie_correct: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Tie corrections from sorted keys: per slot, the U overcount 0.5 a b and the tie
+    term (a + b)^3 - b^3 - a, and per gene the reference-only term r^3 - r.
+
+    a = size of a run of equal (gene, value, slot); b = reference entries tied with it
+    (the reference run comes first in its value block). Reference runs land in the
+    reference slots (0..n_chunk-1), which the caller discards.
+    """
+    m = keys.size
+    run_start = np.empty(m, dtype=bool)
+    run_start[0] = True
+    np.not_equal(keys[1:], keys[:-1], out=run_start[1:])
+    starts = np.flatnonzero(run_start)
+    del run_start
+    a = np.diff(starts, append=m).astype(np.float64)
+    run_key = keys[starts]
+    run_slot = run_key & _SLOT_MASK
+    run_head = run_key >> _SLOT_BITS
+    del run_key, starts
+    block_start = np.empty(run_head.size, dtype=bool)
+    block_start[0] = True
+    np.not_equal(run_head[1:], run_head[:-1], out=block_start[1:])
+    first = np.maximum.accumulate(np.where(block_start, np.arange(run_head.size), 0))
+    b = np.where(run_slot[first] < n_chunk, a[first], 0.0)
+    u_corr = np.bincount(run_slot, weights=0.5 * a * b, minlength=size)
+    if not tie_correct:
+        return u_corr, np.zeros(size), np.zeros(n_chunk)
+    total = a + b
+    t_grp = np.bincount(run_slot, weights=total * total * total - b * b * b - a, minlength=size)
+    ref_runs = run_slot < n_chunk
+    r = a[ref_runs]
+    t_ref = np.bincount(run_slot[ref_runs], weights=r * r * r - r, minlength=n_chunk)
+    return u_corr, t_grp, t_ref
+
+
 def _rank_sums(
     parts: list[tuple[np.ndarray, np.ndarray]],
     n_ref: int,
     n_cells: np.ndarray,
     n_chunk: int,
+    tie_correct: bool = True,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Mann-Whitney U and tie terms of every group for one chunk of genes.
 
@@ -351,49 +415,35 @@ def _rank_sums(
         n_neg = np.zeros((n_groups + 1, n_chunk), dtype=np.int64)
     n_pos = nnz - n_neg
 
-    # ties among explicit values: only entries whose (gene, value) repeats
+    # ties among explicit values: only entries whose (gene, value) repeats matter
     head = keys >> _SLOT_BITS  # gene and value
     same = head[1:] == head[:-1]
     T = np.zeros(size)
     T_ref = np.zeros(n_chunk)
-    if same.any():
-        tied = np.zeros(keys.size, dtype=bool)
-        tied[1:] = same
-        tied[:-1] |= same
-        tk, th, ts = keys[tied], head[tied], slot[tied]
-        n_t = tk.size
-        block_start = np.ones(n_t, dtype=bool)
-        block_start[1:] = th[1:] != th[:-1]
-        run_start = np.ones(n_t, dtype=bool)
-        run_start[1:] = tk[1:] != tk[:-1]
-        starts_t = np.flatnonzero(run_start)
-        a = np.diff(np.append(starts_t, n_t)).astype(np.float64)
-        run_slot = ts[starts_t]
-        run_block = np.cumsum(block_start)[starts_t] - 1
-        run_is_ref = run_slot < n_chunk
-        b_block = np.zeros(int(run_block[-1]) + 1)
-        b_block[run_block[run_is_ref]] = a[run_is_ref]  # the reference run comes first
-        b = b_block[run_block]
-        grp = ~run_is_ref
-        ag, bg, sg = a[grp], b[grp], run_slot[grp]
-        # the cumulative count gave every tied group entry ALL tied reference entries;
-        # a tie counts half
-        U -= np.bincount(sg, weights=0.5 * ag * bg, minlength=size).reshape(n_groups + 1, n_chunk)[
-            1:
-        ]
-        T += np.bincount(
-            sg, weights=ag**3 - ag + 3 * ag * ag * bg + 3 * ag * bg * bg, minlength=size
-        )
-        r = a[run_is_ref]
-        T_ref += np.bincount(run_slot[run_is_ref], weights=r**3 - r, minlength=n_chunk)
+    n_same = int(np.count_nonzero(same))
+    if n_same:
+        if 2 * n_same < keys.size:  # few ties (predictions): work on the tied entries
+            tied = np.zeros(keys.size, dtype=bool)
+            tied[1:] = same
+            tied[:-1] |= same
+            tk = keys[tied]
+        else:  # many ties (counts): untied entries are runs of one and add nothing
+            tk = keys
+        del head, same
+        u_corr, t_grp, t_ref = _tie_terms(tk, n_chunk, size, tie_correct)
+        U -= u_corr.reshape(n_groups + 1, n_chunk)[1:]
+        T += t_grp
+        T_ref += t_ref
     T = T.reshape(n_groups + 1, n_chunk)[1:]
 
     # the zero block of each gene: group zeros vs reference zeros and negatives
     z_ref = (n_ref - nnz[0]).astype(np.float64)
     z_grp = n_cells[:, None] - nnz[1:]
     U += z_grp * (n_neg[0] + 0.5 * z_ref)[None, :] + n_pos[1:] * z_ref[None, :]
-    T += z_grp**3 - z_grp + 3 * z_grp * z_grp * z_ref + 3 * z_grp * z_ref * z_ref
-    T_ref += z_ref**3 - z_ref
+    if tie_correct:
+        total = z_grp + z_ref
+        T += total**3 - z_ref**3 - z_grp
+        T_ref += z_ref**3 - z_ref
     return U, T, T_ref
 
 
@@ -409,13 +459,19 @@ def top_k_mask(scores: np.ndarray, k: int, *, absolute: bool = False) -> np.ndar
     """
     s = np.atleast_2d(np.asarray(scores, dtype=np.float64))
     s = np.abs(s) if absolute else s
-    k = int(min(max(k, 0), s.shape[1]))
-    mask = np.zeros(s.shape, dtype=bool)
+    n = s.shape[1]
+    k = int(min(max(k, 0), n))
     if k == 0:
-        return mask
-    order = np.argsort(-s, axis=1, kind="stable")[:, :k]
-    np.put_along_axis(mask, order, True, axis=1)
-    return mask
+        return np.zeros(s.shape, dtype=bool)
+    if k == n:
+        return np.ones(s.shape, dtype=bool)
+    # the k-th largest value of each row, then everything above it and, among the values
+    # equal to it, the first ones by position (a partition, not a full sort)
+    kth = -np.partition(-s, k - 1, axis=1)[:, k - 1 : k]
+    above = s > kth
+    equal = s == kth
+    room = k - above.sum(axis=1, keepdims=True)
+    return above | (equal & (np.cumsum(equal, axis=1) <= room))
 
 
 def jaccard_top_k(
