@@ -269,3 +269,15 @@ def test_leakage_check_raises_type_on_bad_values(toy_adata):
     split.iloc[0] = "training"
     with pytest.raises(SplitError):
         find_leakage(toy_adata.obs, split, KEYS)
+
+
+def test_heldout_covariate_value_of_one_key(make_toy):
+    adata = make_toy(n_covariates=2, n_perturbations=6)
+    adata.obs["treatment"] = np.where(np.arange(adata.n_obs) % 2 == 0, "drug", "none")
+    keys = PerturbationKeys(covariate_keys=("cell_type", "treatment"))
+    res = split_transfer(adata, keys=keys, heldout_covariates="drug", fraction=0.5, seed=0)
+    assert res.params["heldout_covariates"] == ["C0/drug", "C1/drug"]
+    held = res.heldout_pairs()
+    assert set(held["treatment"]) == {"drug"} and len(held) == 6
+    res = split_transfer(adata, keys=keys, heldout_covariates="C1/none", fraction=0.5, seed=0)
+    assert res.params["heldout_covariates"] == ["C1/none"]
