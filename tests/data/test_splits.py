@@ -281,3 +281,9 @@ def test_heldout_covariate_value_of_one_key(make_toy):
     assert set(held["treatment"]) == {"drug"} and len(held) == 6
     res = split_transfer(adata, keys=keys, heldout_covariates="C1/none", fraction=0.5, seed=0)
     assert res.params["heldout_covariates"] == ["C1/none"]
+
+
+def test_nothing_held_out_is_reported(toy_adata):
+    res = split_transfer(toy_adata, fraction=0.0)
+    assert set(res.split) == {"train"}
+    assert any("no group was held out" in n for n in res.notes)

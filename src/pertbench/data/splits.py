@@ -394,6 +394,8 @@ class _SplitBuilder:
 
     # result -------------------------------------------------------------------------------
     def result(self, params: dict[str, Any], heldout_on=("val", "test")) -> SplitResult:
+        if not np.isin(self.role, heldout_on).any():
+            self.notes.append(f"no group was held out: {' and '.join(heldout_on)} are empty")
         split = make_split(self.obs.index.astype(str), self.cell_split)
         counts = _split_counts(self.grouping, split)
         cols = [*self.keys.covariate_keys, self.pert_col]
