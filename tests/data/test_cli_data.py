@@ -309,3 +309,27 @@ def test_fetch_from_file(tmp_path, monkeypatch, capsys):
     assert main(["datasets", "fetch", "kang18", "--from-file", str(tmp_path / "raw.h5ad")]) == 0
     assert (tmp_path / "cache" / "kang18.h5ad").is_file()
     assert "--covariates cell_type" in capsys.readouterr().out
+
+
+def test_simulate_stream_equals_in_memory(tmp_path):
+    args = [
+        "--n-perturbations",
+        "4",
+        "--n-combinations",
+        "1",
+        "--n-genes",
+        "30",
+        "--n-cells-per-group",
+        "5",
+        "--doses",
+        "1,10",
+        "--n-studies",
+        "2",
+        "--seed",
+        "9",
+    ]
+    assert main(["simulate", "--out", str(tmp_path / "a.h5ad"), *args]) == 0
+    assert main(["simulate", "--out", str(tmp_path / "b.h5ad"), "--stream", *args]) == 0
+    a, b = ad.read_h5ad(tmp_path / "a.h5ad"), ad.read_h5ad(tmp_path / "b.h5ad")
+    assert (a.X != b.X).nnz == 0 and a.obs.equals(b.obs)
+    assert {"dose", "study"} <= set(a.obs.columns)
