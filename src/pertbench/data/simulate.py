@@ -547,9 +547,13 @@ class _Buffers:
     def reserve(self, capacity: int) -> None:
         if capacity <= self.capacity:
             return
-        for arr in self.arrays:
-            # in-place realloc: large blocks are moved by remapping pages, not copied
-            arr.resize(capacity, refcheck=False)
+        grown = []
+        for old in self.arrays:
+            # np.empty: pages are only committed when written (resize would zero-fill them)
+            new = np.empty(capacity, dtype=old.dtype)
+            new[: self.size] = old[: self.size]
+            grown.append(new)
+        self.arrays = grown  # the old (memory-mapped) arrays are released here
         self.capacity = capacity
 
     def append(self, *parts: np.ndarray) -> None:
@@ -561,9 +565,9 @@ class _Buffers:
         self.size += n
 
     def finish(self) -> list[np.ndarray]:
-        """Trim the arrays to their filled size in place and hand them over."""
+        """Trim the arrays to their filled size in place (realloc) and hand them over."""
         for arr in self.arrays:
-            arr.resize(self.size, refcheck=False)
+            arr.resize(self.size, refcheck=False)  # shrinking: no copy, no fill
         self.capacity = self.size
         return self.arrays
 
