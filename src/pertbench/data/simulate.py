@@ -20,10 +20,11 @@ straight into an ``.h5ad`` file for outputs larger than memory.
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -645,6 +646,25 @@ def true_effects_frame(adata: ad.AnnData, what: str = "true_log_fold_change") ->
     p = sim["params"]
     index = groups[p["covariate_key"]].astype(str) + "/" + groups[p["perturbation_key"]].astype(str)
     return pd.DataFrame(np.asarray(sim[what]), index=index.to_numpy(), columns=adata.var_names)
+
+
+def _keyword_signature(func, *, leading: tuple[inspect.Parameter, ...] = ()):
+    """Show the knobs of :class:`SimulationParams` as keyword-only parameters of ``func``."""
+    params = [
+        inspect.Parameter(
+            f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=f.type
+        )
+        for f in fields(SimulationParams)
+    ]
+    func.__signature__ = inspect.Signature([*leading, *params])
+    return func
+
+
+_keyword_signature(simulate)
+_keyword_signature(
+    simulate_to_h5ad,
+    leading=(inspect.Parameter("path", inspect.Parameter.POSITIONAL_OR_KEYWORD),),
+)
 
 
 __all__: Sequence[str] = (
