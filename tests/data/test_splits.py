@@ -287,3 +287,17 @@ def test_nothing_held_out_is_reported(toy_adata):
     res = split_transfer(toy_adata, fraction=0.0)
     assert set(res.split) == {"train"}
     assert any("no group was held out" in n for n in res.notes)
+
+
+def test_other_keys_and_delimiter(make_toy):
+    adata = make_toy(n_perturbations=4, combos=((0, 1), (2, 3)))
+    obs = adata.obs.rename(columns={"condition": "drug", "cell_type": "line"})
+    obs["drug"] = obs["drug"].str.replace("+", "_", regex=False).replace({"control": "DMSO"})
+    keys = PerturbationKeys(
+        perturbation_key="drug", control="DMSO", delimiter="_", covariate_keys=("line",)
+    )
+    res = split_combo(obs, keys=keys, fraction=1.0, seed=0)
+    held = res.heldout_pairs()
+    assert sorted(held["drug"].unique()) == ["P0_P1", "P2_P3"] and res.unplaced.empty
+    ctrl = obs["drug"] == "DMSO"
+    assert set(res.split[ctrl.to_numpy()]) == {"train", "val", "test"}
