@@ -24,7 +24,6 @@ Which cells are compared:
 from __future__ import annotations
 
 import os
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,7 +40,6 @@ from pertbench.errors import (
     ConfigError,
     DataValidationError,
     EvaluationError,
-    InputFileError,
     ModelError,
 )
 from pertbench.metrics import calibration as cal
@@ -298,9 +296,9 @@ class Evaluator:
         model_name: str = "model",
         keep_aggregates: bool = True,
     ) -> None:
-        self.truth = _read(truth, "truth")
-        self.pred = _read(pred, "pred")
         self.keys = keys if keys is not None else PerturbationKeys()
+        self.truth = _read(truth, "truth", self.keys)
+        self.pred = _read(pred, "pred", self.keys)
         self.metric_selection = metrics
         if on not in SPLIT_NAMES:
             raise ConfigError(f"on must be one of {', '.join(SPLIT_NAMES)}, got '{on}'")
@@ -1037,22 +1035,16 @@ def evaluate(truth, pred, **options: Any) -> EvaluationResult:
     return Evaluator(truth, pred, **options).run()
 
 
-def _read(value, label: str) -> ad.AnnData:
+def _read(value, label: str, keys: PerturbationKeys) -> ad.AnnData:
+    """An AnnData as given, or read from a path (truth is checked against the data
+    contract; predictions only get the evaluator's own checks)."""
     if isinstance(value, ad.AnnData):
         return value
     if isinstance(value, (str, os.PathLike)):
-        path = Path(value)
-        if not path.is_file():
-            raise InputFileError(f"{label} file '{path}' does not exist")
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", FutureWarning)
-                return ad.read_h5ad(path)
-        except Exception as exc:  # any unreadable file
-            raise InputFileError(f"cannot read {label} file '{path}' as AnnData: {exc}") from exc
-    raise EvaluationError(
-        f"{label} must be an AnnData or an .h5ad path, got {type(value).__name__}"
-    )
+        from pertbench.data.loading import read_h5ad
+
+        return read_h5ad(value, keys=keys, validate=label == "truth")
+    raise EvaluationError(f"{label} must be an AnnData or an .h5ad path, got {type(value).__name__}")
 
 
 def _take_columns(X, idx: np.ndarray, n_cols: int):
