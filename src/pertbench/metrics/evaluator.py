@@ -270,6 +270,9 @@ class Evaluator:
         Name of the scored model in tables with several models.
     keep_aggregates
         Keep the pred/truth average and logfc profiles in the result (for figures).
+    n_jobs
+        Threads for the Wilcoxon tests (default: the CPUs available, at most 8). The
+        numbers do not depend on it.
     """
 
     def __init__(
@@ -295,6 +298,7 @@ class Evaluator:
         normalize_by: str = "no_change",
         model_name: str = "model",
         keep_aggregates: bool = True,
+        n_jobs: int | None = None,
     ) -> None:
         self.keys = keys if keys is not None else PerturbationKeys()
         self.truth = _read(truth, "truth", self.keys)
@@ -337,6 +341,7 @@ class Evaluator:
         self.normalize_by = normalize_by
         self.model_name = str(model_name)
         self.keep_aggregates = bool(keep_aggregates)
+        self.n_jobs = _available_cpus() if n_jobs is None else max(1, int(n_jobs))
         self.notes: list[str] = []
 
     # -- public ------------------------------------------------------------------------
@@ -610,6 +615,7 @@ class Evaluator:
                         ref,
                         n_groups=members.size,
                         tie_correct=ctx.tie_correct,
+                        n_jobs=self.n_jobs,
                     )
                 else:
                     res = wilcoxon_scores(
@@ -618,6 +624,7 @@ class Evaluator:
                         ctx.truth_de[ctx.control_rows[c]],
                         n_groups=members.size,
                         tie_correct=ctx.tie_correct,
+                        n_jobs=self.n_jobs,
                     )
                 side.z[members] = res.scores
                 side.fdr[members] = res.pvals_adj
@@ -1044,7 +1051,17 @@ def _read(value, label: str, keys: PerturbationKeys) -> ad.AnnData:
         from pertbench.data.loading import read_h5ad
 
         return read_h5ad(value, keys=keys, validate=label == "truth")
-    raise EvaluationError(f"{label} must be an AnnData or an .h5ad path, got {type(value).__name__}")
+    raise EvaluationError(
+        f"{label} must be an AnnData or an .h5ad path, got {type(value).__name__}"
+    )
+
+
+def _available_cpus() -> int:
+    try:
+        count = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        count = os.cpu_count() or 1
+    return max(1, min(count, 8))
 
 
 def _take_columns(X, idx: np.ndarray, n_cols: int):
