@@ -374,7 +374,7 @@ print(json.dumps({"seconds": seconds, "n_groups": n_rows, "rss_before": before,
 # ---------------------------------------------------------------------------------------
 # Workers (run in fresh processes)
 # ---------------------------------------------------------------------------------------
-def worker(kind: str, folder: Path, loop_groups: int | None) -> dict:
+def worker(kind: str, folder: Path, loop_groups: int | None, n_jobs: int | None = None) -> dict:
     import pandas as pd  # noqa: F401  (import before measuring the baseline)
 
     from pertbench.metrics import Evaluator
@@ -387,7 +387,7 @@ def worker(kind: str, folder: Path, loop_groups: int | None) -> dict:
     start = time.perf_counter()
     if kind.startswith("pertbench"):
         metrics = PERTBENCH_COMMON if kind == "pertbench-common" else "default"
-        result = Evaluator(truth, pred, metrics=metrics).run()
+        result = Evaluator(truth, pred, metrics=metrics, n_jobs=n_jobs).run()
         n_groups = result.settings["n_groups"]
     else:
         table = loop_metrics(truth, pred, max_groups=loop_groups)
@@ -404,10 +404,12 @@ def worker(kind: str, folder: Path, loop_groups: int | None) -> dict:
     }
 
 
-def run_worker(kind: str, folder: Path, loop_groups: int | None) -> dict:
+def run_worker(kind: str, folder: Path, loop_groups: int | None, n_jobs: int | None = None) -> dict:
     cmd = [sys.executable, __file__, "--worker", kind, "--data", str(folder)]
     if loop_groups:
         cmd += ["--loop-groups", str(loop_groups)]
+    if n_jobs:
+        cmd += ["--n-jobs", str(n_jobs)]
     out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ})
     if out.returncode != 0:
         raise RuntimeError(f"{kind} worker failed:\n{out.stderr[-3000:]}")
@@ -428,6 +430,12 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="time the loop on the first N groups only and extrapolate linearly",
     )
+    parser.add_argument(
+        "--n-jobs",
+        type=int,
+        default=None,
+        help="threads for pertbench's DE tests (default: its own, the CPUs available)",
+    )
     parser.add_argument("--skip-loop", action="store_true")
     parser.add_argument("--skip-cell-eval", action="store_true")
     parser.add_argument("--data", type=Path, default=None, help=argparse.SUPPRESS)
@@ -435,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.worker:
-        print(json.dumps(worker(args.worker, args.data, args.loop_groups)))
+        print(json.dumps(worker(args.worker, args.data, args.loop_groups, args.n_jobs)))
         return 0
 
     with tempfile.TemporaryDirectory(prefix="pertbench-bench-") as tmp:
@@ -459,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         del truth, pred
 
-        ours = run_worker("pertbench", folder, None)
+        ours = run_worker("pertbench", folder, None, args.n_jobs)
         peak_ratio = (ours["peak"] - ours["rss_before"]) * 2**20 / input_bytes
         scope = (
             "during the evaluation, inputs included"
@@ -497,7 +505,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"cell-eval failed; skipping it:\n{out.stderr[-2000:]}")
                 else:
                     ce = json.loads(out.stdout.strip().splitlines()[-1])
-                    common = run_worker("pertbench-common", folder, None)
+                    common = run_worker("pertbench-common", folder, None, args.n_jobs)
                     print(
                         f"cell-eval ({len(CELL_EVAL_COMMON)} metrics pertbench also computes, "
                         f"{ce['n_groups']} groups): {ce['seconds']:.1f} s; pertbench on the same "

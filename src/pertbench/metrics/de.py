@@ -291,16 +291,16 @@ class _RowSource:
                 gene, values, code = gene[keep], values[keep], code[keep]
             return values, self._low_bits(gene, code, n_chunk)
         block = self.M[:, left:right] if self.rows is None else self.M[self.rows, left:right]
-        block = np.ascontiguousarray(block)  # cells x genes; entry order does not matter
-        if np.count_nonzero(block) == block.size:  # dense predictions: a cached key template
-            template = self._templates.get(n_chunk)
-            if template is None:
-                gene = np.tile(np.arange(n_chunk, dtype=np.int64), block.shape[0])
-                template = self._low_bits(gene, np.repeat(self.codes, n_chunk), n_chunk)
-                self._templates[n_chunk] = template
-            return block.ravel(), template
-        row, gene = np.nonzero(block)
-        return block[row, gene], self._low_bits(gene.astype(np.int64), self.codes[row], n_chunk)
+        flat = np.ascontiguousarray(block).ravel()  # cells x genes; entry order is irrelevant
+        template = self._templates.get(n_chunk)
+        if template is None or template.size != flat.size:  # key bits of every entry
+            gene = np.tile(np.arange(n_chunk, dtype=np.int64), flat.size // max(n_chunk, 1))
+            template = self._low_bits(gene, np.repeat(self.codes, n_chunk), n_chunk)
+            self._templates[n_chunk] = template
+        if np.count_nonzero(flat) == flat.size:  # typical predictions: no zeros
+            return flat, template
+        keep = flat != 0
+        return flat[keep], template[keep]
 
 
 def _float32_exact(values: np.ndarray) -> bool:

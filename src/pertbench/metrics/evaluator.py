@@ -163,7 +163,7 @@ class _Context:
     covariates: pd.DataFrame  # evaluated covariate combinations: cols + label
     cov_of_group: np.ndarray
     truth_X: Any
-    truth_de: Any  # truth_X as CSC when sparse: column blocks for the Wilcoxon test
+    truth_codes: np.ndarray  # per truth row: evaluated group or -1
     control_rows: list[np.ndarray]  # per covariate combination: truth rows of its controls
     control_mean: np.ndarray  # (n_cov, n_genes)
     specs: list[MetricSpec]
@@ -177,6 +177,7 @@ class _Context:
     seed: int
     tie_correct: bool
     _pca: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    truth_de: dict[int, tuple] = field(default_factory=dict)  # see Evaluator._truth_block
 
     @property
     def n_groups(self) -> int:
@@ -523,7 +524,7 @@ class Evaluator:
             covariates=cov_frame,
             cov_of_group=np.asarray(cov_of_group, dtype=np.int64),
             truth_X=truth_X,
-            truth_de=None,
+            truth_codes=truth_codes,
             control_rows=control_rows,
             control_mean=control_mean,
             specs=specs,
@@ -589,11 +590,6 @@ class Evaluator:
         side = _Side(X=X, codes=codes, mean=mean, var=var, n=n)
         if ctx.need_de:
             is_truth = X is ctx.truth_X
-            if ctx.truth_de is None:
-                # one column-major copy of the observed data, shared by every test
-                ctx.truth_de = (
-                    sp.csc_matrix(ctx.truth_X) if sp.issparse(ctx.truth_X) else ctx.truth_X
-                )
             side.z = np.zeros_like(mean)
             side.fdr = np.ones_like(mean)
             for c in range(len(ctx.covariates)):
@@ -605,14 +601,12 @@ class Evaluator:
                 cell_codes[inside] = local[codes[inside]]
                 if not (cell_codes >= 0).any():
                     continue
-                if is_truth:  # controls are rows of the same matrix: pass them as a mask
-                    ref = np.zeros(codes.shape[0], dtype=bool)
-                    ref[ctx.control_rows[c]] = True
-                    ref &= cell_codes < 0
+                block, block_rows, is_control = self._truth_block(ctx, c)
+                if is_truth:  # controls and cells are rows of the same column-major block
                     res = wilcoxon_scores(
-                        ctx.truth_de,
-                        cell_codes,
-                        ref,
+                        block,
+                        cell_codes[block_rows],
+                        is_control,
                         n_groups=members.size,
                         tie_correct=ctx.tie_correct,
                         n_jobs=self.n_jobs,
@@ -621,7 +615,7 @@ class Evaluator:
                     res = wilcoxon_scores(
                         X,
                         cell_codes,
-                        ctx.truth_de[ctx.control_rows[c]],
+                        block[np.flatnonzero(is_control)],
                         n_groups=members.size,
                         tie_correct=ctx.tie_correct,
                         n_jobs=self.n_jobs,
@@ -629,6 +623,22 @@ class Evaluator:
                 side.z[members] = res.scores
                 side.fdr[members] = res.pvals_adj
         return side
+
+    def _truth_block(self, ctx: _Context, c: int):
+        """Observed rows of covariate combination ``c`` (its controls and evaluated cells),
+        column-major when sparse, made once and shared by every Wilcoxon test of ``c``
+        (model, baselines, ceiling). Returns (block, its truth rows, control mask)."""
+        if c not in ctx.truth_de:
+            members = ctx.groups_of(c)
+            cells = np.flatnonzero(np.isin(ctx.truth_codes, members))
+            rows = np.union1d(ctx.control_rows[c], cells)
+            X = ctx.truth_X
+            if sp.issparse(X):
+                block = sp.csc_matrix(X) if rows.size == X.shape[0] else X[rows].tocsc()
+            else:
+                block = X if rows.size == X.shape[0] else np.asarray(X[rows])
+            ctx.truth_de[c] = (block, rows, np.isin(rows, ctx.control_rows[c]))
+        return ctx.truth_de[c]
 
     # -- scoring -------------------------------------------------------------------------
     def _score(self, ctx: _Context, truth: _Side, pred: _Side, *, label: str) -> _Scores:
