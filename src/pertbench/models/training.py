@@ -131,8 +131,10 @@ def fit_module(
     )
     for epoch in bar:
         module.train()
+        # Each term is averaged over the cells of the steps that reported it: alternating
+        # models (CPA) report adversary terms on some steps and autoencoder terms on others.
         sums: dict[str, float] = {}
-        n_seen = 0
+        cells: dict[str, int] = {}
         for batch in train_batches(epoch):
             batch = move_batch(batch, device)
             n = _batch_size(batch)
@@ -140,9 +142,9 @@ def fit_module(
             step += 1
             for key, value in terms.items():
                 sums[key] = sums.get(key, 0.0) + float(value) * n
-            n_seen += n
+                cells[key] = cells.get(key, 0) + n
         row: dict[str, Any] = {"epoch": epoch}
-        row.update({f"train_{k}": v / max(n_seen, 1) for k, v in sums.items()})
+        row.update({f"train_{k}": v / max(cells[k], 1) for k, v in sums.items()})
         if val_batches is not None:
             val_terms = evaluate_loss(module, val_batches(), device)
             row.update({f"val_{k}": v for k, v in val_terms.items()})
