@@ -162,6 +162,10 @@ class NeuralModel(PerturbationModel):
         }
         matched = self.uses_matched_controls
         control_fields = {"ctrl": "emb" if emb else "x"}
+        # On a GPU the next batches are densified by a background thread while the
+        # current one trains; on CPU the cores are busy computing, so build inline.
+        on_gpu = str(context.device).startswith("cuda")
+        loading = {"prefetch": 2 if on_gpu else 0, "pin_memory": on_gpu}
         with torch_seed_scope(context.seed, context.device):
             module = self._build_module(dims)
             train_loader = BatchLoader(
@@ -172,6 +176,7 @@ class NeuralModel(PerturbationModel):
                 controls=train_table if matched else None,
                 control_fields=control_fields,
                 shuffle=True,
+                **loading,
             )
             if train_loader.n_cells == 0:
                 raise ModelError("no training cell has a control of the same covariates")
@@ -195,6 +200,7 @@ class NeuralModel(PerturbationModel):
                     controls=pool,
                     control_fields=control_fields,
                     shuffle=False,
+                    **loading,
                 )
                 if val_loader.n_cells == 0:
                     val_loader = None
