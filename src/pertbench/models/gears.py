@@ -195,6 +195,9 @@ class GEARS(PerturbationModel):
     def _fit(self, train: ad.AnnData, val: ad.AnnData | None, context: FitContext) -> None:
         gears = _gears()
         p = self.params
+        epochs = int(p.max_epochs if context.max_epochs is None else context.max_epochs)
+        if epochs < 1:
+            raise ConfigError(f"max_epochs must be >= 1, got {epochs}")
         go_dir = check_go_dir(p.go_dir)
         states = _covariate_labels(train, self.keys)
         if len(states) > 1:
@@ -257,7 +260,7 @@ class GEARS(PerturbationModel):
                 coexpress_threshold=p.coexpress_threshold,
                 direction_lambda=p.direction_lambda,
             )
-            model.train(epochs=int(context.max_epochs or p.max_epochs), lr=p.lr, weight_decay=p.wd)
+            model.train(epochs=epochs, lr=p.lr, weight_decay=p.wd)
         self.network = model.best_model.eval()
         self.pert_list = list(model.pert_list)
         self.gears_config = dict(model.config)

@@ -205,7 +205,7 @@ class NeuralModel(PerturbationModel):
                 if val_loader.n_cells == 0:
                     val_loader = None
             config = TrainingConfig(
-                max_epochs=int(context.max_epochs or p.max_epochs),
+                max_epochs=int(p.max_epochs if context.max_epochs is None else context.max_epochs),
                 patience=int(p.patience) if p.patience and p.patience > 0 else None,
                 gradient_clip=float(p.gradient_clip) if p.gradient_clip > 0 else None,
                 progress=context.progress,
