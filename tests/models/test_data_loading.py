@@ -189,3 +189,23 @@ def test_prefetched_batches_are_identical_and_errors_propagate(toy_adata):
     assert next(gen) == 0
     gen.close()
     assert not any(t.name == "pertbench-prefetch" for t in threading.enumerate())
+
+
+def test_device_side_densification_gives_the_same_batches(toy_adata):
+    from pertbench.models.training import move_batch
+
+    table, _ = _table(toy_adata)
+    kwargs = dict(
+        batch_size=64,
+        seed=2,
+        fields=("x", "pert", "cov_codes"),
+        controls=table,
+        control_fields={"ctrl": "x"},
+    )
+    dense = list(BatchLoader(table, **kwargs)(0))
+    shipped = list(BatchLoader(table, densify_on_device=True, **kwargs)(0))
+    assert shipped[0]["x"].layout == torch.sparse_csr  # only the non-zeros travel
+    assert shipped[0]["cov_codes"].layout == torch.strided
+    for a, b in zip(dense, shipped, strict=True):
+        b = move_batch(b, "cpu")
+        assert all(torch.equal(a[k], b[k]) for k in a)

@@ -222,9 +222,24 @@ class CellTable:
         )
 
     # -- batches -------------------------------------------------------------------------
-    def take(self, name: str, rows: np.ndarray) -> torch.Tensor:
-        """One array's rows as a tensor (sparse arrays densified, integer codes as int64)."""
+    def take(self, name: str, rows: np.ndarray, *, keep_sparse: bool = False) -> torch.Tensor:
+        """One array's rows as a tensor (sparse arrays densified, integer codes as int64).
+
+        With ``keep_sparse`` a CSR array's rows come as a torch sparse CSR tensor (only
+        the non-zeros), to be densified on the training device by ``move_batch``.
+        """
         value = self.arrays[name]
+        if keep_sparse and sp.issparse(value):
+            block = value[np.asarray(rows, dtype=np.int64)]
+            with warnings.catch_warnings():  # "sparse CSR support is in beta"
+                warnings.simplefilter("ignore", UserWarning)
+                return torch.sparse_csr_tensor(
+                    torch.from_numpy(block.indptr.astype(np.int64)),
+                    torch.from_numpy(block.indices.astype(np.int64)),
+                    torch.from_numpy(block.data.astype(np.float32, copy=False)),
+                    size=block.shape,
+                    check_invariants=False,  # canonical scipy CSR by construction
+                )
         if sp.issparse(value) or (value.ndim == 2 and value.dtype.kind == "f"):
             return torch.from_numpy(dense_rows(value, rows))
         picked = np.ascontiguousarray(value[rows])
@@ -340,7 +355,11 @@ class BatchLoader:
         densification kernels release the GIL, so on a GPU the next batch is prepared
         while the current one trains. Batches and their order are the same either way.
     pin_memory
-        Pin batch tensors (faster, asynchronous host-to-GPU copies).
+        Pin dense batch tensors (faster, asynchronous host-to-GPU copies).
+    densify_on_device
+        Ship sparse arrays (expression) as their non-zeros and densify them on the
+        training device (``move_batch``): on a GPU this moves a fraction of the bytes
+        and leaves the host only the row gather.
     """
 
     def __init__(
@@ -355,6 +374,7 @@ class BatchLoader:
         shuffle: bool = True,
         prefetch: int = 0,
         pin_memory: bool = False,
+        densify_on_device: bool = False,
     ) -> None:
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
@@ -367,6 +387,7 @@ class BatchLoader:
         self.shuffle = shuffle
         self.prefetch = max(int(prefetch), 0)
         self.pin_memory = bool(pin_memory)
+        self.densify_on_device = bool(densify_on_device)
         self.rows = np.arange(table.n_cells, dtype=np.int64)
         self.matcher: ControlMatcher | None = None
         self.n_dropped = 0
@@ -414,12 +435,15 @@ class BatchLoader:
 
     def make_batch(self, rows: np.ndarray, control_rows: np.ndarray | None) -> dict[str, Any]:
         """Densify one batch: the target fields, then the matched-control fields."""
-        batch = {name: self.table.take(name, rows) for name in self.fields}
+        sparse = self.densify_on_device
+        batch = {name: self.table.take(name, rows, keep_sparse=sparse) for name in self.fields}
         if control_rows is not None and self.controls is not None:
             for out_name, name in self.control_fields.items():
-                batch[out_name] = self.controls.take(name, control_rows)
+                batch[out_name] = self.controls.take(name, control_rows, keep_sparse=sparse)
         if self.pin_memory:
-            batch = {k: v.pin_memory() for k, v in batch.items()}
+            batch = {
+                k: v if v.layout != torch.strided else v.pin_memory() for k, v in batch.items()
+            }
         return batch
 
     def __call__(self, epoch: int = 0) -> Iterator[dict[str, Any]]:

@@ -165,7 +165,12 @@ class NeuralModel(PerturbationModel):
         # On a GPU the next batches are densified by a background thread while the
         # current one trains; on CPU the cores are busy computing, so build inline.
         on_gpu = str(context.device).startswith("cuda")
-        loading = {"prefetch": 2 if on_gpu else 0, "pin_memory": on_gpu}
+        # There, expression travels as its non-zeros and is densified on the device.
+        loading = {
+            "prefetch": 2 if on_gpu else 0,
+            "pin_memory": on_gpu,
+            "densify_on_device": on_gpu,
+        }
         with torch_seed_scope(context.seed, context.device):
             module = self._build_module(dims)
             train_loader = BatchLoader(
