@@ -138,6 +138,7 @@ def main() -> None:
                 **{m: result.value(m) for m in METRICS},
                 "epochs": epochs,
                 "fit_s": seconds,
+                "cpu_s": cpu_seconds,
             }
         )
         print(f"  {name}: {epochs} epochs in {seconds:.0f}s (CPU {cpu_seconds:.0f}s)", flush=True)
