@@ -7,8 +7,9 @@ Tasks:
   lines A172, T98G and U87MG (each held-out perturbation stays in training in K562 and
   at least one other line), 60% of each line's perturbations held out, a third of those
   to val and the rest to test, seed 0.
-- ``simulated``: the project's simulator (4 cell types x 12 perturbations x 500 genes),
-  30% of each cell type's perturbations held out.
+- ``simulated``: the project's simulator (4 cell types x 20 perturbations x 500 genes,
+  60 cells per group), half of each cell type's perturbations held out (each in at most
+  two cell types), 30% of those to val and the rest to test, seed 0.
 
 Every model is trained with its defaults (``--epochs`` caps the epochs) and the seed, and
 predicts the test groups from their cell line's control cells. The Evaluator scores
@@ -62,13 +63,21 @@ def load_task(task: str, seed: int):
 
         adata = simulate(
             n_covariates=4,
-            n_perturbations=12,
+            n_perturbations=20,
             n_combinations=0,
-            n_cells_per_group=80,
+            n_cells_per_group=60,
             n_genes=500,
             seed=seed,
         )
-        result = make_task_split(adata, "transfer", keys=keys, fraction=0.3, seed=seed)
+        result = make_task_split(
+            adata,
+            "transfer",
+            keys=keys,
+            fraction=0.5,
+            max_heldout_covariates=2,
+            val_fraction=0.3,
+            seed=seed,
+        )
     else:
         raise SystemExit(f"unknown task {task}")
     if len(result.leakage()):
