@@ -42,6 +42,7 @@ class InlineBackend:
     """Runs each job in this process, one after the other (``--workers 1``)."""
 
     name = "inline"
+    capacity = 1
 
     def submit(self, fn: Callable[[Any], Any], job: Any) -> cf.Future:
         future: cf.Future = cf.Future()
@@ -70,6 +71,7 @@ class LocalBackend:
 
     def __init__(self, workers: int) -> None:
         self.workers = int(workers)
+        self.capacity = self.workers
         self.threads = threads_per_worker(self.workers)
         self._pool: cf.ProcessPoolExecutor | None = None
 
@@ -183,6 +185,11 @@ def execute(
 ) -> None:
     """Run every job once its dependencies are done.
 
+    At most ``backend.capacity`` jobs are in flight (all of them for Ray, which queues
+    itself). When a worker process dies, every job that was running with it is a suspect:
+    suspects are re-run one at a time, so the job that kills its worker again is recorded
+    as crashed while the innocent ones finish normally.
+
     Parameters
     ----------
     jobs
@@ -203,6 +210,8 @@ def execute(
     finished: set[str] = set()
     running: dict[Any, str] = {}
     crashes: dict[str, int] = {}
+    suspects: list[str] = []
+    capacity = getattr(backend, "capacity", None)
 
     def ready() -> list[str]:
         return sorted(jid for jid, deps in waiting.items() if deps <= finished)
@@ -214,10 +223,17 @@ def execute(
         finished.add(jid)
 
     try:
-        while waiting or running:
-            for jid in ready():
-                del waiting[jid]
-                running[backend.submit(fn, jobs[jid])] = jid
+        while waiting or running or suspects:
+            if suspects:
+                if not running:
+                    jid = suspects.pop(0)
+                    running[backend.submit(fn, jobs[jid])] = jid
+            else:
+                for jid in ready():
+                    if capacity is not None and len(running) >= capacity:
+                        break
+                    del waiting[jid]
+                    running[backend.submit(fn, jobs[jid])] = jid
             if not running:
                 # Dependencies that can never finish (should not happen: ids are validated).
                 for jid in sorted(waiting):
@@ -225,15 +241,17 @@ def execute(
                 waiting.clear()
                 break
             for handle in backend.wait(list(running)):
+                if handle not in running:
+                    continue
                 jid = running.pop(handle)
                 try:
                     outcome = backend.result(handle)
                 except cf.process.BrokenProcessPool:
-                    # A worker died; every job running in the pool is interrupted.
+                    # A worker died; every job running in the pool was interrupted with it.
                     interrupted = [jid, *running.values()]
                     running.clear()
                     backend.reset()
-                    for other in interrupted:
+                    for other in sorted(interrupted):
                         crashes[other] = crashes.get(other, 0) + 1
                         if crashes[other] >= MAX_CRASHES:
                             finish(
@@ -242,7 +260,7 @@ def execute(
                                 crashed="its worker process died (killed or out of memory)",
                             )
                         else:
-                            waiting[other] = set()
+                            suspects.append(other)
                     break
                 except Exception as exc:  # a Ray task error or a bug in the job function
                     message = f"{type(exc).__name__}: {exc}".splitlines()[0]

@@ -61,7 +61,7 @@ _TOP = {
     "training",
     "evaluation",
 }
-_DATASET = {"path", "simulate", "registry", "description"}
+_DATASET = {"path", "simulate", "registry", "from_file", "keys", "description"}
 _TASK = {"task", "datasets", "options", "split_seed", "split"}
 _SCENARIO = {"tasks", "seed", "options"}
 _MODEL = {"model", "params", "tune", "max_epochs"}
@@ -123,14 +123,22 @@ def _number_list(value: Any, where: str, *, low: float, high: float) -> list[flo
 
 @dataclass(frozen=True)
 class DatasetSpec:
-    """One input dataset: a file, simulator settings or a public registry name."""
+    """One input dataset: a file, simulator settings or a public registry name.
+
+    ``keys`` are the dataset's own obs columns (default: the config's ``keys``; for a
+    registry dataset, the registry's). ``from_file`` gives a registry dataset's raw file
+    when there is no network.
+    """
 
     name: str
     kind: str  # "path" | "simulate" | "registry"
+    keys: PerturbationKeys
     path: Path | None = None
     simulate: dict[str, Any] = field(default_factory=dict)
     registry: str | None = None
+    from_file: Path | None = None
     description: str = ""
+    own_keys: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -140,6 +148,10 @@ class DatasetSpec:
             out["simulate"] = dict(self.simulate)
         else:
             out["registry"] = self.registry
+            if self.from_file is not None:
+                out["from_file"] = str(self.from_file)
+        if self.own_keys:
+            out["keys"] = self.keys.to_dict()
         if self.description:
             out["description"] = self.description
         return out
@@ -359,7 +371,7 @@ def parse_config(raw: Any, *, base_dir: Path) -> BenchmarkConfig:
         if not isinstance(top[section], Mapping):
             raise _fail(section, "expected a mapping of name -> settings")
     datasets = {
-        str(name): _parse_dataset(str(name), spec, base_dir)
+        str(name): _parse_dataset(str(name), spec, base_dir, keys)
         for name, spec in top["datasets"].items()
     }
     tasks = {
@@ -431,35 +443,80 @@ def parse_config(raw: Any, *, base_dir: Path) -> BenchmarkConfig:
     )
 
 
-def _parse_dataset(name: str, spec: Any, base_dir: Path) -> DatasetSpec:
+def _parse_dataset(name: str, spec: Any, base_dir: Path, keys: PerturbationKeys) -> DatasetSpec:
     where = f"datasets.{name}"
     spec = _check_keys(spec, _DATASET, where)
     kinds = [k for k in ("path", "simulate", "registry") if k in spec]
     if len(kinds) != 1:
         raise _fail(
             where,
-            "give exactly one of 'path' (an .h5ad file), 'simulate' (settings) or 'registry' (a public dataset name)",
+            "give exactly one of 'path' (an .h5ad file), 'simulate' (settings) or "
+            "'registry' (a public dataset name)",
         )
     kind = kinds[0]
     description = str(spec.get("description", ""))
+    own_keys = spec.get("keys") is not None
+    if own_keys:
+        try:
+            keys = PerturbationKeys.from_dict(spec["keys"])
+        except PertbenchError as exc:
+            raise _fail(f"{where}.keys", str(exc)) from exc
+    if "from_file" in spec and kind != "registry":
+        raise _fail(f"{where}.from_file", "only a registry dataset takes 'from_file'")
     if kind == "path":
-        path = Path(os.path.expanduser(str(spec["path"])))
-        path = (base_dir / path).resolve() if not path.is_absolute() else path
-        if not path.is_file():
-            raise _fail(
-                f"{where}.path",
-                f"file '{path}' does not exist; fix the path (relative paths are relative to the config file)",
-            )
-        return DatasetSpec(name=name, kind=kind, path=path, description=description)
+        path = _existing_file(spec["path"], base_dir, f"{where}.path")
+        return DatasetSpec(
+            name=name, kind=kind, keys=keys, path=path, description=description, own_keys=own_keys
+        )
     if kind == "simulate":
         settings = spec["simulate"] or {}
         if not isinstance(settings, Mapping):
             raise _fail(f"{where}.simulate", "expected a mapping of simulator settings")
         _check_simulator_settings(dict(settings), f"{where}.simulate")
-        return DatasetSpec(name=name, kind=kind, simulate=dict(settings), description=description)
+        if not own_keys:
+            # The simulator writes its own column names; the dataset's keys follow them.
+            keys = keys.replace(
+                perturbation_key=settings.get("perturbation_key", "condition"),
+                control=settings.get("control", "control"),
+                delimiter=settings.get("delimiter", "+"),
+                covariate_keys=(settings.get("covariate_key", "cell_type"),),
+                dose_key=settings.get("dose_key", "dose") if settings.get("doses") else None,
+            )
+        return DatasetSpec(
+            name=name,
+            kind=kind,
+            keys=keys,
+            simulate=dict(settings),
+            description=description,
+            own_keys=own_keys,
+        )
     registry = str(spec["registry"])
-    _check_registry_name(registry, f"{where}.registry")
-    return DatasetSpec(name=name, kind=kind, registry=registry, description=description)
+    info = _registry_info(registry, f"{where}.registry")
+    from_file = (
+        _existing_file(spec["from_file"], base_dir, f"{where}.from_file")
+        if spec.get("from_file")
+        else None
+    )
+    return DatasetSpec(
+        name=name,
+        kind=kind,
+        keys=keys if own_keys else info.keys,
+        registry=info.name,
+        from_file=from_file,
+        description=description,
+        own_keys=own_keys,
+    )
+
+
+def _existing_file(value: Any, base_dir: Path, where: str) -> Path:
+    path = Path(os.path.expanduser(str(value)))
+    path = (base_dir / path).resolve() if not path.is_absolute() else path
+    if not path.is_file():
+        raise _fail(
+            where,
+            f"file '{path}' does not exist; fix the path (relative paths are relative to the config file)",
+        )
+    return path
 
 
 def _check_simulator_settings(settings: dict[str, Any], where: str) -> None:
@@ -471,16 +528,13 @@ def _check_simulator_settings(settings: dict[str, Any], where: str) -> None:
     _check_keys(settings, allowed, where)
 
 
-def _check_registry_name(name: str, where: str) -> None:
+def _registry_info(name: str, where: str) -> Any:
+    from pertbench.data import public
+
     try:
-        from pertbench.data import public
-    except ImportError:
-        return
-    names = getattr(public, "DATASETS", None) or getattr(public, "REGISTRY", None)
-    if isinstance(names, Mapping) and name not in names:
-        close = difflib.get_close_matches(name, sorted(names), n=1)
-        hint = f"did you mean '{close[0]}'?" if close else f"known: {', '.join(sorted(names))}"
-        raise _fail(where, f"unknown public dataset '{name}'; {hint}")
+        return public.dataset_info(name)
+    except PertbenchError as exc:
+        raise _fail(where, str(exc)) from exc
 
 
 def _parse_task(

@@ -39,6 +39,10 @@ METRIC_COLUMNS = [
     "n_groups",
 ]
 TIMING_COLUMNS = ["fit_seconds", "predict_seconds", "evaluate_seconds"]
+CEILING = "ceiling"
+CEILING_FILE = "ceiling.csv"
+#: The cell whose evaluation contributes the ceiling rows of its (dataset, task, scenario, seed).
+CEILING_SOURCE = "no_change"
 
 
 @dataclass(frozen=True)
@@ -264,12 +268,14 @@ def _run_cell(job: CellJob, directory: Path) -> dict[str, Any]:
         log_dir=directory / "training",
         baselines=("no_change",),
         ceiling=job.ceiling,
+        model_name=job.model_label,
     )
     pred = outcome.predictions[job.on]
     _save_predictions(pred, directory, job, keys)
     evaluation = outcome.evaluations[job.on]
-    metrics = cell_metrics_table(evaluation, job)
+    metrics, ceiling = cell_metrics_table(evaluation, job, keys)
     write_csv_atomic(directory / paths.METRICS_FILE, metrics)
+    write_csv_atomic(directory / CEILING_FILE, ceiling)
     per_group = getattr(evaluation, "per_group", None)
     if isinstance(per_group, pd.DataFrame):
         write_csv_atomic(directory / paths.PER_GROUP_FILE, per_group)
@@ -305,23 +311,53 @@ def _save_predictions(pred: Any, directory: Path, job: CellJob, keys: Any) -> No
     write_h5ad_atomic(directory / paths.PREDICTIONS_FILE, pred)
 
 
-def cell_metrics_table(evaluation: Any, job: CellJob) -> pd.DataFrame:
-    """Tidy rows (one per metric) from an evaluation result, labelled with the cell."""
-    from pertbench.tuning.fitting import summary_values
+def cell_metrics_table(
+    evaluation: Any, job: CellJob, keys: Any
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Tidy rows (one per metric) of the model and of the noise ceiling, labelled with the cell.
 
-    summary = evaluation.summary
-    if isinstance(summary, pd.DataFrame) and "metric" in summary.columns:
-        frame = summary.copy()
-    else:
-        values = summary_values(evaluation)
-        frame = pd.DataFrame({"metric": list(values), "value": list(values.values())})
-    for column in ("ci_low", "ci_high", "normalized", "n_groups"):
-        if column not in frame.columns:
-            frame[column] = math.nan
-    for key, value in job.labels().items():
-        frame[key] = value
-    frame["split"] = job.on
-    return frame[METRIC_COLUMNS].sort_values("metric").reset_index(drop=True)
+    The evaluator's summary holds bare metric rows (the model), ``normalized/<metric>`` rows
+    (the calibrated score) and ``<reference>/<metric>`` rows (baselines, ``ceiling``).
+    """
+    summary = evaluation.summary.copy()
+    names = summary["metric"].astype(str)
+    reference = names.str.partition("/")[0].where(names.str.contains("/"), "")
+    bare = names.str.partition("/")[2].where(names.str.contains("/"), names)
+    summary["reference"], summary["name"] = reference, bare
+    model = summary[summary["reference"] == ""].set_index("name")
+    normalized = summary[summary["reference"] == "normalized"].set_index("name")["value"]
+    per_group = getattr(evaluation, "per_group", None)
+    n_groups = math.nan
+    if isinstance(per_group, pd.DataFrame):
+        # evaluated groups (a model named like a baseline appears twice in the table)
+        group_columns = [*keys.covariate_keys, keys.perturbation_key]
+        n_groups = len(per_group[group_columns].drop_duplicates())
+
+    def table(frame: pd.DataFrame, label: str, norm: pd.Series | None) -> pd.DataFrame:
+        out = pd.DataFrame(
+            {
+                "metric": frame.index.astype(str),
+                "value": frame["value"].to_numpy(dtype=float),
+                "ci_low": frame.get("ci_low", pd.Series(math.nan, index=frame.index)).to_numpy(
+                    dtype=float
+                ),
+                "ci_high": frame.get("ci_high", pd.Series(math.nan, index=frame.index)).to_numpy(
+                    dtype=float
+                ),
+            }
+        )
+        out["normalized"] = (
+            norm.reindex(frame.index).to_numpy(dtype=float) if norm is not None else math.nan
+        )
+        out["n_groups"] = n_groups
+        for key, value in job.labels().items():
+            out[key] = value
+        out["model"] = label
+        out["split"] = job.on
+        return out[METRIC_COLUMNS].sort_values("metric").reset_index(drop=True)
+
+    ceiling = summary[summary["reference"] == "ceiling"].set_index("name")
+    return table(model, job.model_label, normalized), table(ceiling, CEILING, None)
 
 
 def _jsonable(obj: Any) -> Any:

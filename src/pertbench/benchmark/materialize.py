@@ -26,6 +26,7 @@ from pertbench.benchmark.config import (
     ScenarioSpec,
     TaskSpec,
 )
+from pertbench.data.keys import PerturbationKeys
 from pertbench.errors import ConfigError, SplitError
 from pertbench.utils.io import write_h5ad_atomic, write_json_atomic
 
@@ -54,7 +55,9 @@ def materialize(
             from pertbench.tuning.fitting import load_dataset
 
             loaded.clear()  # keep one dataset in memory at a time
-            loaded[name] = load_dataset(manifest["datasets"][name]["path"], keys=config.keys)
+            loaded[name] = load_dataset(
+                manifest["datasets"][name]["path"], keys=config.datasets[name].keys
+            )
         return loaded[name]
 
     for name, spec in config.datasets.items():
@@ -65,15 +68,14 @@ def materialize(
 
     for task_name, task in config.tasks.items():
         for ds in task.datasets:
+            keys = config.datasets[ds].keys
             base_key = split_key(ds, task_name, FULL_SCENARIO)
-            base_entry = _reuse_split(manifest["splits"].get(base_key))
-            if base_entry is None:
+            if _reuse_split(manifest["splits"].get(base_key)) is None:
                 log(f"split: {ds} / {task_name}")
-                split, summary = _make_task_split(dataset(ds), task, config)
-                base_entry = _write_split(
-                    split, paths.split_file(out, ds, task_name, FULL_SCENARIO), summary
+                result = _make_task_split(dataset(ds), task, keys)
+                manifest["splits"][base_key] = _write_split(
+                    result.split, paths.split_file(out, ds, task_name, FULL_SCENARIO), result
                 )
-                manifest["splits"][base_key] = base_entry
                 write_json_atomic(out / paths.MANIFEST_FILE, manifest)
             for scenario in config.scenario_names(task_name)[1:]:
                 key = split_key(ds, task_name, scenario)
@@ -81,9 +83,9 @@ def materialize(
                     continue
                 spec, level = config.scenario_of(scenario)
                 log(f"split: {ds} / {task_name} / {scenario}")
-                split, summary = apply_scenario(dataset(ds), spec, level, task, config)
+                split, result, info = apply_scenario(dataset(ds), spec, level, task, keys)
                 manifest["splits"][key] = _write_split(
-                    split, paths.split_file(out, ds, task_name, scenario), summary
+                    split, paths.split_file(out, ds, task_name, scenario), result, scenario=info
                 )
                 write_json_atomic(out / paths.MANIFEST_FILE, manifest)
     return manifest
@@ -92,16 +94,7 @@ def materialize(
 def _materialize_dataset(
     spec: DatasetSpec, out: Path, previous: dict[str, Any] | None, log: Callable[[str], None]
 ) -> dict[str, Any]:
-    if spec.kind == "path":
-        path = Path(spec.path)
-        checksum = paths.sha256_file(path)
-        if previous is not None and previous.get("sha256") != checksum:
-            raise ConfigError(
-                f"dataset '{spec.name}' ({path}) changed since this benchmark started "
-                "(checksum differs); restore it or run into a new --out"
-            )
-        entry = {"kind": "path", "path": str(path), "sha256": checksum, "source": str(path)}
-    else:
+    if spec.kind == "simulate":
         target = paths.dataset_file(out, spec.name)
         if (
             previous is not None
@@ -109,36 +102,43 @@ def _materialize_dataset(
             and paths.sha256_file(target) == previous.get("sha256")
         ):
             return previous
-        if spec.kind == "simulate":
-            log(f"dataset: simulating '{spec.name}'")
-            from pertbench.data.simulate import simulate
+        log(f"dataset: simulating '{spec.name}'")
+        from pertbench.data.simulate import simulate
 
-            adata = simulate(**spec.simulate)
-            source = {"simulate": dict(spec.simulate)}
-        else:
-            log(f"dataset: fetching '{spec.name}' ({spec.registry}) from the public registry")
-            adata = _fetch_registry(spec.registry, out)
-            source = {"registry": spec.registry}
-        write_h5ad_atomic(target, adata, compression="gzip")
-        entry = {
-            "kind": spec.kind,
+        write_h5ad_atomic(target, simulate(**spec.simulate))
+        entry: dict[str, Any] = {
+            "kind": "simulate",
             "path": str(target),
             "sha256": paths.sha256_file(target),
-            "source": source,
+            "source": {"simulate": dict(spec.simulate)},
         }
+    else:
+        if spec.kind == "path":
+            path = Path(spec.path)
+            source: dict[str, Any] = {"file": str(path)}
+        else:
+            from pertbench.data import public
+
+            log(f"dataset: '{spec.name}' from the public registry ({spec.registry})")
+            path = Path(public.fetch(spec.registry, from_file=spec.from_file))
+            info = public.dataset_info(spec.registry)
+            source = {"registry": info.name, "url": info.url, "citation": info.citation}
+        checksum = paths.sha256_file(path)
+        if previous is not None and previous.get("sha256") != checksum:
+            raise ConfigError(
+                f"dataset '{spec.name}' ({path}) changed since this benchmark started "
+                "(checksum differs); restore it or run into a new --out"
+            )
+        # Files are read in place, never copied; the checksum pins what was used.
+        entry = {"kind": spec.kind, "path": str(path), "sha256": checksum, "source": source}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # old AnnData layouts
         backed = ad.read_h5ad(entry["path"], backed="r")
         entry["n_obs"], entry["n_vars"] = int(backed.n_obs), int(backed.n_vars)
         backed.file.close()
     entry["bytes"] = Path(entry["path"]).stat().st_size
+    entry["keys"] = spec.keys.to_dict()
     return entry
-
-
-def _fetch_registry(name: str, out: Path) -> ad.AnnData:
-    from pertbench.data import public
-
-    return public.load(name, cache_dir=Path(out) / "downloads")
 
 
 def _reuse_split(entry: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -150,46 +150,44 @@ def _reuse_split(entry: dict[str, Any] | None) -> dict[str, Any] | None:
     return None
 
 
-def _write_split(split: pd.Series, target: Path, summary: dict[str, Any]) -> dict[str, Any]:
+def _write_split(
+    split: pd.Series, target: Path, result: Any, *, scenario: dict[str, Any] | None = None
+) -> dict[str, Any]:
     from pertbench.data.splits import write_split
 
     write_split(split, target)
     counts = {k: int(v) for k, v in split.value_counts().items() if k}
-    return {
+    roles = result.summary["role"].value_counts().to_dict() if len(result.summary) else {}
+    entry = {
         "path": str(target),
         "sha256": paths.sha256_file(target),
         "n_cells": counts,
-        "summary": summary,
+        "n_groups": {str(k): int(v) for k, v in roles.items()},
+        "task": result.task,
+        "params": _jsonable(result.params),
+        "notes": list(result.notes),
+        "n_unplaced": len(result.unplaced),
     }
+    if scenario is not None:
+        entry["scenario"] = scenario
+    return entry
 
 
-def _make_task_split(
-    adata: ad.AnnData, task: TaskSpec, config: BenchmarkConfig
-) -> tuple[pd.Series, dict[str, Any]]:
+def _make_task_split(adata: ad.AnnData, task: TaskSpec, keys: PerturbationKeys) -> Any:
     from pertbench.data.splits import make_task_split
 
     if task.task == "custom":
-        result = make_task_split(adata, "custom", keys=config.keys, path=task.split)
+        result = make_task_split(adata, "custom", keys=keys, path=task.split)
     else:
-        result = make_task_split(
-            adata, task.task, keys=config.keys, seed=task.split_seed, **task.options
-        )
+        result = make_task_split(adata, task.task, keys=keys, seed=task.split_seed, **task.options)
     leaks = result.leakage()
     if len(leaks):
         first = leaks.iloc[0].astype(str).to_dict()
         raise SplitError(
-            f"task '{task.name}' puts {len(leaks)} held-out group(s) in train too (e.g. {first}); fix the split"
+            f"task '{task.name}' puts {len(leaks)} held-out group(s) in train too "
+            f"(e.g. {first}); fix the split"
         )
-    return result.split, _summary_dict(result)
-
-
-def _summary_dict(result: Any) -> dict[str, Any]:
-    summary = getattr(result, "summary", None)
-    if isinstance(summary, pd.DataFrame):
-        return json.loads(summary.to_json(orient="records"))
-    if isinstance(summary, dict):
-        return json.loads(json.dumps(summary, default=str))
-    return {}
+    return result
 
 
 def apply_scenario(
@@ -197,9 +195,9 @@ def apply_scenario(
     spec: ScenarioSpec,
     level: Any,
     task: TaskSpec,
-    config: BenchmarkConfig,
-) -> tuple[pd.Series, dict[str, Any]]:
-    """The split of one scenario level of ``task``.
+    keys: PerturbationKeys,
+) -> tuple[pd.Series, Any, dict[str, Any]]:
+    """The split of one scenario level of ``task``: (split over all cells, SplitResult, info).
 
     ``imbalance`` and ``downsample`` subsample the dataset and split the subset with the
     task's own settings; cells they remove are left out (``""``) so every scenario shares
@@ -208,22 +206,25 @@ def apply_scenario(
     from pertbench.data import scenarios
 
     if spec.kind == "data_scaling":
-        results = scenarios.data_scaling_splits(
-            adata, keys=config.keys, seed=spec.seed, **spec.options
-        )
+        results = scenarios.data_scaling_splits(adata, keys=keys, seed=spec.seed, **spec.options)
         result = results[level]
-        return _full_split(result.split, adata), _summary_dict(result)
+        info = {"kind": spec.kind, "level": level, "params": _jsonable(result.params)}
+        return _full_split(result.split, adata), result, info
     if spec.kind == "imbalance":
         subset = scenarios.imbalance_by_entropy(
-            adata, keys=config.keys, target_entropy=float(level), seed=spec.seed, **spec.options
+            adata, keys=keys, target_entropy=float(level), seed=spec.seed, **spec.options
         )
     else:
         subset = scenarios.downsample_perturbed(
-            adata, keys=config.keys, fraction=float(level), seed=spec.seed, **spec.options
+            adata, keys=keys, fraction=float(level), seed=spec.seed, **spec.options
         )
-    split, summary = _make_task_split(subset, task, config)
-    summary = {"split": summary, "scenario": _jsonable(subset.uns.get("pertbench_scenario", {}))}
-    return _full_split(split, adata), summary
+    result = _make_task_split(subset, task, keys)
+    info = {
+        "kind": spec.kind,
+        "level": float(level),
+        **_jsonable(subset.uns.get("pertbench_scenario", {})),
+    }
+    return _full_split(result.split, adata), result, info
 
 
 def _full_split(split: pd.Series, adata: ad.AnnData) -> pd.Series:

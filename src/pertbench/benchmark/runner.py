@@ -30,6 +30,9 @@ from pertbench.benchmark.config import (
     load_config,
 )
 from pertbench.benchmark.jobs import (
+    CEILING,
+    CEILING_FILE,
+    CEILING_SOURCE,
     METRIC_COLUMNS,
     TIMING_COLUMNS,
     CellJob,
@@ -103,9 +106,9 @@ def build_jobs(
     """Every tune job and cell job of ``config``, and which cells wait for which tuning."""
     jobs: dict[str, Any] = {}
     deps: dict[str, set[str]] = {}
-    keys = config.keys.to_dict()
     for task_name, task in config.tasks.items():
         for ds in task.datasets:
+            keys = config.datasets[ds].keys.to_dict()
             data_path = manifest["datasets"][ds]["path"]
             for scenario in config.scenario_names(task_name):
                 split_path = manifest["splits"][split_key(ds, task_name, scenario)]["path"]
@@ -158,6 +161,12 @@ def build_jobs(
     return jobs, deps
 
 
+def _read_metrics(path: Path) -> pd.DataFrame:
+    frame = pd.read_csv(path, keep_default_na=False, na_values=["", "nan", "NaN"])
+    text = ["dataset", "task", "scenario", "model", "split", "metric"]
+    return frame.astype(dict.fromkeys(text, str))
+
+
 def collect_results(jobs: Mapping[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The tidy results table (one row per cell x metric) and the failures table."""
     frames, failures = [], []
@@ -183,19 +192,7 @@ def collect_results(jobs: Mapping[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame
         done = directory / paths.DONE_FILE
         if done.is_file():
             record = json.loads(done.read_text())
-            frame = pd.read_csv(
-                directory / paths.METRICS_FILE, keep_default_na=False, na_values=["", "nan", "NaN"]
-            )
-            frame = frame.astype(
-                {
-                    "dataset": str,
-                    "task": str,
-                    "scenario": str,
-                    "model": str,
-                    "split": str,
-                    "metric": str,
-                }
-            )
+            frame = _read_metrics(directory / paths.METRICS_FILE)
             frame["status"] = "ok"
             frame["error"] = ""
             frame["model_name"] = job.model
@@ -203,6 +200,13 @@ def collect_results(jobs: Mapping[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame
             for column in TIMING_COLUMNS:
                 frame[column] = record.get(column, math.nan)
             frames.append(frame)
+            ceiling_file = directory / CEILING_FILE
+            if job.model_label == CEILING_SOURCE and ceiling_file.is_file():
+                # The ceiling depends on the split and seed only: take it from one cell.
+                ceiling = _read_metrics(ceiling_file)
+                ceiling["status"], ceiling["error"] = "ok", ""
+                ceiling["model_name"], ceiling["tuned"] = CEILING, False
+                frames.append(ceiling)
             continue
         error_file = directory / paths.ERROR_FILE
         if error_file.is_file():

@@ -89,6 +89,23 @@ def headline_metrics(results: pd.DataFrame, preferred: Sequence[str] | None = No
     return chosen or sorted(available)[:MAX_HEADLINE]
 
 
+RANK_METRICS = (
+    "rmse_rank_average",
+    "cosine_rank_logfc",
+    "cosine_rank_delta",
+    "pearson_rank_delta",
+    "mse_rank_delta",
+    "rmse_rank_logfc",
+)
+
+
+def rank_metric_selection(results: pd.DataFrame) -> list[str]:
+    """The rank metrics drawn in the collapse section (preferred ones first, at most 6)."""
+    available = [m for m in pd.unique(results["metric"].astype(str)) if "_rank_" in m]
+    chosen = [m for m in RANK_METRICS if m in available]
+    return (chosen or sorted(available))[:6]
+
+
 def summarize(results: pd.DataFrame) -> pd.DataFrame:
     """Mean over seeds, sd over seeds (ddof=1), mean 95% interval and normalised score.
 
@@ -171,14 +188,13 @@ def _summary_table(
     ]
     for metric in metrics:
         arrow = "↓" if lower_is_better(metric) else "↑"
-        header.append(f"<th>{esc(metric)} {arrow}</th><th>{esc(metric)}<br>normalised</th>")
+        header.append(f"<th>{esc(metric)} {arrow}</th>")
     rows = []
     for (dataset, task), block in full.groupby(["dataset", "task"], sort=False):
         best: dict[str, float] = {}
         for metric in metrics:
-            values = block[(block["metric"] == metric) & ~block["model"].isin([CEILING])][
-                "mean"
-            ].dropna()
+            scored = block[(block["metric"] == metric) & (block["model"] != CEILING)]
+            values = scored["mean"].dropna()
             if len(values):
                 best[metric] = values.min() if lower_is_better(metric) else values.max()
         for model in [m for m in models_order if m in set(block["model"])]:
@@ -186,7 +202,7 @@ def _summary_table(
             for metric in metrics:
                 hit = block[(block["model"] == model) & (block["metric"] == metric)]
                 if hit.empty:
-                    cells.append("<td>–</td><td>–</td>")
+                    cells.append("<td>–</td>")
                     continue
                 r = hit.iloc[0]
                 sd = f" ± {_fmt(r['sd'], 2)}" if math.isfinite(r["sd"]) else ""
@@ -195,11 +211,14 @@ def _summary_table(
                     if math.isfinite(r["ci_low"]) and math.isfinite(r["ci_high"])
                     else ""
                 )
+                norm = (
+                    f'<span class="ci">normalised {_fmt(r["normalized"], 3)}</span>'
+                    if math.isfinite(r["normalized"])
+                    else ""
+                )
                 is_best = model != CEILING and metric in best and r["mean"] == best[metric]
                 cls = ' class="best"' if is_best else ""
-                cells.append(
-                    f"<td{cls}>{_fmt(r['mean'])}{sd}{ci}</td><td>{_fmt(r['normalized'], 3)}</td>"
-                )
+                cells.append(f"<td{cls}>{_fmt(r['mean'])}{sd}{ci}{norm}</td>")
             cls = ' class="baseline"' if model in BASELINE_ORDER or model == CEILING else ""
             rows.append(
                 f'<tr{cls}><td class="label">{esc(dataset)}</td><td class="label">{esc(task)}</td>'
@@ -297,13 +316,10 @@ def write_report(out: str | os.PathLike, *, title: str | None = None) -> Path:
     summary = summarize(results)
     write_csv_atomic(out / SUMMARY_CSV, summary)
 
-    n_ok = int(
-        (
-            results.drop_duplicates(["dataset", "task", "scenario", "model", "seed"])["status"]
-            == "ok"
-        ).sum()
+    cells = results[results["model"] != CEILING].drop_duplicates(
+        ["dataset", "task", "scenario", "model", "seed"]
     )
-    n_cells = len(results.drop_duplicates(["dataset", "task", "scenario", "model", "seed"]))
+    n_ok, n_cells = int((cells["status"] == "ok").sum()), len(cells)
     page.add(f"<h1>{esc(title)}</h1>")
     page.add(
         f'<p class="meta">Generated {esc(datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))} by '
@@ -325,7 +341,7 @@ def write_report(out: str | os.PathLike, *, title: str | None = None) -> Path:
     page.add(_summary_table(summary, metrics, models))
 
     # -- rank metrics and metric overview ------------------------------------------------------
-    rank_metrics = [m for m in pd.unique(results["metric"].astype(str)) if "rank" in m]
+    rank_metrics = rank_metric_selection(results)
     full_ok = summary[summary["scenario"] == FULL_SCENARIO]
     if rank_metrics:
         page.section("ranks", "Rank metrics (collapse check)")
@@ -444,8 +460,8 @@ def _scenario_sections(
             if not names:
                 continue
             x = pd.Series({s: _scenario_level(kind, s, manifest, dataset, task) for s in names})
-            if kind in ("imbalance", "downsample"):
-                x[FULL_SCENARIO] = 1.0
+            if kind == "downsample":
+                x[FULL_SCENARIO] = 1.0  # the full data keeps every perturbed cell
             x = x.dropna()
             page.try_figure(
                 lambda block=block, x=x, dataset=dataset, task=task, xlabel=xlabel: scenario_curves(
@@ -462,17 +478,16 @@ def _scenario_sections(
 
 
 def _scenario_level(kind: str, scenario: str, manifest: dict, dataset: str, task: str) -> float:
-    if kind != "data_scaling":
-        return float(scenario.split("_")[-1])
+    """x position of a scenario level: achieved entropy, kept fraction or training covariates."""
     entry = manifest.get("splits", {}).get(f"{dataset}|{task}|{scenario}", {})
-    params = (
-        (entry.get("summary") or {}).get("params", {})
-        if isinstance(entry.get("summary"), dict)
-        else {}
-    )
-    covs = params.get("train_covariates") or params.get("training_covariates")
-    if isinstance(covs, list):
-        return float(len(covs))
+    info = entry.get("scenario") or {}
+    if kind == "imbalance":
+        return float(info.get("perturbation_entropy", scenario.rsplit("_", 1)[-1]))
+    if kind == "downsample":
+        return float(scenario.rsplit("_", 1)[-1])
+    covariates = (entry.get("params") or {}).get("training_covariates")
+    if isinstance(covariates, list):
+        return float(len(covariates))
     digits = "".join(ch for ch in scenario.rsplit("_", 1)[-1] if ch.isdigit())
     return float(digits) if digits else math.nan
 

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from pertbench.data.keys import PerturbationKeys
-from pertbench.errors import ConfigError, EvaluationError, ModelError
+from pertbench.errors import ConfigError, ModelError
 
 
 def load_dataset(path: str | os.PathLike, *, keys: PerturbationKeys) -> ad.AnnData:
@@ -88,6 +88,7 @@ def fit_and_evaluate(
     log_dir: str | Path | None = None,
     baselines: Sequence[str] | None = None,
     ceiling: bool = False,
+    model_name: str | None = None,
 ) -> FitOutcome:
     """Fit ``model`` with ``params`` on the train cells and score its predictions.
 
@@ -143,6 +144,7 @@ def fit_and_evaluate(
             seed=seed,
             baselines=baselines,
             ceiling=ceiling,
+            model_name=model_name or model,
         )
         outcome.evaluate_seconds += time.perf_counter() - start
         outcome.predictions[part] = pred
@@ -162,35 +164,34 @@ def evaluate_prediction(
     seed: int = 0,
     baselines: Sequence[str] | None = None,
     ceiling: bool = False,
+    model_name: str = "model",
 ) -> Any:
     """Score ``pred`` against the observed ``on`` cells with :class:`pertbench.metrics.Evaluator`."""
     from pertbench.metrics import Evaluator
 
-    kwargs: dict[str, Any] = {"keys": keys, "split": split, "on": on, "seed": seed}
-    if metrics is not None:
-        kwargs["metrics"] = list(metrics)
-    if baselines:
-        kwargs["baselines"] = list(baselines)
-    if ceiling:
-        kwargs["ceiling"] = True
-    return Evaluator(adata, pred, **kwargs).run()
+    return Evaluator(
+        adata,
+        pred,
+        keys=keys,
+        metrics=list(metrics) if metrics is not None else "default",
+        split=split,
+        on=on,
+        baselines=list(baselines or []),
+        ceiling=bool(ceiling),
+        seed=seed,
+        model_name=model_name,
+        keep_aggregates=False,
+    ).run()
 
 
 def summary_values(result: Any) -> dict[str, float]:
-    """``{metric: value}`` from an evaluation result's summary table."""
+    """``{metric: value}`` of the scored model from an evaluation result's summary table.
+
+    Reference rows (``no_change/...``, ``ceiling/...``, ``normalized/...``) are left out.
+    """
     summary = result.summary
-    if isinstance(summary, pd.DataFrame):
-        if {"metric", "value"} <= set(summary.columns):
-            return {
-                str(m): float(v) for m, v in zip(summary["metric"], summary["value"], strict=True)
-            }
-        if "value" in summary.columns:
-            return {str(m): float(v) for m, v in summary["value"].items()}
-    if isinstance(summary, pd.Series):
-        return {str(m): float(v) for m, v in summary.items()}
-    if isinstance(summary, Mapping):
-        return {str(m): float(v) for m, v in summary.items()}
-    raise EvaluationError(f"cannot read the evaluation summary of type {type(summary).__name__}")
+    own = summary[~summary["metric"].astype(str).str.contains("/", regex=False)]
+    return {str(m): float(v) for m, v in zip(own["metric"], own["value"], strict=True)}
 
 
 def is_trial_failure(exc: BaseException) -> bool:
