@@ -29,7 +29,7 @@ def record_job(job):
 
 
 def crash_job(job):
-    folder, name, delay = job
+    name = job[1]
     if name == "crash":
         os._exit(3)  # a worker killed outright (as by the OOM killer)
     return record_job(job)

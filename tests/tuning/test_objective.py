@@ -34,7 +34,15 @@ def test_missing_metric_or_division_by_zero_is_nan():
 
 @pytest.mark.parametrize(
     "text",
-    ["__import__('os').system('true')", "a ** 2", "a if b else c", "a +", "1 + 2", "a.b", "True + a"],
+    [
+        "__import__('os').system('true')",
+        "a ** 2",
+        "a if b else c",
+        "a +",
+        "1 + 2",
+        "a.b",
+        "True + a",
+    ],
 )
 def test_forbidden_or_malformed_expressions_are_config_errors(text):
     with pytest.raises(ConfigError) as info:

@@ -42,7 +42,12 @@ def test_recover_fails_running_trial_and_requeues_its_params(tmp_path):
     waiting = [t for t in trials if t.state == TrialState.WAITING]
     assert len(waiting) == 1 and waiting[0].params == {"x": x}
     progress = study_progress(study)
-    assert (progress.complete, progress.interrupted, progress.failed, progress.waiting) == (1, 1, 0, 1)
+    assert (progress.complete, progress.interrupted, progress.failed, progress.waiting) == (
+        1,
+        1,
+        0,
+        1,
+    )
     assert progress.finished == 1  # the interrupted trial does not count towards n_trials
 
     # the queued trial is the next one asked for, with the very same parameters

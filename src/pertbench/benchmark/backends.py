@@ -213,8 +213,12 @@ def execute(
     suspects: list[str] = []
     capacity = getattr(backend, "capacity", None)
 
+    blocking = {dep for deps in waiting.values() for dep in deps}
+
     def ready() -> list[str]:
-        return sorted(jid for jid, deps in waiting.items() if deps <= finished)
+        # Jobs that others wait for (tuning) go first, so their dependants can start early.
+        candidates = [jid for jid, deps in waiting.items() if deps <= finished]
+        return sorted(candidates, key=lambda jid: (jid not in blocking, jid))
 
     def finish(jid: str, outcome: Any, *, crashed: str | None = None) -> None:
         if crashed is not None:

@@ -20,7 +20,7 @@ A config is a YAML mapping::
       la_tuned: {model: latent_additive, tune: {n_trials: 20}}
     seeds: [0, 1]
     training: {max_epochs: 50, device: auto}
-    evaluation: {metrics: [rmse_average, rmse_rank_average], on: test}
+    evaluation: {metrics: [rmse_average, rmse_rank_average], split: test}
 
 Every unknown key is a :class:`~pertbench.errors.ConfigError` naming the key and the fix.
 :meth:`BenchmarkConfig.to_dict` gives the canonical form (absolute paths, all defaults
@@ -67,7 +67,7 @@ _SCENARIO = {"tasks", "seed", "options"}
 _MODEL = {"model", "params", "tune", "max_epochs"}
 _TUNE = {"n_trials", "timeout", "objective", "direction", "search_space", "pruner"}
 _TRAINING = {"max_epochs", "device"}
-_EVALUATION = {"metrics", "on", "save_predictions", "ceiling"}
+_EVALUATION = {"metrics", "split", "save_predictions", "ceiling"}
 
 
 def _fail(where: str, message: str) -> ConfigError:
@@ -296,7 +296,7 @@ class BenchmarkConfig:
             "training": {"max_epochs": self.max_epochs, "device": self.device},
             "evaluation": {
                 "metrics": list(self.metrics) if self.metrics is not None else None,
-                "on": self.on,
+                "split": self.on,
                 "save_predictions": self.save_predictions,
                 "ceiling": self.ceiling,
             },
@@ -415,9 +415,15 @@ def parse_config(raw: Any, *, base_dir: Path) -> BenchmarkConfig:
         metrics = tuple(_name_list(metrics, "evaluation.metrics"))
         if not metrics:
             raise _fail("evaluation.metrics", "give at least one metric name or leave it out")
-    on = str(evaluation.get("on", "test"))
+        from pertbench.metrics import resolve_metrics
+
+        try:
+            resolve_metrics(list(metrics))
+        except PertbenchError as exc:
+            raise _fail("evaluation.metrics", str(exc)) from exc
+    on = str(evaluation.get("split", "test"))
     if on not in ("val", "test"):
-        raise _fail("evaluation.on", f"must be val or test, got {on!r}")
+        raise _fail("evaluation.split", f"must be val or test, got {on!r}")
     save_predictions = str(evaluation.get("save_predictions", "cells"))
     if save_predictions not in SAVE_PREDICTIONS:
         raise _fail("evaluation.save_predictions", f"must be one of {', '.join(SAVE_PREDICTIONS)}")

@@ -74,7 +74,10 @@ def materialize(
                 log(f"split: {ds} / {task_name}")
                 result = _make_task_split(dataset(ds), task, keys)
                 manifest["splits"][base_key] = _write_split(
-                    result.split, paths.split_file(out, ds, task_name, FULL_SCENARIO), result
+                    result.split,
+                    paths.split_file(out, ds, task_name, FULL_SCENARIO),
+                    result,
+                    scenario={"kind": FULL_SCENARIO, **_entropies(dataset(ds), keys)},
                 )
                 write_json_atomic(out / paths.MANIFEST_FILE, manifest)
             for scenario in config.scenario_names(task_name)[1:]:
@@ -225,6 +228,12 @@ def apply_scenario(
         **_jsonable(subset.uns.get("pertbench_scenario", {})),
     }
     return _full_split(result.split, adata), result, info
+
+
+def _entropies(adata: ad.AnnData, keys: PerturbationKeys) -> dict[str, float]:
+    from pertbench.data.scenarios import scenario_entropy
+
+    return {k: float(v) for k, v in scenario_entropy(adata.obs, keys).items()}
 
 
 def _full_split(split: pd.Series, adata: ad.AnnData) -> pd.Series:

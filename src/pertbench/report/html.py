@@ -462,6 +462,8 @@ def _scenario_sections(
             x = pd.Series({s: _scenario_level(kind, s, manifest, dataset, task) for s in names})
             if kind == "downsample":
                 x[FULL_SCENARIO] = 1.0  # the full data keeps every perturbed cell
+            elif kind == "imbalance":
+                x[FULL_SCENARIO] = _scenario_level(kind, FULL_SCENARIO, manifest, dataset, task)
             x = x.dropna()
             page.try_figure(
                 lambda block=block, x=x, dataset=dataset, task=task, xlabel=xlabel: scenario_curves(
@@ -482,7 +484,10 @@ def _scenario_level(kind: str, scenario: str, manifest: dict, dataset: str, task
     entry = manifest.get("splits", {}).get(f"{dataset}|{task}|{scenario}", {})
     info = entry.get("scenario") or {}
     if kind == "imbalance":
-        return float(info.get("perturbation_entropy", scenario.rsplit("_", 1)[-1]))
+        if "perturbation_entropy" in info:
+            return float(info["perturbation_entropy"])
+        level = scenario.rsplit("_", 1)[-1]
+        return float(level) if scenario != FULL_SCENARIO else math.nan
     if kind == "downsample":
         return float(scenario.rsplit("_", 1)[-1])
     covariates = (entry.get("params") or {}).get("training_covariates")

@@ -91,14 +91,21 @@ def make_storage(url: str) -> Any:
 
 @contextlib.contextmanager
 def _quiet_optuna() -> Iterator[None]:
+    """Silence Optuna's per-trial log lines and experimental-feature warnings (pertbench
+    prints its own progress), restoring the user's logging level afterwards."""
     import warnings
 
     import optuna
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        warnings.simplefilter("ignore", FutureWarning)
-        yield
+    level = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            warnings.simplefilter("ignore", FutureWarning)
+            yield
+    finally:
+        optuna.logging.set_verbosity(level)
 
 
 @contextlib.contextmanager
