@@ -22,6 +22,8 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import random
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +38,7 @@ HEARTBEAT_INTERVAL = 10
 GRACE_PERIOD = 60
 #: How often a killed trial's parameters are retried before they are given up.
 MAX_RETRY = 2
+STORAGE_ATTEMPTS = 5
 INTERRUPTED_MESSAGE = (
     "interrupted: the process running this trial died; its parameters were queued again"
 )
@@ -69,24 +72,49 @@ def make_storage(url: str) -> Any:
 
         require("psycopg", "postgres", "a PostgreSQL study storage")
         engine_kwargs["pool_pre_ping"] = True
-    with _quiet_optuna():
-        try:
-            return optuna.storages.RDBStorage(
-                url,
-                engine_kwargs=engine_kwargs,
-                heartbeat_interval=HEARTBEAT_INTERVAL,
-                grace_period=GRACE_PERIOD,
-                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
-                    max_retry=MAX_RETRY
-                ),
-            )
-        except ImportError as exc:
-            raise ConfigError(f"no database driver for storage {url!r}: {exc}") from exc
-        except Exception as exc:  # connection refused, bad credentials, unknown host...
-            first_line = (
-                str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            )
-            raise ConfigError(f"cannot open study storage {url!r}: {first_line}") from exc
+    # Workers that start together on a fresh database race to create Optuna's tables; the
+    # loser sees a unique-key violation and succeeds once the tables exist, so retry.
+    jitter = random.Random(os.getpid())
+    for attempt in range(STORAGE_ATTEMPTS):
+        with _quiet_optuna():
+            try:
+                return optuna.storages.RDBStorage(
+                    url,
+                    engine_kwargs=engine_kwargs,
+                    heartbeat_interval=HEARTBEAT_INTERVAL,
+                    grace_period=GRACE_PERIOD,
+                    heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
+                        max_retry=MAX_RETRY
+                    ),
+                )
+            except ImportError as exc:
+                raise ConfigError(f"no database driver for storage {url!r}: {exc}") from exc
+            except Exception as exc:  # connection refused, bad credentials, schema race...
+                if attempt + 1 < STORAGE_ATTEMPTS and _transient(exc):
+                    time.sleep(0.5 * (attempt + 1) + jitter.random())
+                    continue
+                text = str(exc).strip()
+                first_line = text.splitlines()[0] if text else type(exc).__name__
+                raise ConfigError(
+                    f"cannot open study storage '{redact_url(url)}': {first_line}"
+                ) from exc
+    raise AssertionError("unreachable")
+
+
+def _transient(exc: BaseException) -> bool:
+    """Errors worth retrying: a concurrent schema creation or a lock, not a refused login."""
+    text = str(exc).lower()
+    return any(s in text for s in ("unique", "duplicate", "already exists", "locked", "deadlock"))
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password hidden (for messages and files)."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not parseable: show no credentials at all
+        return url.rsplit("@", 1)[-1]
 
 
 @contextlib.contextmanager
@@ -98,7 +126,7 @@ def _quiet_optuna() -> Iterator[None]:
     import optuna
 
     level = optuna.logging.get_verbosity()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)

@@ -40,6 +40,7 @@ from pertbench.tuning.storage import (
     is_owned_storage,
     make_storage,
     recover_interrupted_trials,
+    redact_url,
     run_lock,
     study_progress,
 )
@@ -223,19 +224,10 @@ def _open_study(
             k for k in set(stored) | set(identity) if stored.get(k) != identity.get(k)
         )
         raise ConfigError(
-            f"study '{study_name}' in {_redact(storage_url)} was run with a different "
+            f"study '{study_name}' in {redact_url(storage_url)} was run with a different "
             f"{', '.join(differing)}; resume with the same settings or choose another --out/--study-name"
         )
     return study
-
-
-def _redact(url: str) -> str:
-    try:
-        from sqlalchemy.engine import make_url
-
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:
-        return url.split("@")[-1] if "@" in url else url
 
 
 def make_pruner(kind: str) -> Any:
@@ -342,9 +334,12 @@ def _trial_function(ctx: _SearchContext, current: dict[str, int]) -> Callable[[A
             missing = [
                 m for m in ctx.objective.metrics if not math.isfinite(values.get(m, math.nan))
             ]
-            message = (
-                f"objective is not finite (metric(s) {', '.join(missing) or '?'} missing or NaN)"
-            )
+            message = f"objective is not finite: {', '.join(missing) or '?'} undefined on val"
+            if any("_rank_" in m for m in missing):
+                message += (
+                    " (rank metrics need at least 2 validation perturbations per covariate;"
+                    " use a split with more, or another --objective)"
+                )
             trial.set_user_attr("error", message)
             raise _TrialFailed(message)
         return value
@@ -833,7 +828,7 @@ def tune(
                 f"no trial of '{settings.model}' completed; see the errors in {out_dir / 'trials.csv'}"
             )
         best["study_name"] = study_name
-        best["storage"] = _redact(storage_url)
+        best["storage"] = redact_url(storage_url)
         write_json_atomic(out_dir / "best_params.json", best)
         log(f"best trial {best['trial']}: {objective.expression} = {best['value']:.5g}")
         per_seed, summary = run_stability(
@@ -844,7 +839,7 @@ def tune(
     return TuneResult(
         out_dir=out_dir,
         study_name=study_name,
-        storage=_redact(storage_url),
+        storage=redact_url(storage_url),
         best_value=best["value"],
         best_params=best["all_params"],
         trials=trials,
