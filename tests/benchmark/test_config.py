@@ -44,7 +44,7 @@ def test_minimal_config_fills_defaults_and_baselines(tmp_path):
 def test_canonical_form_round_trips(tmp_path):
     raw = minimal(
         scenarios={"imbalance": {"entropy": [0.9, 0.8], "options": {"min_perturbations": 2}}},
-        models={"lin": {"model": "linear", "tune": {"n_trials": 3}}, "la": None},
+        models={"lin": {"model": "linear", "tune": {"n_trials": 3}}, "latent_additive": None},
     )
     config = parse_config(raw, base_dir=tmp_path)
     text = dump_config(config)
@@ -52,7 +52,8 @@ def test_canonical_form_round_trips(tmp_path):
     assert again.to_dict() == config.to_dict()
     assert config.scenario_names("transfer") == ["full", "imbalance_0.9", "imbalance_0.8"]
     assert config.models["lin"].tune.n_trials == 3
-    assert config.models["la"].model == "la" or config.models["la"].model == "la"
+    assert config.models["latent_additive"].model == "latent_additive"
+    assert config.models["latent_additive"].params == {}
 
 
 @pytest.mark.parametrize(

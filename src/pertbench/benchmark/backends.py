@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import os
+import sys
 import traceback
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 from pertbench.errors import ConfigError, require
@@ -133,6 +135,12 @@ class RayBackend:
                 kwargs["address"] = address
             else:
                 kwargs["num_cpus"] = self.workers
+                # Workers of a local cluster import what this process imports (this
+                # checkout of pertbench, user model modules given as package.module:Class).
+                paths = [str(Path(p).resolve()) for p in sys.path if p and Path(p).is_dir()]
+                kwargs["runtime_env"] = {
+                    "env_vars": {"PYTHONPATH": os.pathsep.join(dict.fromkeys(paths))}
+                }
             try:
                 self.ray.init(**kwargs)
             except ConnectionError as exc:
