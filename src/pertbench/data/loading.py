@@ -538,6 +538,9 @@ def read_h5ad(
             # Old layouts (neighbours graph in uns, ...) are migrated by anndata itself.
             warnings.filterwarnings("ignore", message="Moving element from", category=FutureWarning)
             warnings.filterwarnings("ignore", category=FutureWarning, module="anndata")
+            warnings.filterwarnings(
+                "ignore", category=getattr(ad, "OldFormatWarning", FutureWarning)
+            )
             adata = ad.read_h5ad(path, backed="r" if backed else None)
     except Exception as exc:  # corrupt or truncated file of any kind
         raise InputFileError(

@@ -272,7 +272,7 @@ def curate_srivatsan20(adata: ad.AnnData) -> ad.AnnData:
     keep = obs["cell_type"].isin(["a549", "k562", "mcf7"]).to_numpy() & (
         is_ctrl | np.isclose(dose.to_numpy(dtype=float), SCIPLEX_HIGHEST_DOSE)
     )
-    obs["dose"] = np.where(is_ctrl, "0", dose.astype(str))
+    obs["dose"] = np.where(is_ctrl, "0", dose.map(lambda v: f"{v:g}"))
     obs["perturbation_type"] = "chemical"
     adata.obs = obs
     adata = adata[keep].copy()
