@@ -19,7 +19,7 @@ from bench_helpers import PYTHON, SIMULATED, SLEEPY, small_config, small_run, su
 from pertbench.benchmark import paths
 from pertbench.benchmark.config import load_config, parse_config
 from pertbench.benchmark.jobs import TIMING_COLUMNS
-from pertbench.benchmark.materialize import materialize
+from pertbench.benchmark.materialize import materialize, read_manifest
 from pertbench.benchmark.runner import build_jobs, prepare_out_dir, run_benchmark
 from pertbench.data.groups import group_cells, group_mean
 from pertbench.data.keys import PerturbationKeys
@@ -77,7 +77,7 @@ def test_rmse_average_matches_an_independent_computation(tmp_path_factory):
     """rmse_average of a cell = mean over test groups of sqrt(mean_genes((pred - truth)^2))."""
     run = small_run(tmp_path_factory.mktemp("bench"))
     out = run.out_dir
-    manifest = json.loads((out / paths.MANIFEST_FILE).read_text())
+    manifest = read_manifest(out)
     truth = ad.read_h5ad(manifest["datasets"]["sim"]["path"])
     keys = PerturbationKeys()
     for task in ("transfer", "combo"):

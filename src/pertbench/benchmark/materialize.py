@@ -36,10 +36,28 @@ def split_key(dataset: str, task: str, scenario: str) -> str:
 
 
 def read_manifest(out: Path) -> dict[str, Any]:
+    """``DIR/manifest.json`` with every path made absolute (the file stores paths inside
+    ``DIR`` relative to it, so a benchmark folder can be moved or shared)."""
     path = Path(out) / paths.MANIFEST_FILE
     if not path.is_file():
         return {"datasets": {}, "splits": {}}
-    return json.loads(path.read_text())
+    manifest = json.loads(path.read_text())
+    for section in ("datasets", "splits"):
+        for entry in manifest.get(section, {}).values():
+            entry["path"] = str((Path(out) / entry["path"]).resolve())
+    return manifest
+
+
+def write_manifest(out: Path, manifest: dict[str, Any]) -> Path:
+    """Write the manifest atomically, paths inside ``out`` relative to it."""
+    root = Path(out).resolve()
+    stored = json.loads(json.dumps(manifest))
+    for section in ("datasets", "splits"):
+        for entry in stored.get(section, {}).values():
+            path = Path(entry["path"]).resolve()
+            if path.is_relative_to(root):
+                entry["path"] = path.relative_to(root).as_posix()
+    return write_json_atomic(root / paths.MANIFEST_FILE, stored)
 
 
 def materialize(
@@ -64,7 +82,7 @@ def materialize(
         manifest["datasets"][name] = _materialize_dataset(
             spec, out, manifest["datasets"].get(name), log
         )
-        write_json_atomic(out / paths.MANIFEST_FILE, manifest)
+        write_manifest(out, manifest)
 
     for task_name, task in config.tasks.items():
         for ds in task.datasets:
@@ -79,7 +97,7 @@ def materialize(
                     result,
                     scenario={"kind": FULL_SCENARIO, **_entropies(dataset(ds), keys)},
                 )
-                write_json_atomic(out / paths.MANIFEST_FILE, manifest)
+                write_manifest(out, manifest)
             for scenario in config.scenario_names(task_name)[1:]:
                 key = split_key(ds, task_name, scenario)
                 if _reuse_split(manifest["splits"].get(key)) is not None:
@@ -90,7 +108,7 @@ def materialize(
                 manifest["splits"][key] = _write_split(
                     split, paths.split_file(out, ds, task_name, scenario), result, scenario=info
                 )
-                write_json_atomic(out / paths.MANIFEST_FILE, manifest)
+                write_manifest(out, manifest)
     return manifest
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from pertbench.benchmark import paths
+from pertbench.benchmark.materialize import read_manifest
 from pertbench.utils.io import write_text_atomic
 
 CRATE_FILE = "ro-crate-metadata.json"
@@ -97,7 +98,7 @@ def write_crate(out: str | os.PathLike) -> Path:
 
     out = Path(out).resolve()
     config = yaml.safe_load((out / paths.CONFIG_FILE).read_text(encoding="utf-8"))
-    manifest = json.loads((out / paths.MANIFEST_FILE).read_text())
+    manifest = read_manifest(out)
     versions = software_versions()
 
     crate = ROCrate(gen_preview=False)

@@ -7,7 +7,6 @@ curves, tuning histories, parameter importances and seed stability.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -128,28 +127,5 @@ def seed_stability(
         ax.set_xlabel(metric)
         ax.grid(axis="x", alpha=0.3)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    return fig
-
-
-def metric_heatmap(table: pd.DataFrame, *, title: str, cmap: str = "viridis_r"):
-    """Models x metrics heatmap of (already aggregated) values, annotated."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(0.9 * table.shape[1] + 2.5, 0.35 * table.shape[0] + 1.6))
-    values = table.to_numpy(dtype=float)
-    finite = values[np.isfinite(values)]
-    vmin, vmax = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
-    image = ax.imshow(
-        values, aspect="auto", cmap=cmap, vmin=vmin, vmax=vmax if vmax > vmin else vmin + 1
-    )
-    ax.set_xticks(range(table.shape[1]))
-    ax.set_xticklabels(table.columns, rotation=40, ha="right", fontsize=7)
-    ax.set_yticks(range(table.shape[0]))
-    ax.set_yticklabels(table.index, fontsize=7)
-    for (i, j), v in np.ndenumerate(values):
-        if math.isfinite(v):
-            ax.text(j, i, f"{v:.3g}", ha="center", va="center", fontsize=6, color="white")
-    fig.colorbar(image, ax=ax, fraction=0.04)
-    ax.set_title(title, fontsize=9)
     fig.tight_layout()
     return fig

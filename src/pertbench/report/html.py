@@ -28,6 +28,7 @@ import pandas as pd
 
 from pertbench.benchmark import paths
 from pertbench.benchmark.config import FULL_SCENARIO
+from pertbench.benchmark.materialize import read_manifest
 from pertbench.utils.io import write_bytes_atomic, write_csv_atomic, write_text_atomic
 
 SUMMARY_TABLE_ID = "summary-table"
@@ -50,10 +51,16 @@ _HIGHER_IS_BETTER = ("pearson", "spearman", "cosine", "r2", "jaccard", "overlap"
 
 
 def lower_is_better(metric: str) -> bool:
-    """Direction of a metric by name: errors, distances and ranks are better when lower."""
-    if "rank" in metric:
-        return True
-    return not any(metric.startswith(prefix) for prefix in _HIGHER_IS_BETTER)
+    """Direction of a metric, from the metric catalogue (name heuristics for others)."""
+    from pertbench.errors import ConfigError
+    from pertbench.metrics.catalog import higher_is_better
+
+    try:
+        return not higher_is_better(metric)
+    except ConfigError:  # a user's metric outside the catalogue
+        if "rank" in metric:
+            return True
+        return not any(metric.startswith(prefix) for prefix in _HIGHER_IS_BETTER)
 
 
 def esc(value: Any) -> str:
@@ -100,10 +107,10 @@ RANK_METRICS = (
 
 
 def rank_metric_selection(results: pd.DataFrame) -> list[str]:
-    """The rank metrics drawn in the collapse section (preferred ones first, at most 6)."""
+    """The rank metrics drawn in the report (preferred ones first, at most 4)."""
     available = [m for m in pd.unique(results["metric"].astype(str)) if "_rank_" in m]
     chosen = [m for m in RANK_METRICS if m in available]
-    return (chosen or sorted(available))[:6]
+    return (chosen or sorted(available))[:4]
 
 
 def summarize(results: pd.DataFrame) -> pd.DataFrame:
@@ -291,11 +298,7 @@ def write_report(out: str | os.PathLike, *, title: str | None = None) -> Path:
         if (out / paths.CONFIG_FILE).is_file()
         else {}
     )
-    manifest = (
-        json.loads((out / paths.MANIFEST_FILE).read_text())
-        if (out / paths.MANIFEST_FILE).is_file()
-        else {}
-    )
+    manifest = read_manifest(out)
     failures = (
         pd.read_csv(out / paths.FAILURES_CSV)
         if (out / paths.FAILURES_CSV).is_file()
@@ -340,29 +343,31 @@ def write_report(out: str | os.PathLike, *, title: str | None = None) -> Path:
     )
     page.add(_summary_table(summary, metrics, models))
 
-    # -- rank metrics and metric overview ------------------------------------------------------
+    # -- rank metrics -------------------------------------------------------------------
     rank_metrics = rank_metric_selection(results)
     full_ok = summary[summary["scenario"] == FULL_SCENARIO]
     if rank_metrics:
-        page.section("ranks", "Rank metrics (collapse check)")
+        page.section("ranks", "Rank metrics")
         page.add(
-            '<p class="note">Rank of each true perturbation among all predictions (0 = perfect, '
-            "about 0.5 = the model predicts the same profile for every perturbation, i.e. mode collapse).</p>"
+            '<p class="note">Rank of each true perturbation among all predictions of its covariates '
+            "(0 = perfect; about 0.5 = no better than a random order, what a model that predicts the "
+            "same profile for every perturbation gets). Bars: mean over seeds; whiskers: 95% interval.</p>"
         )
         for (dataset, task), block in full_ok[full_ok["metric"].isin(rank_metrics)].groupby(
             ["dataset", "task"], sort=False
         ):
-            table = block.pivot_table(index="model", columns="metric", values="mean")
-            table = table.reindex([m for m in models if m in table.index])
-            from pertbench.report.figures import metric_heatmap
+            table = block.rename(columns={"mean": "value"})
+            order = {m: i for i, m in enumerate(models)}
+            table = table.sort_values("model", key=lambda s: s.map(order))
 
-            page.try_figure(
-                lambda table=table, dataset=dataset, task=task: metric_heatmap(
-                    table, title=f"rank metrics: {dataset} / {task}"
-                ),
-                f"ranks_{dataset}_{task}",
-                f"Rank metrics, {dataset} / {task} (mean over seeds)",
-            )
+            def draw(table=table, dataset=dataset, task=task):
+                from pertbench import pl
+
+                fig = pl.rank_bars(table, metrics=rank_metrics, figsize=(8.0, 3.6))
+                fig.suptitle(f"{dataset} / {task}", fontsize=10)
+                return fig
+
+            page.try_figure(draw, f"ranks_{dataset}_{task}", f"Rank metrics, {dataset} / {task}")
 
     _prediction_sections(page, results, manifest, config, models)
     _scenario_sections(page, results, manifest, models, metrics)

@@ -694,15 +694,22 @@ def run_stability(
 
 
 def summarize_seeds(per_seed: pd.DataFrame) -> pd.DataFrame:
-    """Mean, sample sd (ddof=1; NaN with one seed) and count per (split, metric)."""
+    """Mean, sample sd (ddof=1; NaN with one seed) and count per (split, metric).
+
+    Uses :func:`pertbench.metrics.summarize_seeds` on each split's per-seed summaries.
+    """
+    from pertbench.metrics import summarize_seeds as across_seeds
+
     columns = ["split", "metric", "mean", "sd", "n_seeds"]
     if per_seed.empty:
         return pd.DataFrame(columns=columns)
-    grouped = per_seed.groupby(["split", "metric"], sort=True)["value"]
-    summary = grouped.agg(
-        mean="mean", sd=lambda v: v.std(ddof=1) if v.count() > 1 else math.nan, n_seeds="count"
-    ).reset_index()
-    return summary[columns]
+    frames = []
+    for part, rows in per_seed.groupby("split", sort=True):
+        summaries = [seed_rows[["metric", "value"]] for _, seed_rows in rows.groupby("seed")]
+        frame = across_seeds(summaries).rename(columns={"n": "n_seeds"})
+        frames.append(frame.assign(split=part))
+    summary = pd.concat(frames, ignore_index=True)
+    return summary[columns].sort_values(["split", "metric"]).reset_index(drop=True)
 
 
 # ---------------------------------------------------------------------------------------
