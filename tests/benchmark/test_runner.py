@@ -228,7 +228,7 @@ def test_killed_benchmark_resumes_to_the_same_table(tmp_path):
     raw = small_config(
         tasks={"transfer": {"task": "transfer", "options": {"fraction": 0.5}}},
         models={"linear": {"params": {"batch_size": 32}}},
-        training={"max_epochs": 6, "device": "cpu"},
+        training={"max_epochs": 3, "device": "cpu"},
     )
     config_file = _write_config(tmp_path / "config.yaml", raw)
     reference = run_benchmark(load_config(config_file), out=tmp_path / "ref", workers=2, log=_quiet)
