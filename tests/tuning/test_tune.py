@@ -345,7 +345,7 @@ def postgres_url():
 @pytest.mark.postgres
 def test_two_workers_share_a_postgres_study(tmp_path, toy_files, postgres_url):
     data, split = toy_files
-    n_trials = 8
+    n_trials = 6
     common = (
         "--n-trials",
         str(n_trials),
@@ -354,7 +354,7 @@ def test_two_workers_share_a_postgres_study(tmp_path, toy_files, postgres_url):
         "--study-name",
         "shared",
         "--set",
-        "sleep=0.2",
+        "sleep=0.15",
         "--set",
         "epochs=2",
     )
@@ -398,7 +398,7 @@ def test_local_workers_share_the_default_sqlite_study(tmp_path, toy_files):
         "--workers",
         "2",
         "--set",
-        "sleep=0.3",
+        "sleep=0.15",
         "--set",
         "epochs=2",
     )
