@@ -35,7 +35,7 @@ def test_minimal_config_fills_defaults_and_baselines(tmp_path):
     assert {"no_change", "perturbation_mean", "covariate_mean"} <= set(config.models)
     assert config.models["no_change"].is_baseline
     assert config.seeds == (0, 1)
-    assert config.on == "test" and config.ceiling is True
+    assert config.on == "test"
     assert config.tasks["transfer"].datasets == ("sim",)
     assert config.scenario_names("transfer") == [FULL_SCENARIO]
     assert config.datasets["sim"].keys.covariate_keys == ("cell_type",)

@@ -108,11 +108,13 @@ def test_failed_cell_is_recorded_and_the_rest_finishes(tmp_path):
         models={
             "broken": {"model": SLEEPY, "params": {"fail_always": True}},
             "shift": {"model": SLEEPY},
-        }
+        },
+        evaluation={"metrics": ["rmse_average"], "save_predictions": "none"},
     )
     result = run_benchmark(parse_config(raw, base_dir=tmp_path), out=tmp_path / "b", log=_quiet)
     broken = result.results[result.results["model"] == "broken"]
     assert (broken["status"] == "failed").all() and len(broken) == 2  # one row per seed
+    assert not list((tmp_path / "b").glob("cells/**/predictions.h5ad"))  # save_predictions: none
     assert broken["error"].str.contains("cannot be trained").all()
     assert broken["value"].isna().all()
     ok = result.results[result.results["model"] != "broken"]
@@ -131,9 +133,15 @@ def test_failed_cell_is_recorded_and_the_rest_finishes(tmp_path):
 
 def test_tuned_model_cells_use_the_best_parameters(tmp_path):
     raw = sleepy_config(
-        models={"tuned": {"model": SLEEPY, "tune": {"n_trials": 3, "pruner": "none"}}}
+        models={"tuned": {"model": SLEEPY, "tune": {"n_trials": 3, "pruner": "none"}}},
+        evaluation={"metrics": ["rmse_average"], "save_predictions": "mean"},
     )
     result = run_benchmark(parse_config(raw, base_dir=tmp_path), out=tmp_path / "t", log=_quiet)
+    # save_predictions: mean keeps one row per predicted group
+    cell = paths.cell_dir(tmp_path / "t", "sim", "transfer", "full", "tuned", 0)
+    means = ad.read_h5ad(cell / paths.PREDICTIONS_FILE)
+    row = result.results.query("model == 'tuned' and seed == 0").iloc[0]
+    assert means.n_obs == row["n_groups"] and (means.obs["n_cells"] > 0).all()
     tuning = paths.tuning_dir(tmp_path / "t", "sim", "transfer", "full", "tuned")
     best = json.loads((tuning / "best_params.json").read_text())
     assert len(pd.read_csv(tuning / "trials.csv")) == 3
@@ -330,3 +338,36 @@ def test_cli_print_config_and_errors(tmp_path):
         )
         assert proc.returncode == 2 and message in proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_registry_dataset_is_fetched_and_checksummed(tmp_path, make_toy, monkeypatch):
+    from pertbench.data import public
+
+    raw_file = tmp_path / "cache" / "kang18.h5ad"
+    raw_file.parent.mkdir()
+    toy = make_toy(n_covariates=2, n_perturbations=4, n_cells=10, n_controls=20, n_genes=20)
+    toy.write_h5ad(raw_file)
+    calls = []
+
+    def fake_fetch(name, *, from_file=None, **kwargs):  # no network in tests
+        calls.append((name, from_file))
+        return raw_file
+
+    monkeypatch.setattr(public, "fetch", fake_fetch)
+    raw = sleepy_config(datasets={"pbmc": {"registry": "Kang18"}})
+    config = parse_config(raw, base_dir=tmp_path)
+    assert config.datasets["pbmc"].registry == "kang18"
+    assert config.datasets["pbmc"].keys == public.dataset_info("kang18").keys
+    out = tmp_path / "reg"
+    out.mkdir()
+    manifest = materialize(config, out, log=_quiet)
+    entry = manifest["datasets"]["pbmc"]
+    assert calls == [("kang18", None)]
+    assert entry["path"] == str(raw_file) and entry["sha256"] == paths.sha256_file(raw_file)
+    assert entry["source"]["registry"] == "kang18"
+    assert entry["source"]["url"].startswith("https://")
+    assert "pbmc|transfer|full" in manifest["splits"]
+    # the file changed under a resumed run: refuse rather than mix data
+    toy[:-1].copy().write_h5ad(raw_file)
+    with pytest.raises(ConfigError, match="changed since this benchmark started"):
+        materialize(config, out, log=_quiet)

@@ -67,7 +67,7 @@ _SCENARIO = {"tasks", "seed", "options"}
 _MODEL = {"model", "params", "tune", "max_epochs"}
 _TUNE = {"n_trials", "timeout", "objective", "direction", "search_space", "pruner"}
 _TRAINING = {"max_epochs", "device"}
-_EVALUATION = {"metrics", "split", "save_predictions", "ceiling"}
+_EVALUATION = {"metrics", "split", "save_predictions"}
 
 
 def _fail(where: str, message: str) -> ConfigError:
@@ -274,7 +274,6 @@ class BenchmarkConfig:
     metrics: tuple[str, ...] | None
     on: str
     save_predictions: str
-    ceiling: bool
 
     def to_dict(self) -> dict[str, Any]:
         """Canonical mapping (absolute paths, defaults filled), YAML-ready, re-runnable."""
@@ -298,7 +297,6 @@ class BenchmarkConfig:
                 "metrics": list(self.metrics) if self.metrics is not None else None,
                 "split": self.on,
                 "save_predictions": self.save_predictions,
-                "ceiling": self.ceiling,
             },
         }
 
@@ -427,9 +425,6 @@ def parse_config(raw: Any, *, base_dir: Path) -> BenchmarkConfig:
     save_predictions = str(evaluation.get("save_predictions", "cells"))
     if save_predictions not in SAVE_PREDICTIONS:
         raise _fail("evaluation.save_predictions", f"must be one of {', '.join(SAVE_PREDICTIONS)}")
-    ceiling = evaluation.get("ceiling", True)
-    if not isinstance(ceiling, bool):
-        raise _fail("evaluation.ceiling", "must be true or false")
 
     return BenchmarkConfig(
         name=str(top.get("name", "benchmark")),
@@ -445,7 +440,6 @@ def parse_config(raw: Any, *, base_dir: Path) -> BenchmarkConfig:
         metrics=metrics,
         on=on,
         save_predictions=save_predictions,
-        ceiling=ceiling,
     )
 
 

@@ -153,7 +153,6 @@ def build_jobs(
                             metrics=config.metrics,
                             on=config.on,
                             save_predictions=config.save_predictions,
-                            ceiling=config.ceiling,
                             threads=threads,
                         )
                         jobs[cell.id] = cell
