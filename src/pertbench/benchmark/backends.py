@@ -111,6 +111,15 @@ class LocalBackend:
             self._pool.shutdown(wait=True, cancel_futures=True)
         self._pool = None
 
+    def abort(self) -> None:
+        """Stop the workers now (their running jobs are lost, never half-written)."""
+        if self._pool is not None:
+            processes = list(getattr(self._pool, "_processes", {}).values())
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            for process in processes:
+                process.terminate()
+        self._pool = None
+
 
 class RayBackend:
     """Runs jobs as Ray tasks (one CPU each) on a local or remote cluster.
@@ -279,5 +288,9 @@ def execute(
                     finish(jid, None, crashed=message + "\n" + traceback.format_exc())
                 else:
                     finish(jid, outcome)
-    finally:
-        backend.shutdown()
+    except BaseException:
+        # Ctrl-C or a bug: stop at once instead of waiting for running jobs; finished
+        # cells are on disk and a resumed run picks up the rest.
+        getattr(backend, "abort", backend.shutdown)()
+        raise
+    backend.shutdown()
