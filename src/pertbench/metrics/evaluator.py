@@ -355,8 +355,8 @@ class Evaluator:
             truth_rows[rows] = 0
         self._check_finite(truth_X, truth_rows, ctx, "truth")
 
-        truth_side = self._side(ctx, truth_X, truth_codes, reference="truth")
-        pred_side = self._side(ctx, pred_X, pred_codes, reference="pred")
+        truth_side = self._side(ctx, truth_X, truth_codes)
+        pred_side = self._side(ctx, pred_X, pred_codes)
         model_scores = self._score(ctx, truth_side, pred_side, label="model")
 
         references: dict[str, _Scores] = {}
@@ -581,7 +581,7 @@ class Evaluator:
             )
 
     # -- statistics of one side ----------------------------------------------------------
-    def _side(self, ctx: _Context, X, codes: np.ndarray, *, reference: str) -> _Side:
+    def _side(self, ctx: _Context, X, codes: np.ndarray) -> _Side:
         mean, var, n = group_stats(X, codes, ctx.n_groups)
         side = _Side(X=X, codes=codes, mean=mean, var=var, n=n)
         if ctx.need_de:
@@ -855,16 +855,12 @@ class Evaluator:
             prefer_split="test",
         )
         predicted = model.predict(cf, seed=self.seed)
-        group_index = np.flatnonzero(can)
         # counterfactual rows come request by request; map them back to evaluated groups
         req = pd.MultiIndex.from_frame(
             predicted.obs[[*keys.covariate_keys, keys.perturbation_key]].astype(str)
         )
-        ev = pd.MultiIndex.from_frame(requests.astype(str))
-        codes = ev.get_indexer(req)
-        assert set(np.unique(codes)) <= set(group_index.tolist())
-        X = predicted.X
-        return self._side(ctx, X, codes.astype(np.int64), reference=name)
+        codes = pd.MultiIndex.from_frame(requests.astype(str)).get_indexer(req)
+        return self._side(ctx, predicted.X, codes.astype(np.int64))
 
     def _ceiling_scores(self, ctx: _Context, truth_X, truth_side: _Side) -> _Scores:
         half_a, half_b = cal.split_halves(truth_side.codes, ctx.n_groups, seed=self.seed)
@@ -874,8 +870,8 @@ class Evaluator:
                 f"the ceiling is undefined (NaN) for {too_small} group(s) with fewer than 2 "
                 "observed cells (they cannot be split in halves)"
             )
-        side_b = self._side(ctx, truth_X, half_b, reference="truth")
-        side_a = self._side(ctx, truth_X, half_a, reference="half")
+        side_b = self._side(ctx, truth_X, half_b)
+        side_a = self._side(ctx, truth_X, half_a)
         return self._score(ctx, side_b, side_a, label=CEILING)
 
     # -- assembling ----------------------------------------------------------------------
