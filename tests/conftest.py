@@ -42,6 +42,7 @@ def kang_adata(kang_path) -> ad.AnnData:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", getattr(ad, "OldFormatWarning", FutureWarning))
         return ad.read_h5ad(kang_path)
 
 
