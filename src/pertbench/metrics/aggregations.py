@@ -1,0 +1,138 @@
+"""Per-group, per-gene aggregations of expression that the fit and rank metrics compare.
+
+- ``average``: mean of ``X`` over the group's cells.
+- ``delta``: average(group) - average(controls of the same covariates), in log space.
+- ``logfc``: log2(average(group) + 0.1) - log2(average(controls) + 0.1) on the stored
+  log1p values (PerturBench's definition, kept for comparability). Averages below 0
+  (possible in predictions) are clipped at 0 first, since expression cannot be negative
+  and log2 of a negative number is undefined.
+- ``var``: per-gene variance within the group (ddof=0).
+- ``logp``: signed -log10 p-value of the Wilcoxon test of the group against its
+  controls (see :mod:`pertbench.metrics.de`).
+
+Group statistics are computed in row chunks with sparse indicator products; each group's
+first cell is subtracted before summing (the "shifted data" algorithm), so the variance
+is numerically stable and exactly 0 when all cells of a group are identical.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+
+from pertbench.data.groups import indicator_matrix
+
+AGGREGATIONS = ("average", "delta", "logfc", "var", "logp")
+DEFAULT_AGGREGATIONS = ("average", "delta", "logfc", "var")
+LOGFC_PSEUDOCOUNT = 0.1
+#: Rows densified at once when summing groups (bounds temporary memory).
+DEFAULT_CHUNK_ELEMENTS = 8_000_000
+
+
+def group_stats(
+    X, codes: np.ndarray, n_groups: int, *, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mean, variance (ddof=0) and cell count of every group, in float64.
+
+    Parameters
+    ----------
+    X
+        (n_cells, n_genes) dense or sparse matrix; only rows with a code >= 0 are read.
+    codes
+        Group code per row (-1: row belongs to no group).
+    n_groups
+        Number of groups; groups without cells get NaN statistics and count 0.
+    chunk_elements
+        Rows x genes densified at a time.
+
+    Returns
+    -------
+    mean, var, counts
+        (n_groups, n_genes), (n_groups, n_genes), (n_groups,).
+    """
+    codes = np.asarray(codes, dtype=np.int64)
+    n_genes = X.shape[1]
+    rows = np.flatnonzero(codes >= 0)
+    counts = np.bincount(codes[rows], minlength=n_groups).astype(np.int64)
+    mean = np.full((n_groups, n_genes), np.nan)
+    var = np.full((n_groups, n_genes), np.nan)
+    if rows.size == 0:
+        return mean, var, counts
+    # the shift: first cell of every group
+    first = np.full(n_groups, -1, dtype=np.int64)
+    present_codes, first_pos = np.unique(codes[rows], return_index=True)
+    first[present_codes] = rows[first_pos]
+    present = first >= 0
+    shift = np.zeros((n_groups, n_genes))
+    shift[present] = _dense_rows(X, first[present])
+    s1 = np.zeros((n_groups, n_genes))
+    s2 = np.zeros((n_groups, n_genes))
+    step = max(1, int(chunk_elements // max(n_genes, 1)))
+    for lo in range(0, rows.size, step):
+        chunk_rows = rows[lo : lo + step]
+        chunk_codes = codes[chunk_rows]
+        dev = _dense_rows(X, chunk_rows) - shift[chunk_codes]
+        ind = indicator_matrix(chunk_codes, n_groups)
+        s1 += ind @ dev
+        dev *= dev
+        s2 += ind @ dev
+    n = counts[present, None].astype(np.float64)
+    mean[present] = shift[present] + s1[present] / n
+    var[present] = np.maximum(s2[present] - s1[present] ** 2 / n, 0.0) / n
+    return mean, var, counts
+
+
+def _dense_rows(X, rows: np.ndarray) -> np.ndarray:
+    sub = X[rows]
+    if sp.issparse(sub):
+        return sub.toarray().astype(np.float64, copy=False)
+    return np.asarray(sub, dtype=np.float64)
+
+
+def logfc(average: np.ndarray, control_average: np.ndarray) -> np.ndarray:
+    """PerturBench's log fold change on log1p data (negative averages clipped at 0)."""
+    return np.log2(np.maximum(average, 0.0) + LOGFC_PSEUDOCOUNT) - np.log2(
+        np.maximum(control_average, 0.0) + LOGFC_PSEUDOCOUNT
+    )
+
+
+def aggregate(
+    mean: np.ndarray,
+    var: np.ndarray,
+    control_mean: np.ndarray,
+    *,
+    aggregations=DEFAULT_AGGREGATIONS,
+    de_scores: np.ndarray | None = None,
+) -> dict[str, np.ndarray]:
+    """Build the requested aggregations from group statistics.
+
+    Parameters
+    ----------
+    mean, var
+        (n_groups, n_genes) group means and variances.
+    control_mean
+        (n_groups, n_genes): for every group, the mean of its covariates' controls.
+    aggregations
+        Names among :data:`AGGREGATIONS`.
+    de_scores
+        (n_groups, n_genes) Wilcoxon z-scores against the controls; needed for ``logp``.
+    """
+    out: dict[str, np.ndarray] = {}
+    for name in aggregations:
+        if name == "average":
+            out[name] = mean
+        elif name == "delta":
+            out[name] = mean - control_mean
+        elif name == "logfc":
+            out[name] = logfc(mean, control_mean)
+        elif name == "var":
+            out[name] = var
+        elif name == "logp":
+            if de_scores is None:
+                raise ValueError("the logp aggregation needs Wilcoxon scores (de_scores)")
+            from pertbench.metrics.de import signed_log10_pvalue
+
+            out[name] = signed_log10_pvalue(de_scores)
+        else:
+            raise ValueError(f"unknown aggregation '{name}'")
+    return out

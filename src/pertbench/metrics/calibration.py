@@ -1,0 +1,216 @@
+"""Calibration: bootstrap intervals, the split-half noise ceiling and normalised scores.
+
+- :func:`bootstrap_means`: the mean over groups of every metric with a percentile 95%
+  interval from resampling groups with replacement (seeded). NaN values (a metric
+  undefined for a group) are left out of that metric's mean.
+- :func:`split_halves`: assigns each group's observed cells at random (seeded) to two
+  halves; scoring one half against the other is the noise ceiling: what a perfect model
+  could expect given sampling noise. Groups with fewer than 2 cells cannot be split.
+- :func:`normalized_score`: (model - baseline) / (ceiling - baseline): 0 = no better
+  than the baseline (``no_change`` by default), 1 = as good as a replicate half of the
+  experiment. Values above 1 are possible and meaningful: a half has twice the sampling
+  noise of the full data, so on metrics of means a prediction can beat it (truth scored
+  against itself does, except on rank metrics, where the ceiling usually is 0 already).
+  It is undefined (NaN, with a note) when the ceiling is not better than the baseline:
+  then there is no room between them to measure progress in.
+- :func:`summarize_seeds`: mean +/- sd of summary values across runs with different seeds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+
+CI_LEVEL = 0.95
+#: Relative gap below which ceiling and baseline count as equal.
+EQUAL_TOLERANCE = 1e-12
+
+
+def bootstrap_weights(n_units: int, n_bootstrap: int, seed: int) -> np.ndarray:
+    """(n_bootstrap, n_units) multiplicities of each unit in each bootstrap resample."""
+    rng = np.random.default_rng(seed)
+    if n_units == 0 or n_bootstrap <= 0:
+        return np.zeros((max(n_bootstrap, 0), n_units))
+    draws = rng.integers(0, n_units, size=(n_bootstrap, n_units))
+    offsets = (np.arange(n_bootstrap) * n_units)[:, None]
+    counts = np.bincount((draws + offsets).ravel(), minlength=n_bootstrap * n_units)
+    return counts.reshape(n_bootstrap, n_units).astype(np.float64)
+
+
+def _weighted_means(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Means over rows of ``values`` (units x metrics) under each weight row, NaN-aware."""
+    present = ~np.isnan(values)
+    num = weights @ np.where(present, values, 0.0)
+    den = weights @ present.astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
+
+
+def bootstrap_means(
+    values: pd.DataFrame | np.ndarray,
+    *,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+    level: float = CI_LEVEL,
+) -> pd.DataFrame:
+    """Mean of each column over rows (units) and its bootstrap percentile interval.
+
+    Parameters
+    ----------
+    values
+        One row per unit (group), one column per metric; NaN = undefined for that unit.
+    n_bootstrap
+        Resamples (0 disables the interval).
+    level
+        Coverage of the interval.
+
+    Returns
+    -------
+    DataFrame
+        Columns ``metric``, ``value``, ``ci_low``, ``ci_high``. The interval is NaN when
+        fewer than 2 units have a value (a resample of one unit has no spread to show).
+    """
+    frame = values if isinstance(values, pd.DataFrame) else pd.DataFrame(values)
+    V = frame.to_numpy(dtype=np.float64)
+    point = (
+        _weighted_means(V, np.ones((1, V.shape[0])))[0] if V.size else np.full(V.shape[1], np.nan)
+    )
+    low = np.full(V.shape[1], np.nan)
+    high = np.full(V.shape[1], np.nan)
+    if n_bootstrap > 0 and V.shape[0] > 0:
+        W = bootstrap_weights(V.shape[0], n_bootstrap, seed)
+        boot = _weighted_means(V, W)
+        alpha = (1.0 - level) / 2.0
+        enough = (~np.isnan(V)).sum(axis=0) >= 2
+        with np.errstate(invalid="ignore"):
+            qs = np.nanquantile(np.where(enough[None, :], boot, 0.0), [alpha, 1 - alpha], axis=0)
+        low = np.where(enough, qs[0], np.nan)
+        high = np.where(enough, qs[1], np.nan)
+    return pd.DataFrame(
+        {"metric": list(map(str, frame.columns)), "value": point, "ci_low": low, "ci_high": high}
+    )
+
+
+def split_halves(
+    codes: np.ndarray, n_groups: int, *, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Randomly assign each group's cells to half A or half B (seeded, vectorised).
+
+    Parameters
+    ----------
+    codes
+        Group code per cell (-1: not in a group).
+
+    Returns
+    -------
+    half_a, half_b
+        Group codes per cell for the two halves (-1 where the cell is not in that half).
+        A group of n >= 2 cells gets floor(n/2) cells in A and the rest in B; a group
+        with fewer than 2 cells is in neither.
+    """
+    codes = np.asarray(codes, dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    cells = np.flatnonzero(codes >= 0)
+    counts = np.bincount(codes[cells], minlength=n_groups)
+    # random order within each group: sort by (group, random key)
+    order = cells[np.lexsort((rng.random(cells.size), codes[cells]))]
+    group_of = codes[order]
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    position = np.arange(order.size) - starts[group_of]
+    half = counts[group_of] // 2
+    splittable = counts[group_of] >= 2
+    in_a = splittable & (position < half)
+    in_b = splittable & (position >= half)
+    half_a = np.full(codes.shape, -1, dtype=np.int64)
+    half_b = np.full(codes.shape, -1, dtype=np.int64)
+    half_a[order[in_a]] = group_of[in_a]
+    half_b[order[in_b]] = group_of[in_b]
+    return half_a, half_b
+
+
+def normalized_score(
+    model: np.ndarray | float,
+    baseline: np.ndarray | float,
+    ceiling: np.ndarray | float,
+    *,
+    higher_is_better: bool,
+) -> np.ndarray | float:
+    """(model - baseline) / (ceiling - baseline), NaN where the ceiling is not better.
+
+    The ceiling must beat the baseline in the metric's direction (by more than a
+    relative 1e-12); otherwise the score is undefined and NaN is returned.
+    """
+    m, b, c = (np.asarray(x, dtype=np.float64) for x in (model, baseline, ceiling))
+    gap = c - b
+    direction = 1.0 if higher_is_better else -1.0
+    scale = np.maximum(np.maximum(np.abs(b), np.abs(c)), 1.0)
+    valid = (direction * gap > EQUAL_TOLERANCE * scale) & np.isfinite(m)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = np.where(valid, (m - b) / np.where(valid, gap, 1.0), np.nan) + 0.0  # no -0.0
+    return float(out) if out.ndim == 0 else out
+
+
+def bootstrap_normalized(
+    model: np.ndarray,
+    baseline: np.ndarray,
+    ceiling: np.ndarray,
+    *,
+    higher_is_better: bool,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+    level: float = CI_LEVEL,
+) -> tuple[float, float, float, int]:
+    """Normalised score of group means and its paired bootstrap interval over groups.
+
+    Only groups where model, baseline and ceiling are all defined are used; the same
+    resampled groups enter the three means of each replicate.
+
+    Returns
+    -------
+    value, ci_low, ci_high, n_groups
+    """
+    M = np.column_stack([model, baseline, ceiling]).astype(np.float64)
+    M = M[~np.isnan(M).any(axis=1)]
+    if M.shape[0] == 0:
+        return float("nan"), float("nan"), float("nan"), 0
+    means = M.mean(axis=0)
+    value = normalized_score(*means, higher_is_better=higher_is_better)
+    low = high = float("nan")
+    if n_bootstrap > 0 and M.shape[0] >= 2:
+        W = bootstrap_weights(M.shape[0], n_bootstrap, seed)
+        boot = (W @ M) / W.sum(axis=1, keepdims=True)
+        scores = normalized_score(
+            boot[:, 0], boot[:, 1], boot[:, 2], higher_is_better=higher_is_better
+        )
+        if np.isfinite(scores).any():
+            alpha = (1.0 - level) / 2.0
+            low, high = (float(q) for q in np.nanquantile(scores, [alpha, 1 - alpha]))
+    return float(value), low, high, int(M.shape[0])
+
+
+def summarize_seeds(summaries: Sequence[pd.DataFrame]) -> pd.DataFrame:
+    """Mean and sample sd (ddof=1) of each summary value across runs (e.g. seeds).
+
+    Parameters
+    ----------
+    summaries
+        ``EvaluationResult.summary`` tables (columns ``metric``, ``value``).
+
+    Returns
+    -------
+    DataFrame
+        Columns ``metric``, ``mean``, ``sd`` (NaN for a single run), ``n``.
+    """
+    if not summaries:
+        return pd.DataFrame(columns=["metric", "mean", "sd", "n"])
+    stacked = pd.concat(
+        [s[["metric", "value"]].assign(run=i) for i, s in enumerate(summaries)],
+        ignore_index=True,
+    )
+    grouped = stacked.groupby("metric", sort=False)["value"]
+    out = pd.DataFrame(
+        {"mean": grouped.mean(), "sd": grouped.std(ddof=1), "n": grouped.count()}
+    ).reset_index()
+    return out

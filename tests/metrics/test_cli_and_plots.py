@@ -1,0 +1,173 @@
+"""``pertbench evaluate`` end to end, and the evaluation figures."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import numpy as np
+import pandas as pd
+import pytest
+from matplotlib.figure import Figure
+
+from pertbench import pl
+from pertbench.cli.main import main
+from pertbench.data import make_split, write_split
+from pertbench.errors import EvaluationError
+from pertbench.metrics import Evaluator
+
+
+@pytest.fixture
+def files(make_toy, tmp_path):
+    truth = make_toy(n_covariates=2, n_perturbations=4, n_genes=30)
+    obs = truth.obs
+    split = make_split(truth.obs_names, "train")
+    held = (obs["cell_type"] == "C1").to_numpy() & obs["condition"].isin(
+        ["P0", "P1", "P2"]
+    ).to_numpy()
+    split[held] = "test"
+    pred = truth[held].copy()
+    pred.X = pred.X.toarray() + 0.2
+    pred = pred[:, ::-1].copy()  # other gene order
+    paths = {
+        "truth": tmp_path / "truth.h5ad",
+        "pred": tmp_path / "pred.h5ad",
+        "split": tmp_path / "split.csv",
+    }
+    truth.write_h5ad(paths["truth"])
+    pred.write_h5ad(paths["pred"])
+    write_split(split, paths["split"])
+    return paths, truth, pred, split
+
+
+def test_cli_evaluate_writes_the_tables(files, tmp_path, capsys):
+    paths, truth, pred, split = files
+    out = tmp_path / "out"
+    code = main(
+        [
+            "evaluate",
+            "--pred", str(paths["pred"]),
+            "--truth", str(paths["truth"]),
+            "--out", str(out),
+            "--split", str(paths["split"]),
+            "--baselines",
+            "--ceiling",
+            "--top-k", "5",
+            "--n-bootstrap", "50",
+        ]
+    )  # fmt: skip
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "evaluated 3 group(s) over 30 genes" in printed and "rmse_average" in printed
+    summary = pd.read_csv(out / "summary.csv")
+    assert list(summary.columns) == ["metric", "value", "ci_low", "ci_high"]
+    expected = Evaluator(
+        truth, pred, split=split, baselines=True, ceiling=True, top_k=5, n_bootstrap=50
+    ).run()
+    pd.testing.assert_frame_equal(summary, expected.summary, check_dtype=False, rtol=1e-10)
+    assert {"normalized/rmse_average", "no_change/rmse_average"} <= set(summary["metric"])
+    for name in ("per_group.csv", "per_covariate.csv", "calibration.csv", "evaluation.json"):
+        assert (out / name).is_file()
+
+
+def test_cli_errors_are_one_line_with_exit_2(files, tmp_path, capsys):
+    paths, _, pred, _ = files
+    broken = pred[:, 1:].copy()  # drops one gene
+    broken_path = tmp_path / "broken.h5ad"
+    broken.write_h5ad(broken_path)
+    code = main(
+        [
+            "evaluate",
+            "--pred",
+            str(broken_path),
+            "--truth",
+            str(paths["truth"]),
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
+    err = capsys.readouterr().err
+    assert (
+        code == 2
+        and err.startswith("error: ")
+        and "missing from pred" in err
+        and err.count("\n") == 1
+    )
+    code = main(
+        [
+            "evaluate",
+            "--pred",
+            str(tmp_path / "nope.h5ad"),
+            "--truth",
+            str(paths["truth"]),
+            "--out",
+            "x",
+        ]
+    )
+    assert code == 2 and "does not exist" in capsys.readouterr().err
+    code = main(
+        [
+            "evaluate",
+            "--pred",
+            str(paths["pred"]),
+            "--truth",
+            str(paths["truth"]),
+            "--out",
+            "x",
+            "--metrics",
+            "bogus",
+        ]
+    )
+    assert code == 2 and "unknown metric 'bogus'" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_help(capsys):
+    assert main(["evaluate", "--help"]) == 0
+    text = capsys.readouterr().out
+    for option in (
+        "--pred",
+        "--truth",
+        "--out",
+        "--metrics",
+        "--baselines",
+        "--ceiling",
+        "--split",
+        "--on",
+        "--skip-missing",
+        "--covariates",
+    ):
+        assert option in text, option
+
+
+def test_figures(make_toy):
+    truth = make_toy(n_covariates=2, n_perturbations=5, n_genes=30)
+    pred = truth[truth.obs["condition"] != "control"].copy()
+    result = Evaluator(
+        truth, pred, top_k=5, n_bootstrap=20, ceiling=True, baselines=["no_change"]
+    ).run()
+    fig = pl.similarity_heatmaps(result)
+    assert isinstance(fig, Figure) and len(fig.axes) == 3  # two heatmaps and a colour bar
+    assert "matrix distance" in fig._suptitle.get_text()
+    only_c0 = pl.similarity_heatmaps(result, covariate="C0")
+    assert only_c0.axes[0].images[0].get_array().shape == (5, 5)
+    bars = pl.rank_bars({"self": result})
+    labels = [t.get_text() for t in bars.axes[0].get_legend().get_texts()]
+    assert labels == ["self", "no_change", "ceiling"]
+    with pytest.raises(EvaluationError, match="none of the metrics"):
+        pl.rank_bars({"self": result}, metrics=["nope"])
+    group = truth[(truth.obs["cell_type"] == "C0")]
+    scatter = pl.mean_scatter(
+        group[group.obs["condition"] == "P0"],
+        group[group.obs["condition"] == "P0"],
+        controls=group[group.obs["condition"] == "control"],
+        top_k=5,
+        n_labels=3,
+    )
+    ax = scatter.axes[0]
+    assert len(ax.texts) == 3 + 1  # labelled genes + the R^2 box
+    assert "R^2$ all genes = 1.000" in ax.texts[-1].get_text()
+    arrays = pl.mean_scatter(np.ones((3, 4)), np.ones((2, 4)) * 2, labels=["gene1"])
+    assert isinstance(arrays, Figure)
+    scatter.savefig(__import__("io").BytesIO(), format="png")

@@ -1,0 +1,84 @@
+"""Rank metrics against a by-hand loop, exact ties, and the similarity-matrix distance."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pertbench.metrics import fit
+from pertbench.metrics.rank import (
+    distance_matrix,
+    matrix_distance,
+    rank_metrics,
+    rank_scores,
+    similarity_matrix,
+)
+
+
+def _rank_by_hand(D: np.ndarray) -> np.ndarray:
+    n = D.shape[0]
+    out = []
+    for j in range(n):
+        less = sum(D[i, j] < D[j, j] for i in range(n) if i != j)
+        equal = sum(D[i, j] == D[j, j] for i in range(n) if i != j)
+        out.append((less + 0.5 * equal) / n)
+    return np.array(out)
+
+
+def test_rank_scores_formula_with_ties():
+    D = np.array([[0.0, 2.0, 1.0], [1.0, 1.0, 1.0], [3.0, 0.5, 1.0]])
+    expected = _rank_by_hand(D)
+    np.testing.assert_array_equal(rank_scores(D), expected)
+    # column 0: D[j,j]=0, others 1 and 3 -> 0; column 1: 2 > 1, 0.5 < 1 -> 1/3;
+    # column 2: both others tie with 1 -> (0.5 + 0.5)/3
+    np.testing.assert_allclose(expected, [0.0, 1 / 3, 1 / 3])
+    assert np.isnan(rank_scores(np.zeros((1, 1)))).all()
+    with pytest.raises(ValueError, match="square"):
+        rank_scores(np.zeros((2, 3)))
+
+
+@pytest.mark.parametrize("metric", fit.FIT_METRICS)
+def test_distance_matrix_matches_pairwise_fit_metric(metric):
+    rng = np.random.default_rng(1)
+    truth = rng.normal(size=(6, 30))
+    pred = truth + rng.normal(scale=0.8, size=truth.shape)
+    pred[3] = 1.0  # a constant prediction row
+    D = distance_matrix(pred, truth, metric)
+    sign = -1.0 if metric in fit.HIGHER_IS_BETTER else 1.0
+    func = getattr(fit, metric)
+    for i in range(6):
+        for j in range(6):
+            assert D[i, j] == pytest.approx(sign * func(pred[i], truth[j]), rel=1e-7, abs=1e-9)
+    ranks = rank_metrics(pred, truth, [metric])[metric]
+    np.testing.assert_array_equal(ranks, _rank_by_hand(D))
+
+
+def test_perfect_and_collapsed_predictions():
+    rng = np.random.default_rng(2)
+    truth = rng.normal(size=(7, 25))
+    perfect = rank_metrics(truth, truth)
+    for name, values in perfect.items():
+        assert (values == 0).all(), name
+    collapsed = np.repeat(truth.mean(axis=0, keepdims=True), 7, axis=0)
+    for name, values in rank_metrics(collapsed, truth).items():
+        # every prediction is the same profile: exact ties, (N-1)/(2N) for every group
+        np.testing.assert_array_equal(values, np.full(7, 6 / 14), err_msg=name)
+
+
+def test_single_perturbation_has_no_rank():
+    out = rank_metrics(np.ones((1, 5)), np.ones((1, 5)))
+    assert all(np.isnan(v).all() for v in out.values())
+
+
+def test_matrix_distance_by_hand():
+    from sklearn.metrics.pairwise import cosine_similarity
+
+    rng = np.random.default_rng(3)
+    p, t = rng.normal(size=(5, 20)), rng.normal(size=(5, 20))
+    expected = np.linalg.norm(cosine_similarity(p) - cosine_similarity(t))
+    assert matrix_distance(p, t) == pytest.approx(expected, rel=1e-10)
+    assert matrix_distance(t, t) == 0.0
+    assert np.isnan(matrix_distance(p[:1], t[:1]))
+    rows = np.array([[0.0, 0.0, 0.0], [0.0, 0.0, 0.0], [1.0, 2.0, 0.0]])
+    expected_sim = np.array([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    np.testing.assert_allclose(similarity_matrix(rows), expected_sim, rtol=1e-15)
