@@ -127,9 +127,9 @@ class ScGenParams:
     weight_decay: float = params_field(0.0, "Adam weight decay.")
     batch_size: int = params_field(128, "Cells per mini-batch.")
     max_epochs: int = params_field(
-        30, "Maximum epochs (early stopping on validation loss usually ends sooner)."
+        25, "Maximum epochs (early stopping on validation loss may end sooner)."
     )
-    patience: int = params_field(5, "Epochs without validation improvement before stopping.")
+    patience: int = params_field(8, "Epochs without validation improvement before stopping.")
     val_fraction: float = params_field(
         0.1, "Share of training cells held out for early stopping when the split has no 'val'."
     )
