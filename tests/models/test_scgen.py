@@ -179,7 +179,9 @@ def test_custom_keys_and_unseen_covariates(stim_data):
     req = pd.DataFrame({"celltype": ["new_study_type"], "treatment": ["IFN"]})
     cf = build_counterfactuals(other, req, keys)
     out = model.predict(cf)
-    assert out.n_obs == other.n_obs and np.isfinite(out.X).all()
+    assert out.n_obs == other.n_obs
+    expected = model.decode(model.latent(other) + model.delta("IFN"))
+    np.testing.assert_allclose(out.X, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_bad_parameters_and_requests(fitted):

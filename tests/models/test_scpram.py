@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import make_toy_adata
 
+from conftest import make_toy_adata
 from pertbench.errors import ConfigError, ModelError
 from pertbench.models._latent_arithmetic import ReferenceLatents
 from pertbench.models.base import PerturbationModel, build_counterfactuals
@@ -97,7 +97,9 @@ def hand_made_reference() -> ReferenceLatents:
     a_ctrl = np.column_stack([10 + gen.normal(size=20), gen.normal(size=20) * 0.1, np.zeros(20)])
     b_ctrl = np.column_stack([gen.normal(size=20) * 0.1, 10 + gen.normal(size=20), np.zeros(20)])
     h_ctrl = np.column_stack([np.full(5, -10.0), np.zeros(5), np.zeros(5)])
-    latent = np.vstack([a_ctrl, a_ctrl + [0, 0, 1], b_ctrl, b_ctrl + [0, 0, -1], h_ctrl])
+    latent = np.vstack(
+        [a_ctrl, a_ctrl + np.array([0, 0, 1]), b_ctrl, b_ctrl + np.array([0, 0, -1]), h_ctrl]
+    )
     cov = np.array(["A"] * 40 + ["B"] * 40 + ["H"] * 5, dtype=object)
     pert = np.array(
         ["control"] * 20 + ["P0"] * 20 + ["control"] * 20 + ["P0"] * 20 + ["control"] * 5,
