@@ -102,7 +102,8 @@ def test_rerun_keeps_finished_results_and_recomputes_on_change(finished_run, toy
     celltype_transfer(toy, out_dir=out, cell_types="C0", options=options, log=lines.append)
     trained = [line for line in lines if "training and scoring" in line]
     assert trained == ["C0 / scgen: training and scoring"]
-    assert json.loads(result_file.read_text())["settings"]["params"]["n_latent"] == 3
+    stored = json.loads(result_file.read_text())["settings"]["params"]
+    assert stored["n_latent"] == 3 and stored["kl_weight"] == 5e-5  # defaults recorded too
 
 
 def test_perturbation_mean_is_control_plus_mean_delta_of_other_types(toy):

@@ -105,6 +105,18 @@ def data_fingerprint(adata: ad.AnnData) -> str:
     return h.hexdigest()[:16]
 
 
+def resolved_params(name: str, params: Mapping[str, Any]) -> dict[str, Any]:
+    """Every hyperparameter of model ``name`` (defaults filled in), JSON-able.
+
+    Part of a result's settings, so a changed default also invalidates a stored result.
+    """
+    from pertbench.models.registry import get_model_class
+
+    cls = get_model_class(name)
+    values = dataclasses.asdict(cls.make_params(dict(params)))
+    return json.loads(json.dumps(values, default=str))
+
+
 def _settings_hash(settings: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[
         :16
@@ -233,7 +245,12 @@ def celltype_transfer(
         task = _HeldOutTask.build(data, keys, stimulated, cell_type, options, reduced)
         for name in (*options.models, *options.baselines):
             params = dict(options.model_params.get(name, {}))
-            settings = {**base_settings, "model": name, "params": params, "cell_type": cell_type}
+            settings = {
+                **base_settings,
+                "model": name,
+                "params": resolved_params(name, params),
+                "cell_type": cell_type,
+            }
             path = out_dir / "runs" / safe_name(cell_type) / f"{safe_name(name)}.json"
             done = _load_result(path, settings) if resume else None
             if done is not None:

@@ -40,6 +40,7 @@ from pertbench.workflows.celltype_transfer import (
     celltype_transfer,
     data_fingerprint,
     resolve_stimulated,
+    resolved_params,
     safe_name,
     save_figure,
     two_condition_view,
@@ -392,7 +393,7 @@ def cross_study_transfer(
     rows, attention_tables = [], []
     for name in (*options.models, *options.baselines):
         params = dict(options.model_params.get(name, {}))
-        settings = {**base_settings, "model": name, "params": params}
+        settings = {**base_settings, "model": name, "params": resolved_params(name, params)}
         path = out_dir / "runs" / f"{safe_name(name)}.json"
         done = _load_result(path, settings) if resume else None
         if done is None:
