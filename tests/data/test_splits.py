@@ -269,3 +269,35 @@ def test_leakage_check_raises_type_on_bad_values(toy_adata):
     split.iloc[0] = "training"
     with pytest.raises(SplitError):
         find_leakage(toy_adata.obs, split, KEYS)
+
+
+def test_heldout_covariate_value_of_one_key(make_toy):
+    adata = make_toy(n_covariates=2, n_perturbations=6)
+    adata.obs["treatment"] = np.where(np.arange(adata.n_obs) % 2 == 0, "drug", "none")
+    keys = PerturbationKeys(covariate_keys=("cell_type", "treatment"))
+    res = split_transfer(adata, keys=keys, heldout_covariates="drug", fraction=0.5, seed=0)
+    assert res.params["heldout_covariates"] == ["C0/drug", "C1/drug"]
+    held = res.heldout_pairs()
+    assert set(held["treatment"]) == {"drug"} and len(held) == 6
+    res = split_transfer(adata, keys=keys, heldout_covariates="C1/none", fraction=0.5, seed=0)
+    assert res.params["heldout_covariates"] == ["C1/none"]
+
+
+def test_nothing_held_out_is_reported(toy_adata):
+    res = split_transfer(toy_adata, fraction=0.0)
+    assert set(res.split) == {"train"}
+    assert any("no group was held out" in n for n in res.notes)
+
+
+def test_other_keys_and_delimiter(make_toy):
+    adata = make_toy(n_perturbations=4, combos=((0, 1), (2, 3)))
+    obs = adata.obs.rename(columns={"condition": "drug", "cell_type": "line"})
+    obs["drug"] = obs["drug"].str.replace("+", "_", regex=False).replace({"control": "DMSO"})
+    keys = PerturbationKeys(
+        perturbation_key="drug", control="DMSO", delimiter="_", covariate_keys=("line",)
+    )
+    res = split_combo(obs, keys=keys, fraction=1.0, seed=0)
+    held = res.heldout_pairs()
+    assert sorted(held["drug"].unique()) == ["P0_P1", "P2_P3"] and res.unplaced.empty
+    ctrl = obs["drug"] == "DMSO"
+    assert set(res.split[ctrl.to_numpy()]) == {"train", "val", "test"}

@@ -20,10 +20,11 @@ straight into an ``.h5ad`` file for outputs larger than memory.
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -499,26 +500,28 @@ def simulate(**kwargs: Any) -> ad.AnnData:
     """
     params = _params(kwargs)
     plan = _make_plan(params)
-    indptr_parts, idx_parts, cnt_parts, log_parts = [], [], [], []
-    offset = 0
-    for indptr, idx, cnt, logx in _iter_chunks(plan):
-        indptr_parts.append(indptr[1:] + offset)
-        offset += int(indptr[-1])
-        idx_parts.append(idx)
-        cnt_parts.append(cnt)
-        log_parts.append(logx)
-    index_dtype = np.int32 if offset < np.iinfo(np.int32).max else np.int64
-    indptr = np.empty(plan.n_cells + 1, dtype=index_dtype)
-    indptr[0] = 0
-    pos = 1
-    for part in indptr_parts:
-        indptr[pos : pos + len(part)] = part
-        pos += len(part)
-    del indptr_parts
-    indices = _concat_consuming(idx_parts, index_dtype, offset)
-    counts_data = _concat_consuming(cnt_parts, np.float32, offset)
-    log_data = _concat_consuming(log_parts, np.float32, offset)
-    shape = (plan.n_cells, len(plan.gene_names))
+    n_genes = len(plan.gene_names)
+    indptr = np.zeros(plan.n_cells + 1, dtype=np.int64)
+    buffers = _Buffers()
+    for start, (chunk_ptr, idx, cnt, logx) in zip(
+        (a for a, _ in _chunk_bounds(plan)), _iter_chunks(plan), strict=True
+    ):
+        n = len(chunk_ptr) - 1
+        indptr[start + 1 : start + n + 1] = chunk_ptr[1:] + buffers.size
+        if buffers.capacity == 0:
+            # Reserve for the whole matrix from the first chunk's density, with slack: the
+            # arrays are memory-mapped by the allocator and pages never written cost nothing.
+            per_cell = max(idx.size / max(n, 1), 1.0)
+            estimate = per_cell * plan.n_cells * 1.5 + n * n_genes
+            buffers.reserve(int(min(estimate, plan.n_cells * n_genes)))
+        buffers.append(idx, cnt, logx)
+    nnz = buffers.size
+    indices, counts_data, log_data = buffers.finish()
+    if nnz < np.iinfo(np.int32).max:
+        indptr = indptr.astype(np.int32)
+    else:  # scipy needs one index dtype for indices and indptr
+        indices = indices.astype(np.int64)
+    shape = (plan.n_cells, n_genes)
     X = sp.csr_matrix((log_data, indices, indptr), shape=shape, copy=False)
     counts = sp.csr_matrix((counts_data, indices, indptr), shape=shape, copy=False)
     adata = ad.AnnData(X=X, obs=_obs(plan), var=_var(plan), uns=_uns(plan))
@@ -527,17 +530,47 @@ def simulate(**kwargs: Any) -> ad.AnnData:
     return adata
 
 
-def _concat_consuming(parts: list[np.ndarray], dtype, total: int) -> np.ndarray:
-    """Concatenate into one preallocated array, freeing each part as it is copied."""
-    out = np.empty(total, dtype=dtype)
-    pos = 0
-    parts.reverse()
-    while parts:
-        part = parts.pop()
-        out[pos : pos + part.size] = part
-        pos += part.size
-        del part
-    return out
+class _Buffers:
+    """Growable column-index / count / log-value arrays filled chunk by chunk.
+
+    Chunks are copied straight into large preallocated arrays rather than kept as a list
+    of small pieces and concatenated: small freed pieces stay in the C heap, so a final
+    concatenation would hold the data twice. Untouched reserved pages cost no memory, and
+    the arrays are trimmed in place at the end (a view of a much larger array would make
+    scipy copy it).
+    """
+
+    def __init__(self) -> None:
+        self.size = 0
+        self.capacity = 0
+        self.arrays = [np.empty(0, np.int32), np.empty(0, np.float32), np.empty(0, np.float32)]
+
+    def reserve(self, capacity: int) -> None:
+        if capacity <= self.capacity:
+            return
+        grown = []
+        for old in self.arrays:
+            # np.empty: pages are only committed when written (resize would zero-fill them)
+            new = np.empty(capacity, dtype=old.dtype)
+            new[: self.size] = old[: self.size]
+            grown.append(new)
+        self.arrays = grown  # the old (memory-mapped) arrays are released here
+        self.capacity = capacity
+
+    def append(self, *parts: np.ndarray) -> None:
+        n = parts[0].size
+        if self.size + n > self.capacity:
+            self.reserve(max(int(self.capacity * 1.25), self.size + n))
+        for arr, part in zip(self.arrays, parts, strict=True):
+            arr[self.size : self.size + n] = part
+        self.size += n
+
+    def finish(self) -> list[np.ndarray]:
+        """Trim the arrays to their filled size in place (realloc) and hand them over."""
+        for arr in self.arrays:
+            arr.resize(self.size, refcheck=False)  # shrinking: no copy, no fill
+        self.capacity = self.size
+        return self.arrays
 
 
 def _params(kwargs: dict[str, Any]) -> SimulationParams:
@@ -613,6 +646,25 @@ def true_effects_frame(adata: ad.AnnData, what: str = "true_log_fold_change") ->
     p = sim["params"]
     index = groups[p["covariate_key"]].astype(str) + "/" + groups[p["perturbation_key"]].astype(str)
     return pd.DataFrame(np.asarray(sim[what]), index=index.to_numpy(), columns=adata.var_names)
+
+
+def _keyword_signature(func, *, leading: tuple[inspect.Parameter, ...] = ()):
+    """Show the knobs of :class:`SimulationParams` as keyword-only parameters of ``func``."""
+    params = [
+        inspect.Parameter(
+            f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=f.type
+        )
+        for f in fields(SimulationParams)
+    ]
+    func.__signature__ = inspect.Signature([*leading, *params])
+    return func
+
+
+_keyword_signature(simulate)
+_keyword_signature(
+    simulate_to_h5ad,
+    leading=(inspect.Parameter("path", inspect.Parameter.POSITIONAL_OR_KEYWORD),),
+)
 
 
 __all__: Sequence[str] = (

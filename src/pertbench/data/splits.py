@@ -298,10 +298,18 @@ class _SplitBuilder:
         """Covariate codes for labels like ``A172`` or ``A172/drugX`` (several keys)."""
         if isinstance(values, str):
             values = [v.strip() for v in values.split(",") if v.strip()]
-        labels = self.grouping.covariates["label"].astype(str)
+        covs = self.grouping.covariates
+        labels = covs["label"].astype(str)
         codes = []
         for value in values:
             hits = np.flatnonzero(labels.to_numpy() == str(value))
+            if not len(hits) and len(self.keys.covariate_keys) > 1:
+                # a value of one covariate key stands for every combination containing it
+                match = np.zeros(len(covs), dtype=bool)
+                for key in self.keys.covariate_keys:
+                    match |= covs[key].astype(str).to_numpy() == str(value)
+                hits = np.flatnonzero(match)
+            codes.extend(int(h) for h in hits[1:])
             if not len(hits):
                 raise ConfigError(
                     f"covariate '{value}' is not in the data; available: "
@@ -386,6 +394,8 @@ class _SplitBuilder:
 
     # result -------------------------------------------------------------------------------
     def result(self, params: dict[str, Any], heldout_on=("val", "test")) -> SplitResult:
+        if not np.isin(self.role, heldout_on).any():
+            self.notes.append(f"no group was held out: {' and '.join(heldout_on)} are empty")
         split = make_split(self.obs.index.astype(str), self.cell_split)
         counts = _split_counts(self.grouping, split)
         cols = [*self.keys.covariate_keys, self.pert_col]
