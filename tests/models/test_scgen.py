@@ -113,6 +113,33 @@ def test_model_delta_uses_balanced_reference_and_restriction(fitted):
     np.testing.assert_allclose(model.delta("stim"), [0.0, 4.0], atol=1e-12)
     with pytest.raises(ConfigError, match="not among the training cells"):
         model.delta("stim", cell_types=["Z"])
+
+
+def test_delta_pool_paired_vs_all(fitted):
+    """A held-out type H has controls only (6 cells at (100, 100)).
+
+    ``paired`` (default) leaves H out of the control pool: (0.5, 2.0) as before. ``all``
+    (original scGen) puts H's controls in the control pool but not in the stimulated one:
+    balanced control mean = ((0,0) + (10,10) + (100,100)) / 3, stimulated mean =
+    ((1,0) + (10,14)) / 2, so delta = (5.5, 7) - (36.67, 36.67).
+    """
+    model = copy.deepcopy(fitted[0])
+    ref = hand_made_reference()
+    model.reference = ReferenceLatents(
+        latent=np.vstack([ref.latent, np.full((6, 2), 100.0, np.float32)]),
+        covariate=np.concatenate([ref.covariate, np.array(["H"] * 6, dtype=object)]),
+        perturbation=np.concatenate([ref.perturbation, np.array(["control"] * 6, dtype=object)]),
+    )
+    model._delta_cache.clear()
+    assert model.params.delta_pool == "paired"
+    np.testing.assert_allclose(model.delta("stim"), [0.5, 2.0], atol=1e-12)
+    model.params.delta_pool = "all"
+    # pools: 3 control types x 6 = 18 cells, 2 stimulated types x 6 = 12: the control pool
+    # is subsampled to 12, so the exact value is random; its expectation is checked here
+    draws = np.array([model.delta("stim", seed=s) for s in range(300)])
+    np.testing.assert_allclose(draws.mean(0), [5.5 - 110 / 3, 7.0 - 110 / 3], atol=1.5)
+    with pytest.raises(ConfigError, match="delta_pool"):
+        ScGen(delta_pool="some")
     with pytest.raises(UnknownCategoryError, match="no training cells with perturbation 'P9'"):
         model.delta("P9")
 

@@ -182,3 +182,18 @@ def test_bad_parameters_and_requests(fitted):
     cf = build_counterfactuals(adata, req, model.keys)
     with pytest.raises(Exception, match="control"):
         model.predict(cf)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name", ["scgen", "scpram"])
+def test_trains_on_gpu_and_loads_on_cpu(stim_data, tmp_path, name):
+    from pertbench.models.registry import create_model
+
+    split = celltype_split(stim_data, "C2")
+    model = create_model(name, **SMALL).fit(stim_data, split, seed=0, device="cuda", progress=False)
+    assert model.device.startswith("cuda")
+    on_gpu = model.predict_split(stim_data, split).X
+    model.save(tmp_path / "m")
+    on_cpu = PerturbationModel.load(tmp_path / "m", device="cpu").predict_split(stim_data, split).X
+    np.testing.assert_allclose(on_cpu, on_gpu, rtol=1e-4, atol=1e-4)

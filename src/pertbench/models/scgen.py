@@ -142,13 +142,18 @@ class ScGenParams:
     lr: float = params_field(1e-3, "Adam learning rate.")
     weight_decay: float = params_field(1e-6, "Adam weight decay.")
     adam_eps: float = params_field(0.01, "Adam epsilon (0.01 keeps the VAE stable).")
-    batch_size: int = params_field(128, "Cells per mini-batch.")
+    batch_size: int = params_field(64, "Cells per mini-batch.")
     max_epochs: int = params_field(
-        25, "Maximum epochs (early stopping on validation loss may end sooner)."
+        16, "Maximum epochs (early stopping on validation loss may end sooner)."
     )
     patience: int = params_field(8, "Epochs without validation improvement before stopping.")
     val_fraction: float = params_field(
         0.1, "Share of training cells held out for early stopping when the split has no 'val'."
+    )
+    delta_pool: str = params_field(
+        "paired",
+        "Cells behind delta: 'paired' (cell types observed in both conditions) or 'all' "
+        "(every training cell, the held-out type's controls included, as original scGen).",
     )
     restrict_arithmetic_to: tuple = params_field(
         (), "Compute delta from these cell types (covariate labels) only; empty: all."
@@ -195,6 +200,8 @@ class ScGen(PerturbationModel):
             )
         if not 0.0 <= p.dropout < 1.0:
             raise ConfigError(f"scgen dropout must be in [0, 1), got {p.dropout}")
+        if p.delta_pool not in ("paired", "all"):
+            raise ConfigError(f"scgen delta_pool must be 'paired' or 'all', got '{p.delta_pool}'")
         p.restrict_arithmetic_to = tuple(str(t) for t in p.restrict_arithmetic_to)
 
     # -- training -------------------------------------------------------------------------
@@ -304,7 +311,9 @@ class ScGen(PerturbationModel):
             Perturbation label; may be omitted when training saw exactly one.
         cell_types
             Compute the shift from these cell types (covariate labels) only; default: the
-            ``restrict_arithmetic_to`` hyperparameter, or every training cell type.
+            ``restrict_arithmetic_to`` hyperparameter, else the ``delta_pool`` rule
+            (``paired``: types with both control and perturbed training cells; ``all``:
+            every training cell).
         seed
             Seed of the balancing resampling (default: the training seed).
 
@@ -326,13 +335,17 @@ class ScGen(PerturbationModel):
         ref.require_perturbation(str(perturbation), self.name)
         types = tuple(cell_types) if cell_types is not None else self.params.restrict_arithmetic_to
         seed = self.seed if seed is None else int(seed)
-        key = (str(perturbation), types, seed)
+        pool = self.params.delta_pool
+        key = (str(perturbation), types, pool, seed)
         if key not in self._delta_cache:
             allowed = np.ones(ref.covariate.shape[0], dtype=bool)
             if types:
                 option = "cell_types" if cell_types is not None else "restrict_arithmetic_to"
                 ref.check_types(types, option)
                 allowed = np.isin(ref.covariate, np.asarray(types, dtype=object))
+            elif pool == "paired":
+                paired = ref.paired_types(str(perturbation), self.keys.control)
+                allowed = np.isin(ref.covariate, np.asarray(paired, dtype=object))
             is_ctrl = allowed & (ref.perturbation == self.keys.control)
             is_stim = allowed & (ref.perturbation == str(perturbation))
             if not is_ctrl.any() or not is_stim.any():

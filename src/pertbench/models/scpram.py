@@ -138,7 +138,7 @@ class ScPRAMParams:
     lr: float = params_field(5e-4, "Adam learning rate.")
     weight_decay: float = params_field(1e-5, "Adam weight decay.")
     batch_size: int = params_field(128, "Cells per mini-batch.")
-    max_epochs: int = params_field(20, "Maximum epochs (early stopping may end sooner).")
+    max_epochs: int = params_field(16, "Maximum epochs (early stopping may end sooner).")
     patience: int = params_field(5, "Epochs without validation improvement before stopping.")
     val_fraction: float = params_field(
         0.1, "Share of training cells held out for early stopping when the split has no 'val'."

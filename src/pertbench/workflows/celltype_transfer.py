@@ -11,6 +11,7 @@ Outputs in ``out_dir``:
 
 - ``metrics.csv``: one row per (model, cell type) with the metrics, cell counts, epochs
   and training/prediction time; rewritten atomically after every result.
+- ``runs/<cell type>/<model>_history.csv``: per-epoch training/validation losses.
 - ``runs/<cell type>/<model>.json``: one finished result each. A rerun skips a result
   whose settings fingerprint (data, keys, model parameters, epochs, seed, ...) matches,
   so an interrupted run resumes where it stopped; changed settings recompute.
@@ -394,6 +395,11 @@ class _HeldOutTask:
             self.truth, pred, self.controls, n_bootstrap=options.n_bootstrap, seed=options.seed
         )
         history = getattr(model, "history", None)
+        if history is not None:  # per-epoch losses, to judge convergence and early stopping
+            write_csv_atomic(
+                out_dir / "runs" / safe_name(self.cell_type) / f"{safe_name(name)}_history.csv",
+                history,
+            )
         row: dict[str, Any] = {
             "model": name,
             "cell_type": self.cell_type,
