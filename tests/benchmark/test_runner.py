@@ -382,3 +382,26 @@ def test_registry_dataset_is_fetched_and_checksummed(tmp_path, make_toy, monkeyp
     toy[:-1].copy().write_h5ad(raw_file)
     with pytest.raises(ConfigError, match="changed since this benchmark started"):
         materialize(config, out, log=_quiet)
+
+
+def test_real_norman_combo_benchmark(tmp_path, norman_path):
+    """The runner on the shared real Norman subset: combination prediction, baselines + linear."""
+    raw = small_config(
+        datasets={"norman": {"path": str(norman_path)}},
+        tasks={"combo": {"task": "combo", "options": {"fraction": 0.7}}},
+        models={"linear": {"params": {"batch_size": 256}}},
+        seeds=[0],
+        training={"max_epochs": 2, "device": "cpu"},
+        evaluation={"metrics": ["rmse_average", "pearson_delta"], "save_predictions": "mean"},
+    )
+    result = run_benchmark(
+        parse_config(raw, base_dir=tmp_path), out=tmp_path / "n", report=False, log=_quiet
+    )
+    results = result.results
+    assert (results["status"] == "ok").all(), result.failures
+    assert set(results["model"]) == {"linear", "ceiling", *BASELINES}
+    pearson = results[results["metric"] == "pearson_delta"].set_index("model")["value"]
+    # the additive baseline beats doing nothing on Norman combinations (PerturBench table 4)
+    assert abs(pearson["no_change"]) < 0.3 and pearson["perturbation_mean"] > 0.5
+    entry = read_manifest(result.out_dir)["datasets"]["norman"]
+    assert entry["sha256"] == paths.sha256_file(norman_path) and entry["n_obs"] == 5961
