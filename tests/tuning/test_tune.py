@@ -268,6 +268,7 @@ def test_sigkill_mid_trial_resumes_without_losing_or_repeating(tmp_path, toy_fil
     retries = [t for t in final if t.system_attrs.get("failed_trial") == dead.number]
     assert len(retries) == 1 and retries[0].state == TrialState.COMPLETE
     assert retries[0].params == killed[0].params
+    assert retries[0].user_attrs.get("error", "") == ""  # the retry itself did not fail
     # nothing repeated: every finished configuration is distinct, and the budget is exact
     finished = [t for t in final if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     assert len(finished) == 6

@@ -294,6 +294,9 @@ def _trial_function(ctx: _SearchContext, current: dict[str, int]) -> Callable[[A
 
     def objective(trial: optuna.Trial) -> float:
         current["number"] = trial.number
+        if trial.user_attrs.get("error"):
+            # A re-queued trial inherits the user attributes of the run that died.
+            trial.set_user_attr("error", "")
         params = {**settings.fixed_params, **suggest_params(trial, ctx.space)}
 
         def on_epoch(epoch: int, metrics: Mapping[str, float]) -> None:
