@@ -346,7 +346,7 @@ def postgres_url():
 @pytest.mark.postgres
 def test_two_workers_share_a_postgres_study(tmp_path, toy_files, postgres_url):
     data, split = toy_files
-    n_trials = 6
+    n_trials = 10
     common = (
         "--n-trials",
         str(n_trials),
@@ -355,36 +355,59 @@ def test_two_workers_share_a_postgres_study(tmp_path, toy_files, postgres_url):
         "--study-name",
         "shared",
         "--set",
-        "sleep=0.15",
+        "sleep=0.5",
         "--set",
         "epochs=2",
     )
-    procs = [
-        subprocess.Popen(
+
+    def start(i):
+        return subprocess.Popen(
             _tune_cmd(data, split, tmp_path / f"w{i}", *common),
             env=subprocess_env(),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
         )
-        for i in range(2)
-    ]
+
+    # Start the second worker only once the first has finished a trial, while most of the
+    # budget is left: otherwise, on a loaded machine, one worker could run the whole study
+    # before the other has even imported its libraries.
+    procs = [start(0)]
+    storage = make_storage(postgres_url)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and procs[0].poll() is None:
+        try:
+            done = optuna.load_study(study_name="shared", storage=storage).get_trials(
+                states=(TrialState.COMPLETE,)
+            )
+        except KeyError:  # the study does not exist yet
+            done = []
+        if done:
+            break
+        time.sleep(0.2)
+    procs.append(start(1))
     outputs = [p.communicate(timeout=300) for p in procs]
     for p, (_, err) in zip(procs, outputs, strict=True):
         assert p.returncode == 0, err
     study = optuna.load_study(study_name="shared", storage=make_storage(postgres_url))
     trials = study.get_trials()
     finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
-    # both processes contributed trials to the one study (distinct numbers, distinct params)
+    # one shared study: distinct trial numbers and parameters, the budget respected
     assert n_trials <= len(finished) <= n_trials + 1  # two workers may both start the last one
     assert len({t.number for t in trials}) == len(trials)
     assert len({json.dumps(t.params, sort_keys=True) for t in finished}) == len(finished)
     worker_lines = [sum("complete" in line for line in err.splitlines()) for _, err in outputs]
     assert all(n >= 1 for n in worker_lines), worker_lines
-    # each worker wrote the shared study's trials and the same best configuration
-    best = [json.loads((tmp_path / f"w{i}" / "best_params.json").read_text()) for i in range(2)]
-    assert best[0]["value"] == best[1]["value"] == study.best_value
-    assert math.isfinite(best[0]["value"])
+    assert sum(worker_lines) == len(finished)
+    # each worker reports a best value taken from the shared study (the one that finished
+    # last saw every trial, so the study's best is among the reports)
+    values = {t.value for t in finished}
+    best = [
+        json.loads((tmp_path / f"w{i}" / "best_params.json").read_text())["value"] for i in range(2)
+    ]
+    assert all(b in values and b >= study.best_value for b in best)
+    assert study.best_value in best
+    assert math.isfinite(study.best_value)
 
 
 def test_local_workers_share_the_default_sqlite_study(tmp_path, toy_files):
