@@ -5,6 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 OUT ?= runs/default
+WORKERS ?= 2
 
 .PHONY: benchmark test lint env clean-env
 
@@ -17,7 +18,7 @@ $(STAMP): pyproject.toml constraints.txt
 env: $(STAMP)
 
 benchmark: $(STAMP)
-	$(BIN)/pertbench benchmark --default --out $(OUT) --resume
+	$(BIN)/pertbench benchmark --default --out $(OUT) --resume --workers $(WORKERS)
 
 test: $(STAMP)
 	bash scripts/run_tests.sh

@@ -146,3 +146,14 @@ def test_search_space_validation_and_sampling():
         validate_space({"lr": {"type": "float", "low": 1.0, "high": 0.1}})
     with pytest.raises(ConfigError, match="unknown hyperparameter"):
         validate_space(space, valid_params={"lr"})
+
+
+def test_atomic_write_gives_normal_file_permissions(tmp_path):
+    import os
+
+    mask = os.umask(0o022)
+    try:
+        target = write_text_atomic(tmp_path / "perm.txt", "x")
+    finally:
+        os.umask(mask)
+    assert (target.stat().st_mode & 0o777) == 0o644

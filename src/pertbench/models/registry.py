@@ -37,7 +37,7 @@ def available_models() -> list[str]:
 
 
 def get_model_class(name: str):
-    """Return the model class registered as ``name``.
+    """Return the model class registered as ``name`` (or given as ``package.module:Class``).
 
     Raises
     ------
@@ -47,7 +47,12 @@ def get_model_class(name: str):
         The model needs an optional extra that is not installed.
     """
     if name not in MODEL_PATHS:
-        raise ConfigError(f"unknown model '{name}'; available: {', '.join(available_models())}")
+        if ":" in name:
+            return _import_model_class(name)
+        raise ConfigError(
+            f"unknown model '{name}'; available: {', '.join(available_models())} "
+            "(or give your own class as package.module:ClassName)"
+        )
     module_name, class_name = MODEL_PATHS[name].split(":")
     try:
         module = importlib.import_module(module_name)
@@ -58,6 +63,23 @@ def get_model_class(name: str):
             raise ConfigError(f"model '{name}' is not available in this installation") from exc
         raise
     return getattr(module, class_name)
+
+
+def _import_model_class(path: str):
+    """Import a user model given as ``package.module:ClassName`` (a PerturbationModel subclass)."""
+    from pertbench.models.base import PerturbationModel
+
+    module_name, _, class_name = path.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"cannot import model module '{module_name}' of '{path}': {exc}") from exc
+    cls = getattr(module, class_name, None)
+    if not (isinstance(cls, type) and issubclass(cls, PerturbationModel)):
+        raise ConfigError(
+            f"'{path}' is not a PerturbationModel subclass; give package.module:ClassName"
+        )
+    return cls
 
 
 def create_model(name: str, *, keys=None, **params):

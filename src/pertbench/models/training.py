@@ -6,7 +6,9 @@ progress bar, pruning callback):
 
 - ``configure_optimizers() -> list[torch.optim.Optimizer]``
 - ``training_step(batch, optimizers, step) -> dict[str, float]``: computes the loss, calls
-  ``backward`` and steps the optimizers itself (so adversarial models can alternate);
+  ``backward`` and steps the optimizers itself (so adversarial models can alternate;
+  :func:`optimizer_step` does zero-grad/backward/clip/step, reading
+  ``module.gradient_clip`` which the loop sets from ``TrainingConfig.gradient_clip``);
   returns floats for logging, ``"loss"`` among them.
 - ``validation_step(batch) -> dict[str, float | Tensor]``: the loss terms on a batch
   (``"loss"`` is used for early stopping), computed under ``torch.no_grad``.
@@ -49,11 +51,19 @@ class TrainingConfig:
 
 
 def move_batch(batch: Batch, device: str | torch.device) -> dict[str, torch.Tensor]:
-    """Move every tensor of a batch to ``device`` (non-blocking when pinned)."""
-    return {
-        k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
-        for k, v in batch.items()
-    }
+    """Move every tensor of a batch to ``device`` (non-blocking when pinned).
+
+    Sparse CSR tensors are densified after the move: a loader may ship the non-zeros of
+    a batch and let the device expand them (see ``BatchLoader(densify_on_device=True)``).
+    """
+    out = {}
+    for k, v in batch.items():
+        if isinstance(v, torch.Tensor):
+            v = v.to(device, non_blocking=True)
+            if v.layout == torch.sparse_csr:
+                v = v.to_dense()
+        out[k] = v
+    return out
 
 
 def _batch_size(batch: Batch) -> int:
@@ -113,6 +123,10 @@ def fit_module(
     from tqdm.auto import tqdm
 
     module.to(device)
+    if config.gradient_clip is not None:
+        # training_step steps its optimizers itself, so clipping must happen inside it
+        # (between backward and step, see optimizer_step); the loop only passes the limit.
+        module.gradient_clip = float(config.gradient_clip)
     optimizers = module.configure_optimizers()
     history: list[dict[str, Any]] = []
     best_loss = math.inf
@@ -125,20 +139,20 @@ def fit_module(
     )
     for epoch in bar:
         module.train()
+        # Each term is averaged over the cells of the steps that reported it: alternating
+        # models (CPA) report adversary terms on some steps and autoencoder terms on others.
         sums: dict[str, float] = {}
-        n_seen = 0
+        cells: dict[str, int] = {}
         for batch in train_batches(epoch):
             batch = move_batch(batch, device)
             n = _batch_size(batch)
             terms = module.training_step(batch, optimizers, step)
-            if config.gradient_clip is not None:
-                torch.nn.utils.clip_grad_norm_(module.parameters(), config.gradient_clip)
             step += 1
             for key, value in terms.items():
                 sums[key] = sums.get(key, 0.0) + float(value) * n
-            n_seen += n
+                cells[key] = cells.get(key, 0) + n
         row: dict[str, Any] = {"epoch": epoch}
-        row.update({f"train_{k}": v / max(n_seen, 1) for k, v in sums.items()})
+        row.update({f"train_{k}": v / max(cells[k], 1) for k, v in sums.items()})
         if val_batches is not None:
             val_terms = evaluate_loss(module, val_batches(), device)
             row.update({f"val_{k}": v for k, v in val_terms.items()})
@@ -183,6 +197,25 @@ def fit_module(
     frame = pd.DataFrame(history)
     frame["best"] = frame["epoch"] == best_epoch
     return frame
+
+
+def optimizer_step(
+    loss: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    *,
+    gradient_clip: float | None = None,
+) -> None:
+    """Zero the optimizer's gradients, backpropagate ``loss``, clip, and step.
+
+    Clipping (``clip_grad_norm_`` over the optimizer's own parameters) happens between
+    ``backward`` and ``step``, the only place where it has an effect.
+    """
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if gradient_clip is not None:
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        torch.nn.utils.clip_grad_norm_(params, gradient_clip)
+    optimizer.step()
 
 
 def _write_history(config: TrainingConfig, history: list[dict[str, Any]]) -> None:

@@ -1,0 +1,333 @@
+"""Model commands: ``train``, ``predict`` and ``models``."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from pertbench.cli.common import (
+    ControlOpt,
+    CovariatesOpt,
+    DelimiterOpt,
+    DeviceOpt,
+    DoseKeyOpt,
+    ExistingFile,
+    PerturbationKeyOpt,
+    ProgressOpt,
+    SeedOpt,
+    echo,
+    make_keys,
+    parse_set_options,
+)
+
+RUN_FILE = "run.json"
+SPLIT_FILE = "split.csv"
+LOG_FILE = "training_log.csv"
+
+
+def _load_data(path: Path, keys):
+    """Read and validate an .h5ad against the data contract; data warnings go to stderr."""
+    import warnings
+
+    from pertbench.data.loading import DataWarning, read_h5ad
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", DataWarning)
+        adata = read_h5ad(path, keys=keys)
+    for w in caught:
+        if issubclass(w.category, DataWarning):
+            typer.echo(f"warning: {w.message}", err=True)
+    return adata
+
+
+def _versions() -> dict[str, str]:
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    from pertbench import __version__
+
+    out = {"pertbench": __version__, "python": platform.python_version()}
+    for package in ("torch", "numpy", "scipy", "pandas", "anndata"):
+        try:
+            out[package] = version(package)
+        except PackageNotFoundError:
+            out[package] = "not installed"
+    return out
+
+
+def _now() -> str:
+    from datetime import datetime, timezone
+
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _check_run_dir(out: Path, overwrite: bool) -> None:
+    from pertbench.errors import ConfigError
+
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out '{out}' is a file; give a folder for the run")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ConfigError(
+            f"run folder '{out}' already exists and is not empty; choose another --out or "
+            "pass --overwrite"
+        )
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """Move a finished run folder into place; an old run is removed only afterwards."""
+    backup = None
+    if out.exists():
+        backup = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, backup)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        if backup is not None:
+            os.replace(backup, out)
+        raise
+    if backup is not None:
+        shutil.rmtree(backup, ignore_errors=True)
+
+
+def model_listing() -> list[dict[str, Any]]:
+    """Every installed model with its hyperparameters (default, type, help) and search space."""
+    import dataclasses
+
+    from pertbench.errors import PertbenchError
+    from pertbench.models.registry import MODEL_PATHS, available_models, get_model_class
+
+    listing = []
+    for name in available_models():
+        try:
+            cls = get_model_class(name)
+        except (PertbenchError, ImportError):  # an optional extra that does not import
+            continue
+        if MODEL_PATHS.get(name, "").split(":")[-1] != cls.__name__:
+            continue
+        params = []
+        for field in dataclasses.fields(cls.Params):
+            entry = {
+                "name": field.name,
+                "type": type(field.default).__name__,
+                "default": field.default,
+                "help": field.metadata.get("help", ""),
+            }
+            if "choices" in field.metadata:
+                entry["choices"] = list(field.metadata["choices"])
+            params.append(entry)
+        listing.append(
+            {
+                "name": name,
+                "description": cls.description,
+                "input": cls.input_kind,
+                "params": params,
+                "search_space": cls.search_space,
+            }
+        )
+    return listing
+
+
+def register(app: typer.Typer) -> None:
+    """Add the model commands to ``app``."""
+
+    @app.command("train")
+    def train_cmd(
+        ctx: typer.Context,
+        data: ExistingFile,
+        model: Annotated[
+            str, typer.Option("--model", "-m", help="Model name (see 'pertbench models').")
+        ],
+        split: Annotated[
+            Path, typer.Option("--split", help="Split CSV (obs_name,split) from 'pertbench split'.")
+        ],
+        out: Annotated[
+            Path,
+            typer.Option(
+                "--out",
+                "-o",
+                help="Run folder: saved model, training_log.csv, split.csv and run.json.",
+            ),
+        ],
+        epochs: Annotated[
+            int | None, typer.Option("--epochs", help="Maximum epochs (default: the model's).")
+        ] = None,
+        set_: Annotated[
+            list[str] | None,
+            typer.Option(
+                "--set",
+                help="Hyperparameter as key=value; repeat for several (e.g. --set lr=1e-3).",
+            ),
+        ] = None,
+        seed: SeedOpt = 0,
+        device: DeviceOpt = "auto",
+        progress: ProgressOpt = True,
+        overwrite: Annotated[
+            bool, typer.Option("--overwrite", help="Replace an existing run folder.")
+        ] = False,
+        perturbation_key: PerturbationKeyOpt = "condition",
+        control: ControlOpt = "control",
+        covariates: CovariatesOpt = "cell_type",
+        delimiter: DelimiterOpt = "+",
+        dose_key: DoseKeyOpt = None,
+    ) -> None:
+        """Train a model on the train cells of a split (early stopping on val) into a run folder."""
+        import dataclasses
+
+        from pertbench.data.splits import read_split, write_split
+        from pertbench.models.base import _jsonable
+        from pertbench.models.registry import create_model
+        from pertbench.utils.io import write_json_atomic
+
+        keys = make_keys(perturbation_key, control, covariates, delimiter, dose_key)
+        # Validate the model name and hyperparameters before reading any data.
+        estimator = create_model(model, keys=keys, **parse_set_options(set_))
+        _check_run_dir(out, overwrite)
+        adata = _load_data(data, keys)
+        split_series = read_split(split, adata.obs_names)
+        started = _now()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        try:
+            estimator.fit(
+                adata,
+                split_series,
+                seed=seed,
+                device=device,
+                max_epochs=epochs,
+                progress=progress,
+                log_dir=tmp,
+            )
+            estimator.save(tmp)
+            if estimator.history is not None and not (tmp / LOG_FILE).exists():
+                from pertbench.utils.io import write_csv_atomic
+
+                write_csv_atomic(tmp / LOG_FILE, estimator.history)
+            write_split(split_series, tmp / SPLIT_FILE)
+            counts = split_series.value_counts()
+            history = estimator.history
+            run = {
+                "command": ctx.command_path,
+                "arguments": _jsonable({k: v for k, v in ctx.params.items()}),
+                "model": estimator.name,
+                "params": _jsonable(dataclasses.asdict(estimator.params)),
+                "keys": keys.to_dict(),
+                "seed": seed,
+                "device": estimator.device,
+                "data": str(Path(data).resolve()),
+                "split": str(Path(split).resolve()),
+                "n_cells": {s: int(counts.get(s, 0)) for s in ("train", "val", "test")},
+                "epochs_trained": len(history) if history is not None else 0,
+                "best_epoch": (
+                    int(history.loc[history["best"], "epoch"].iloc[0])
+                    if history is not None and "best" in history and history["best"].any()
+                    else None
+                ),
+                "fit_seconds": estimator.fit_seconds,
+                "started": started,
+                "finished": _now(),
+                "versions": _versions(),
+            }
+            write_json_atomic(tmp / RUN_FILE, run)
+            _publish(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        best = run["best_epoch"]
+        echo(
+            f"trained {estimator.name} on {run['n_cells']['train']} cells for "
+            f"{run['epochs_trained']} epoch(s)"
+            + (f" (best epoch {best})" if best is not None else "")
+            + f" in {estimator.fit_seconds:.1f}s -> {out}"
+        )
+
+    @app.command("predict")
+    def predict_cmd(
+        run_dir: Annotated[
+            Path,
+            typer.Argument(help="Run folder written by 'pertbench train'.", show_default=False),
+        ],
+        data: Annotated[
+            Path, typer.Option("--data", help="Dataset (.h5ad) holding the control cells.")
+        ],
+        out: Annotated[
+            Path, typer.Option("--out", "-o", help="Predictions (.h5ad), written atomically.")
+        ],
+        on: Annotated[
+            str, typer.Option("--on", help="Which held-out groups to predict: test or val.")
+        ] = "test",
+        split: Annotated[
+            Path | None,
+            typer.Option("--split", help="Split CSV (default: the run's own split.csv)."),
+        ] = None,
+        seed: Annotated[
+            int | None, typer.Option("--seed", help="Prediction seed (default: the training seed).")
+        ] = None,
+        device: DeviceOpt = "auto",
+    ) -> None:
+        """Predict every held-out group of the split from its covariates' control cells.
+
+        One predicted cell per control cell; obs carries the covariates, the perturbation
+        and the control cell's name (control_obs_name).
+        """
+        from pertbench.data.splits import read_split
+        from pertbench.errors import ConfigError, InputFileError
+        from pertbench.models.base import PerturbationModel
+        from pertbench.utils.io import write_h5ad_atomic
+
+        if on not in ("test", "val"):
+            raise ConfigError(f"--on must be test or val, got '{on}'")
+        if not run_dir.is_dir():
+            raise InputFileError(
+                f"run folder '{run_dir}' does not exist; train with 'pertbench train'"
+            )
+        estimator = PerturbationModel.load(run_dir, device=device)
+        split_path = split if split is not None else run_dir / SPLIT_FILE
+        if not split_path.is_file():
+            raise InputFileError(f"no split file '{split_path}'; pass --split SPLIT.csv")
+        adata = _load_data(data, estimator.keys)
+        split_series = read_split(split_path, adata.obs_names)
+        pred = estimator.predict_split(adata, split_series, on=on, seed=seed)
+        pred.uns["pertbench"]["run"] = str(run_dir.resolve())
+        write_h5ad_atomic(out, pred)
+        keys = estimator.keys
+        n_groups = len(pred.obs[[*keys.covariate_keys, keys.perturbation_key]].drop_duplicates())
+        echo(f"predicted {pred.n_obs} cells for {n_groups} {on} group(s) -> {out}")
+
+    @app.command("models")
+    def models_cmd(
+        name: Annotated[
+            str | None, typer.Argument(help="Show only this model.", show_default=False)
+        ] = None,
+        as_json: Annotated[
+            bool, typer.Option("--json", help="Print JSON instead of text.")
+        ] = False,
+    ) -> None:
+        """List the models with their hyperparameters, defaults and help."""
+        import json
+
+        from pertbench.errors import ConfigError
+        from pertbench.models.base import _jsonable
+
+        listing = model_listing()
+        if name is not None:
+            listing = [m for m in listing if m["name"] == name]
+            if not listing:
+                known = ", ".join(m["name"] for m in model_listing())
+                raise ConfigError(f"unknown model '{name}'; available: {known}")
+        if as_json:
+            typer.echo(json.dumps(_jsonable(listing), indent=2))
+            return
+        for entry in listing:
+            echo(f"{entry['name']}: {entry['description']}")
+            for p in entry["params"]:
+                choices = f" [{' | '.join(map(str, p['choices']))}]" if "choices" in p else ""
+                echo(f"    {p['name']} = {p['default']!r} ({p['type']}){choices}: {p['help']}")
+            if entry["search_space"]:
+                echo(f"    tuned: {', '.join(entry['search_space'])}")
+            echo("")

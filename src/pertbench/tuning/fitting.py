@@ -1,0 +1,207 @@
+"""Train one model configuration, predict a split and score it: the unit of work shared by
+tuning trials, stability seeds and benchmark cells."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+
+from pertbench.data.keys import PerturbationKeys
+from pertbench.errors import ConfigError, ModelError
+
+
+def load_dataset(path: str | os.PathLike, *, keys: PerturbationKeys) -> ad.AnnData:
+    """Read and validate an ``.h5ad`` file against the data contract."""
+    from pertbench.data.loading import read_h5ad
+
+    return read_h5ad(path, keys=keys)
+
+
+def load_split(path: str | os.PathLike, adata: ad.AnnData) -> pd.Series:
+    """Read a split CSV aligned to ``adata`` and check it has train and val cells."""
+    from pertbench.data.splits import read_split
+
+    split = read_split(path, adata.obs_names)
+    return split
+
+
+def require_split_parts(split: pd.Series, parts: Sequence[str], *, what: str) -> None:
+    """Raise :class:`ConfigError` if ``split`` lacks any of ``parts`` (``train``/``val``/``test``)."""
+    present = set(pd.unique(split.to_numpy()))
+    missing = [p for p in parts if p not in present]
+    if missing:
+        raise ConfigError(
+            f"{what} needs {', '.join(repr(p) for p in missing)} cells but the split has none; "
+            "make a split with a validation and a test fraction"
+        )
+
+
+def resolve_model_class(name: str):
+    """The model class for a registry name (``linear``) or an import path (``pkg.mod:Class``)."""
+    from pertbench.models.registry import get_model_class
+
+    return get_model_class(name)
+
+
+def resolve_params(model_class: Any, params: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Defaults of ``model_class`` updated with ``params`` (validated and type-coerced)."""
+    import dataclasses
+
+    checked = model_class.make_params(dict(params or {}))
+    return dataclasses.asdict(checked)
+
+
+@dataclass
+class FitOutcome:
+    """A trained model, its predictions and the metric values computed from them."""
+
+    model: Any
+    predictions: dict[str, ad.AnnData] = field(default_factory=dict)
+    evaluations: dict[str, Any] = field(default_factory=dict)
+    values: dict[str, dict[str, float]] = field(default_factory=dict)
+    fit_seconds: float = 0.0
+    predict_seconds: float = 0.0
+    evaluate_seconds: float = 0.0
+
+
+def fit_and_evaluate(
+    adata: ad.AnnData,
+    split: pd.Series,
+    *,
+    model: str,
+    params: Mapping[str, Any] | None,
+    keys: PerturbationKeys,
+    seed: int,
+    on: Sequence[str] = ("val",),
+    metrics: Sequence[str] | None = None,
+    device: str = "auto",
+    max_epochs: int | None = None,
+    epoch_callback: Any = None,
+    log_dir: str | Path | None = None,
+    baselines: Sequence[str] | None = None,
+    ceiling: bool = False,
+    model_name: str | None = None,
+) -> FitOutcome:
+    """Fit ``model`` with ``params`` on the train cells and score its predictions.
+
+    Parameters
+    ----------
+    adata, split
+        Dataset and its split (aligned to ``adata.obs_names``).
+    model, params
+        Model name (or import path) and hyperparameters (defaults for the rest).
+    keys
+        Perturbation/covariate columns.
+    seed
+        Seeds training and the evaluation's random draws.
+    on
+        Splits to predict and score, e.g. ``("val",)`` for tuning or ``("test",)``.
+    metrics
+        Metric names to compute (``None``: the evaluator's default set).
+    baselines, ceiling
+        Passed to the evaluator for calibrated (normalised) scores.
+
+    Returns
+    -------
+    FitOutcome
+        ``values[on][metric]`` holds each summary value.
+    """
+    from pertbench.models.registry import create_model
+
+    instance = create_model(model, keys=keys, **dict(params or {}))
+    start = time.perf_counter()
+    instance.fit(
+        adata,
+        split,
+        seed=seed,
+        device=device,
+        max_epochs=max_epochs,
+        progress=False,
+        log_dir=log_dir,
+        epoch_callback=epoch_callback,
+    )
+    outcome = FitOutcome(model=instance, fit_seconds=time.perf_counter() - start)
+    for part in on:
+        start = time.perf_counter()
+        pred = instance.predict_split(adata, split, on=part)
+        outcome.predict_seconds += time.perf_counter() - start
+        start = time.perf_counter()
+        result = evaluate_prediction(
+            adata,
+            pred,
+            split,
+            keys=keys,
+            on=part,
+            metrics=metrics,
+            seed=seed,
+            baselines=baselines,
+            ceiling=ceiling,
+            model_name=model_name or model,
+        )
+        outcome.evaluate_seconds += time.perf_counter() - start
+        outcome.predictions[part] = pred
+        outcome.evaluations[part] = result
+        outcome.values[part] = summary_values(result)
+    return outcome
+
+
+def evaluate_prediction(
+    adata: ad.AnnData,
+    pred: ad.AnnData,
+    split: pd.Series,
+    *,
+    keys: PerturbationKeys,
+    on: str,
+    metrics: Sequence[str] | None = None,
+    seed: int = 0,
+    baselines: Sequence[str] | None = None,
+    ceiling: bool = False,
+    model_name: str = "model",
+) -> Any:
+    """Score ``pred`` against the observed ``on`` cells with :class:`pertbench.metrics.Evaluator`."""
+    from pertbench.metrics import Evaluator
+
+    return Evaluator(
+        adata,
+        pred,
+        keys=keys,
+        metrics=list(metrics) if metrics is not None else "default",
+        split=split,
+        on=on,
+        baselines=list(baselines or []),
+        ceiling=bool(ceiling),
+        seed=seed,
+        model_name=model_name,
+        keep_aggregates=False,
+    ).run()
+
+
+def summary_values(result: Any) -> dict[str, float]:
+    """``{metric: value}`` of the scored model from an evaluation result's summary table.
+
+    Reference rows (``no_change/...``, ``ceiling/...``, ``normalized/...``) are left out.
+    """
+    summary = result.summary
+    own = summary[~summary["metric"].astype(str).str.contains("/", regex=False)]
+    return {str(m): float(v) for m, v in zip(own["metric"], own["value"], strict=True)}
+
+
+def is_trial_failure(exc: BaseException) -> bool:
+    """True for errors that mean *this configuration* failed (not a bug or bad input)."""
+    if isinstance(exc, (ModelError, FloatingPointError)):
+        return True
+    # Out of memory on a large configuration is a property of the configuration.
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def finite_or_nan(value: float) -> float:
+    value = float(value)
+    return value if np.isfinite(value) else float("nan")

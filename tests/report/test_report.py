@@ -1,0 +1,167 @@
+"""The HTML report: self-contained, escaped, numbers that match the results, renders in Chromium."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from bench_helpers import PYTHON, SLEEPY, small_config, small_run, subprocess_env
+from pertbench.benchmark import paths
+from pertbench.benchmark.config import parse_config
+from pertbench.benchmark.runner import run_benchmark
+from pertbench.errors import InputFileError
+from pertbench.report import write_report
+from pertbench.report.html import SUMMARY_CSV, SUMMARY_TABLE_ID
+
+EVIL = "<script>alert('x')</script>"
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    return small_run(tmp_path_factory.mktemp("bench"))
+
+
+def test_report_is_self_contained_with_all_sections(run):
+    html = run.report.read_text(encoding="utf-8")
+    assert f'id="{SUMMARY_TABLE_ID}"' in html
+    for section in (
+        "Summary",
+        "Rank metrics",
+        "Predicted vs observed expression",
+        "Similarity heatmaps (collapse check)",
+        "Stability across seeds",
+        "Inputs",
+        "Environment and versions",
+    ):
+        assert f">{section}</h2>" in html, section
+    # figures are embedded; nothing is fetched from elsewhere
+    images = re.findall(r'<img [^>]*src="([^"]+)"', html)
+    assert images and all(src.startswith("data:image/png;base64,") for src in images)
+    assert not re.search(r'(src|href)="(https?:)?//', html)
+    assert "<link" not in html and "<script" not in html
+    pngs = sorted((run.out_dir / paths.FIGURES_DIR).glob("*.png"))
+    assert len(pngs) == len(images)
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+    assert "torch" in html and "optuna" in html  # environment and versions
+
+
+def test_summary_matches_an_independent_aggregation(run):
+    summary = pd.read_csv(run.out_dir / SUMMARY_CSV)
+    ok = run.results[run.results["status"] == "ok"]
+    indexed = summary.set_index(["task", "model", "metric"])
+    for key, rows in ok.groupby(["task", "model", "metric"]):
+        got = indexed.loc[key]
+        values = rows["value"].to_numpy()
+        values = values[np.isfinite(values)]  # undefined values (e.g. a rank with N < 2)
+        assert got["n_seeds"] == len(values)
+        if len(values) == 0:
+            assert np.isnan(got["mean"])
+            continue
+        assert got["mean"] == pytest.approx(values.mean())
+        sd = np.std(values, ddof=1) if len(values) > 1 else np.nan
+        assert got["sd"] == pytest.approx(sd, nan_ok=True)
+    # the summary table shows those numbers
+    html = run.report.read_text(encoding="utf-8")
+    table = html.split(f'id="{SUMMARY_TABLE_ID}"')[1].split("</table>")[0]
+    row = summary.query("task == 'combo' and model == 'linear' and metric == 'rmse_average'").iloc[
+        0
+    ]
+    assert f"{row['mean']:.4g}" in table
+
+
+def test_user_supplied_names_are_escaped(tmp_path, make_toy):
+    adata = make_toy(n_covariates=2, n_perturbations=4, n_cells=12, n_controls=20, n_genes=20)
+    adata.obs["condition"] = adata.obs["condition"].astype(str).replace({"P0": EVIL})
+    adata.obs["cell_type"] = adata.obs["cell_type"].astype(str).replace({"C0": "<b>C0</b>"})
+    data = tmp_path / "evil.h5ad"
+    adata.write_h5ad(data)
+    raw = small_config(
+        name=f"run {EVIL}",
+        description=EVIL,
+        datasets={EVIL: {"path": str(data)}},
+        tasks={"t&<x>": {"task": "transfer", "options": {"fraction": 0.5}}},
+        models={EVIL: {"model": SLEEPY}},
+        seeds=[0],
+    )
+    result = run_benchmark(
+        parse_config(raw, base_dir=tmp_path), out=tmp_path / "evil", log=lambda m: None
+    )
+    assert (result.results["status"] == "ok").all(), result.failures
+    html = result.report.read_text(encoding="utf-8")
+    assert "<script" not in html and "<b>" not in html
+    assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;" in html
+    assert "t&amp;&lt;x&gt;" in html
+
+
+def test_report_command_and_missing_results(tmp_path, run):
+    copy = tmp_path / "copy"
+    shutil.copytree(run.out_dir, copy)  # a moved benchmark folder still reports
+    (copy / paths.REPORT_FILE).unlink()
+    proc = subprocess.run(
+        [PYTHON, "-m", "pertbench", "report", str(copy)],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == f"report: {copy.resolve() / paths.REPORT_FILE}"
+    assert (copy / paths.REPORT_FILE).is_file()
+    with pytest.raises(InputFileError, match="run 'pertbench benchmark"):
+        write_report(tmp_path / "empty")
+
+
+def _chromium() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome"):
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+@pytest.mark.browser
+def test_report_renders_in_headless_chromium(tmp_path, run):
+    browser = _chromium()
+    if browser is None:
+        pytest.skip(
+            "headless Chromium not found; run scripts/ensure_test_services.sh (apt-get install chromium)"
+        )
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        "--hide-scrollbars",
+        f"--user-data-dir={tmp_path / 'profile'}",
+    ]
+    url = run.report.resolve().as_uri()
+    shot = tmp_path / "report.png"
+    proc = subprocess.run(
+        [browser, *flags, "--window-size=1280,1600", f"--screenshot={shot}", url],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    dom = subprocess.run(
+        [browser, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=120
+    )
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    # the rendered document holds the summary table with one row per (task, model)
+    table = dom.stdout.split(f'id="{SUMMARY_TABLE_ID}"')[1].split("</table>")[0]
+    assert table.count("<tr") == 1 + 2 * 5  # header + 2 tasks x (linear, 3 baselines, ceiling)
+    # a real, non-blank screenshot
+    from PIL import Image
+
+    image = np.asarray(Image.open(shot).convert("L"), dtype=float)
+    assert image.shape == (1600, 1280)
+    assert shot.stat().st_size > 20_000
+    assert image.std() > 10  # text and figures, not a blank page
