@@ -6,13 +6,16 @@ corrected as in ``scipy.stats.tiecorrect`` and scanpy's
 ``rank_genes_groups(method="wilcoxon", tie_correct=True)``, and Benjamini-Hochberg FDR
 per group across genes.
 
-How it is fast: all cells (reference plus every group) are sorted ONCE per gene. The sort
-key packs an order-preserving integer code of the value in the high 32 bits and the
-group code in the low 32 bits, so one SIMD integer sort per gene chunk orders cells by
-(value, group) and every (value, group) run is contiguous. From the runs we get, per
-group and gene, the Mann-Whitney U (each cell counts the reference cells below it plus
-half of those tied with it) and the exact tie term of the pooled (group + reference)
-sample, by sums over runs (``np.bincount``). No per-gene or per-group Python loop.
+How it is fast: all non-zero entries of a chunk of genes (reference plus every group)
+are sorted ONCE. One 64-bit key packs the gene, an order-preserving code of the value
+and a slot (group, gene), so a single integer sort orders the entries by (gene, value,
+group) and every run of equal (gene, value, group) is contiguous, with the reference
+(code 0) first among equal values. The Mann-Whitney U of every group and gene is then
+the sum, over its entries, of the reference entries below (a running count, summed per
+slot with ``np.bincount``); ties are corrected only where values repeat, and the zeros
+(most of a sparse matrix) are never sorted: they form one tied block per gene, handled
+in closed form. No per-gene or per-group Python loop; chunks of genes may run in
+threads.
 """
 
 from __future__ import annotations
