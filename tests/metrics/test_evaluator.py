@@ -318,6 +318,8 @@ def test_reproducible_and_metric_selection(make_toy):
         Evaluator(truth, pred, metrics="rmse_avg").run()
     with pytest.raises(ConfigError, match="split"):
         Evaluator(truth, pred, baselines=True).run()
+    with pytest.raises(ConfigError, match="calibration reference"):
+        Evaluator(truth, pred, baselines=["no_change"], model_name="no_change")
     default = {s.name for s in resolve_metrics("default")}
     assert {"rmse_average", "cosine_rank_logfc", "matrix_distance", "jaccard_top100"} <= default
     assert "edistance" not in default and "rmse_logp" not in default

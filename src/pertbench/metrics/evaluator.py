@@ -341,6 +341,14 @@ class Evaluator:
             )
         self.normalize_by = normalize_by
         self.model_name = str(model_name)
+        taken = (
+            {*self.baselines, CEILING, NORMALIZED} if (self.baselines or self.ceiling) else set()
+        )
+        if self.model_name in taken:
+            raise ConfigError(
+                f"model name '{self.model_name}' is also the name of a calibration reference; "
+                "pass another model name (e.g. --model-name my_model)"
+            )
         self.keep_aggregates = bool(keep_aggregates)
         self.n_jobs = _available_cpus() if n_jobs is None else max(1, int(n_jobs))
         self.notes: list[str] = []
