@@ -52,3 +52,17 @@ def test_logfc_and_aggregate_by_hand():
     assert out["logp"][0, 0] > 0 and out["logp"][0, 1] == 0 and out["logp"][0, 2] < 0
     with pytest.raises(ValueError, match="logp"):
         aggregate(mean, var, ctrl, aggregations=("logp",))
+
+
+def test_same_cells_give_identical_means_in_any_matrix():
+    """A prediction made of control cells must have exactly the controls' mean."""
+    rng = np.random.default_rng(5)
+    ctrl = (rng.poisson(0.7, size=(333, 9)) * rng.random((333, 9))).astype(np.float32)
+    other = rng.random((500, 9)).astype(np.float32)
+    truth = sp.csr_matrix(np.vstack([other[:200], ctrl, other[200:]]))
+    t_codes = np.r_[np.full(200, 1), np.zeros(333, int), np.full(300, -1)]
+    pred = np.vstack([ctrl, ctrl, other[:50]])  # dense, two groups of the same cells
+    p_codes = np.r_[np.zeros(333, int), np.ones(333, int), np.full(50, 2)]
+    t_mean, _, _ = group_stats(truth, t_codes, 2, chunk_elements=9 * 100)
+    p_mean, _, _ = group_stats(pred, p_codes, 3, chunk_elements=9 * 100)
+    assert (p_mean[0] == t_mean[0]).all() and (p_mean[1] == t_mean[0]).all()

@@ -51,14 +51,14 @@ def _scanpy_scores(adata: ad.AnnData, groupby: str, reference: str, *, tie_corre
     )
 
 
-def _tied_data(seed=0, n_genes=40, dtype=np.float32):
+def _tied_data(seed=0, n_genes=40, dtype=np.float32, step=0.5):
     """Groups and controls with many ties (zeros and repeated values) and a real effect."""
     rng = np.random.default_rng(seed)
     sizes = {"control": 50, "A": 30, "B": 27, "C": 3}
     rows, labels = [], []
     for i, (label, n) in enumerate(sizes.items()):
         lam = rng.uniform(0.2, 2.0, n_genes) * (1.0 + 0.5 * i * (np.arange(n_genes) % 3 == 0))
-        rows.append(rng.poisson(lam, size=(n, n_genes)) * 0.5)  # integer steps: many ties
+        rows.append(rng.poisson(lam, size=(n, n_genes)) * step)  # integer steps: many ties
         labels += [label] * n
     X = np.vstack(rows).astype(dtype)
     X[:, 0] = 1.0  # one gene where every value is tied
@@ -68,13 +68,21 @@ def _tied_data(seed=0, n_genes=40, dtype=np.float32):
 
 
 @pytest.mark.parametrize("tie_correct", [True, False])
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("sparse", [False, True])
-def test_wilcoxon_matches_scanpy_with_ties(tie_correct, dtype, sparse):
-    adata = _tied_data(dtype=dtype)
-    if sparse:
+@pytest.mark.parametrize(
+    "dtype,step",
+    [(np.float32, 0.5), (np.float64, 0.5), (np.float64, 1 / 3)],  # 1/3: not float32-exact
+)
+@pytest.mark.parametrize("sparse", [None, "csr", "csc"])
+def test_wilcoxon_matches_scanpy_with_ties(tie_correct, dtype, step, sparse):
+    adata = _tied_data(dtype=dtype, step=step)
+    if sparse == "csr":
         adata.X = sp.csr_matrix(adata.X)
-    expected, expected_padj = _scanpy_scores(adata.copy(), "g", "control", tie_correct=tie_correct)
+    elif sparse == "csc":
+        adata.X = sp.csc_matrix(adata.X)
+    scanpy_input = adata.copy()
+    if sparse == "csc":
+        scanpy_input.X = sp.csr_matrix(scanpy_input.X)
+    expected, expected_padj = _scanpy_scores(scanpy_input, "g", "control", tie_correct=tie_correct)
     labels = adata.obs["g"].astype(str).to_numpy()
     names = ["A", "B", "C"]
     codes = pd.Index(names).get_indexer(labels)
@@ -212,3 +220,19 @@ def test_overlap_and_direction_by_hand():
     # significant genes 0,1,2: signs agree on 0 only (1 differs, 2 is zero)
     assert direction_agreement(td, fdr[:1], pd_)[0] == pytest.approx(1 / 3)
     assert np.isnan(direction_agreement(td, fdr[1:], pd_)[0])
+
+
+def test_wilcoxon_dense_without_zeros_matches_scanpy():
+    """Dense predictions without zeros (the common model output), with ties and negatives."""
+    rng = np.random.default_rng(7)
+    X = (rng.integers(-6, 6, size=(90, 25)) * 0.5 + 0.25).astype(np.float32)  # never 0
+    labels = np.array(["control"] * 40 + ["A"] * 30 + ["B"] * 20)
+    adata = ad.AnnData(
+        X=X, obs=pd.DataFrame({"g": pd.Categorical(labels)}, index=[f"c{i}" for i in range(90)])
+    )
+    expected, _ = _scanpy_scores(adata.copy(), "g", "control", tie_correct=True)
+    codes = pd.Index(["A", "B"]).get_indexer(labels)
+    res = wilcoxon_scores(X, codes, labels == "control", chunk_elements=900)
+    np.testing.assert_allclose(
+        res.scores, expected.loc[["A", "B"]].to_numpy(), rtol=1e-6, atol=1e-6
+    )

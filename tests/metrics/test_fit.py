@@ -86,3 +86,11 @@ def test_identical_vectors_are_perfect(vectors):
 def test_unknown_metric():
     with pytest.raises(ValueError, match="unknown fit metric"):
         fit.fit_metrics(np.ones((1, 2)), np.ones((1, 2)), ["nope"])
+
+
+def test_rank_rows_matches_scipy():
+    rng = np.random.default_rng(4)
+    rows = rng.integers(0, 5, size=(6, 30)).astype(float)  # many ties
+    rows[2] = 1.0  # all tied
+    np.testing.assert_array_equal(fit.rank_rows(rows), stats.rankdata(rows, axis=1))
+    assert fit.rank_rows(np.zeros((2, 0))).shape == (2, 0)

@@ -12,7 +12,8 @@
 
 Group statistics are computed in row chunks with sparse indicator products; each group's
 first cell is subtracted before summing (the "shifted data" algorithm), so the variance
-is numerically stable and exactly 0 when all cells of a group are identical.
+is numerically stable and exactly 0 when all cells of a group are identical, and the
+same cells give bit-identical means in any matrix (see :func:`group_stats`).
 """
 
 from __future__ import annotations
@@ -20,19 +21,24 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
-from pertbench.data.groups import indicator_matrix
-
 AGGREGATIONS = ("average", "delta", "logfc", "var", "logp")
 DEFAULT_AGGREGATIONS = ("average", "delta", "logfc", "var")
 LOGFC_PSEUDOCOUNT = 0.1
 #: Rows densified at once when summing groups (bounds temporary memory).
-DEFAULT_CHUNK_ELEMENTS = 8_000_000
+DEFAULT_CHUNK_ELEMENTS = 2_000_000
 
 
 def group_stats(
     X, codes: np.ndarray, n_groups: int, *, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Mean, variance (ddof=0) and cell count of every group, in float64.
+
+    Each group's first cell K is subtracted before summing (the "shifted data"
+    algorithm: mean = K + sum(x - K) / n), so identical cells give exactly their value
+    as mean and exactly 0 as variance. Cells are summed group by group in row order, in
+    pieces of a fixed number of rows counted from the group's first cell, so the same
+    cells give bit-identical statistics whatever else the matrix holds and whether it is
+    sparse or dense (a prediction made of control cells has exactly their mean).
 
     Parameters
     ----------
@@ -58,28 +64,53 @@ def group_stats(
     var = np.full((n_groups, n_genes), np.nan)
     if rows.size == 0:
         return mean, var, counts
-    # the shift: first cell of every group
-    first = np.full(n_groups, -1, dtype=np.int64)
-    present_codes, first_pos = np.unique(codes[rows], return_index=True)
-    first[present_codes] = rows[first_pos]
-    present = first >= 0
+    rows = rows[np.argsort(codes[rows], kind="stable")]  # by group, then row
+    sorted_codes = codes[rows]
+    present = counts > 0
+    group_start = np.concatenate([[0], np.cumsum(counts)[:-1]])
     shift = np.zeros((n_groups, n_genes))
-    shift[present] = _dense_rows(X, first[present])
+    shift[present] = _dense_rows(X, rows[group_start[present]])
     s1 = np.zeros((n_groups, n_genes))
     s2 = np.zeros((n_groups, n_genes))
-    step = max(1, int(chunk_elements // max(n_genes, 1)))
-    for lo in range(0, rows.size, step):
-        chunk_rows = rows[lo : lo + step]
-        chunk_codes = codes[chunk_rows]
-        dev = _dense_rows(X, chunk_rows) - shift[chunk_codes]
-        ind = indicator_matrix(chunk_codes, n_groups)
-        s1 += ind @ dev
+    piece_rows = max(1, int(chunk_elements // max(n_genes, 1)))
+    for lo, hi in _chunks(sorted_codes, group_start, piece_rows):
+        chunk_codes = sorted_codes[lo:hi]
+        # rows are sorted by group: sum each group's segment with one reduceat
+        seg = np.flatnonzero(np.r_[True, chunk_codes[1:] != chunk_codes[:-1]])
+        seg_codes = chunk_codes[seg]
+        dev = np.subtract(
+            _raw_rows(X, rows[lo:hi]),
+            np.repeat(shift[seg_codes], np.diff(np.append(seg, hi - lo)), axis=0),
+            dtype=np.float64,
+        )
+        s1[seg_codes] += np.add.reduceat(dev, seg, axis=0)
         dev *= dev
-        s2 += ind @ dev
+        s2[seg_codes] += np.add.reduceat(dev, seg, axis=0)
     n = counts[present, None].astype(np.float64)
     mean[present] = shift[present] + s1[present] / n
     var[present] = np.maximum(s2[present] - s1[present] ** 2 / n, 0.0) / n
     return mean, var, counts
+
+
+def _chunks(sorted_codes: np.ndarray, group_start: np.ndarray, piece_rows: int):
+    """(lo, hi) row ranges made of whole pieces; a piece is at most ``piece_rows`` rows
+    of one group, cut at fixed offsets from the group's start; a chunk packs pieces up
+    to ``piece_rows`` rows (or holds one piece)."""
+    position = np.arange(sorted_codes.size) - group_start[sorted_codes]
+    bounds = np.append(np.flatnonzero(position % piece_rows == 0), sorted_codes.size)
+    lo = 0
+    for i in range(1, bounds.size):  # loops over pieces (about one per group)
+        if bounds[i] - lo > piece_rows and bounds[i - 1] > lo:
+            yield lo, int(bounds[i - 1])
+            lo = int(bounds[i - 1])
+    if lo < sorted_codes.size:
+        yield lo, int(sorted_codes.size)
+
+
+def _raw_rows(X, rows: np.ndarray) -> np.ndarray:
+    """Rows of ``X`` as a dense array in their stored dtype (no float64 copy)."""
+    sub = X[rows]
+    return sub.toarray() if sp.issparse(sub) else np.asarray(sub)
 
 
 def _dense_rows(X, rows: np.ndarray) -> np.ndarray:

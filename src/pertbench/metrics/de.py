@@ -26,8 +26,7 @@ from scipy import special
 from pertbench.errors import EvaluationError
 
 #: Number of cells x genes handled per sorting chunk (bounds the memory of the test).
-DEFAULT_CHUNK_ELEMENTS = 4_000_000
-_LOW32 = np.int64(0xFFFFFFFF)
+DEFAULT_CHUNK_ELEMENTS = 2_000_000
 
 
 @dataclass
@@ -158,22 +157,45 @@ def wilcoxon_scores(
     in_group = np.flatnonzero(groups >= 0)
     order = in_group[np.argsort(groups[in_group], kind="stable")]
     group_rows = order
-    pooled_codes = np.concatenate(
-        [np.zeros(n_ref, dtype=np.int64), groups[group_rows] + 1]
-    )  # 0 = reference, g + 1 = group g; rows sorted by code
     n_cells = np.bincount(groups[in_group], minlength=n_groups).astype(np.float64)
-    n_pooled = pooled_codes.size
+    n_pooled = n_ref + group_rows.size
 
     U = np.zeros((n_groups, n_genes))
     T = np.zeros((n_groups, n_genes))  # tie term sum(t^3 - t) of group + reference
     T_ref = np.zeros(n_genes)  # the reference-only part of it
-    ref_part = _RowSource(X if R is None else R, ref_rows)
-    group_part = _RowSource(X, group_rows)
-    genes_per_chunk = max(1, int(chunk_elements // max(n_pooled, 1)))
+    ref_codes = np.zeros(n_ref, dtype=np.int64)
+    if R is None and sp.issparse(X) and X.format == "csc":
+        # one column slice per chunk serves reference and groups alike
+        sources = [
+            _RowSource(
+                X,
+                np.concatenate([ref_rows, group_rows]),
+                np.concatenate([ref_codes, groups[group_rows] + 1]),
+            )
+        ]
+    else:
+        sources = [
+            _RowSource(X if R is None else R, ref_rows, ref_codes),
+            _RowSource(X, group_rows, groups[group_rows] + 1),
+        ]
+    # slot = code * n_chunk + gene must fit the low bits of a sort key
+    genes_per_chunk = int(
+        min(
+            _MAX_CHUNK_GENES,
+            max(1, chunk_elements // max(n_pooled, 1)),
+            max(1, ((1 << _SLOT_BITS) - 1) // (n_groups + 1)),
+        )
+    )
+    if (n_groups + 1) * genes_per_chunk >= 1 << _SLOT_BITS:
+        raise EvaluationError(
+            f"{n_groups} groups against one reference are more than the test supports; "
+            "split the call into several"
+        )
     for left in range(0, n_genes, genes_per_chunk):
         right = min(left + genes_per_chunk, n_genes)
-        block = np.vstack([ref_part.columns(left, right), group_part.columns(left, right)])
-        u, t, t_ref = _rank_sums(block, pooled_codes, n_groups)
+        n_chunk = right - left
+        parts = [source.entries(left, right, n_chunk) for source in sources]
+        u, t, t_ref = _rank_sums(parts, n_ref, n_cells, n_chunk, tie_correct)
         U[:, left:right] = u
         T[:, left:right] = t
         T_ref[left:right] = t_ref
@@ -202,106 +224,227 @@ def wilcoxon_scores(
     )
 
 
+_SLOT_BITS = 23  # low bits of a sort key: slot = pooled code * n_chunk + gene offset
+_VALUE_BITS = 32  # middle bits: order-preserving code of the value
+_GENE_SHIFT = _SLOT_BITS + _VALUE_BITS  # high bits: gene offset within the chunk
+_MAX_CHUNK_GENES = 1 << (63 - _GENE_SHIFT)
+_SLOT_MASK = np.int64((1 << _SLOT_BITS) - 1)
+
+
 class _RowSource:
-    """Chosen rows of a matrix, read one block of columns at a time.
+    """Chosen rows of a matrix, read one block of genes at a time as explicit entries.
 
-    Sparse input is sliced to the rows once and kept as CSC, so column blocks are
-    cheap; dense input is indexed per block, so no full copy is made.
+    CSC input is read in place: each gene block is a cheap column slice whose entries
+    are filtered by row (pass a CSC matrix to test many row subsets without copies).
+    Other sparse input is sliced to the rows once and converted to CSC. Dense input is
+    indexed per block, so no full copy is made. ``codes`` is the pooled code of each
+    chosen row (0 = reference, g + 1 = group g).
     """
 
-    def __init__(self, M, rows: np.ndarray | None) -> None:
-        if sp.issparse(M):
+    def __init__(self, M, rows: np.ndarray | None, codes: np.ndarray) -> None:
+        codes = np.asarray(codes, dtype=np.int64)
+        self._template: tuple[int, np.ndarray] | None = None
+        self.code_of_row = None
+        if sp.issparse(M) and M.format == "csc" and rows is not None:
+            self.M, self.rows = M, None
+            self.code_of_row = np.full(M.shape[0], -1, dtype=np.int64)
+            self.code_of_row[rows] = codes
+            self.codes = None
+        elif sp.issparse(M):
             sub = M if rows is None else M[rows]
-            self.M, self.rows = sp.csc_matrix(sub), None
+            self.M, self.rows, self.codes = sp.csc_matrix(sub), None, codes
         else:
-            self.M, self.rows = M, rows
+            self.M, self.rows, self.codes = M, rows, codes
 
-    def columns(self, left: int, right: int) -> np.ndarray:
+    def _low_bits(self, gene: np.ndarray, code: np.ndarray, n_chunk: int) -> np.ndarray:
+        return (gene << _GENE_SHIFT) | (code * n_chunk + gene)
+
+    def entries(self, left: int, right: int, n_chunk: int) -> tuple[np.ndarray, np.ndarray]:
+        """Non-zero values of genes [left, right) and their key bits (gene and slot)."""
         if sp.issparse(self.M):
-            return self.M[:, left:right].toarray()
-        if self.rows is None:
-            return np.asarray(self.M[:, left:right])
-        return np.asarray(self.M[self.rows, left:right])
+            sub = self.M[:, left:right]
+            gene = np.repeat(np.arange(right - left, dtype=np.int64), np.diff(sub.indptr))
+            values = sub.data
+            if self.code_of_row is not None:
+                code = self.code_of_row[sub.indices]
+                keep = (code >= 0) & (values != 0)
+            else:
+                code = self.codes[sub.indices]
+                keep = values != 0  # explicit zeros are zeros like the implicit ones
+            if not keep.all():
+                gene, values, code = gene[keep], values[keep], code[keep]
+            return values, self._low_bits(gene, code, n_chunk)
+        block = self.M[:, left:right] if self.rows is None else self.M[self.rows, left:right]
+        block = np.ascontiguousarray(block)  # cells x genes; entry order does not matter
+        if np.count_nonzero(block) == block.size:  # dense predictions: a cached key template
+            if self._template is None or self._template[0] != n_chunk:
+                gene = np.tile(np.arange(n_chunk, dtype=np.int64), block.shape[0])
+                code = np.repeat(self.codes, n_chunk)
+                self._template = (n_chunk, self._low_bits(gene, code, n_chunk))
+            return block.ravel(), self._template[1]
+        row, gene = np.nonzero(block)
+        return block[row, gene], self._low_bits(gene.astype(np.int64), self.codes[row], n_chunk)
 
 
-def _value_codes(block: np.ndarray) -> np.ndarray:
-    """Order-preserving int64 codes of the values in [-2^31, 2^31) (equal values, equal codes).
+def _float32_exact(values: np.ndarray) -> bool:
+    return values.dtype == np.float32 or bool(np.array_equal(values.astype(np.float32), values))
 
-    float32 values (and float64 values that are exactly float32) map through their bit
-    pattern; other values are replaced by their dense rank within the block. The range
-    leaves the low 32 bits of a shifted code free for the group.
+
+def _bit_codes(values: np.ndarray) -> np.ndarray:
+    """Order-preserving codes in [0, 2^32) of non-zero float32 values, as int64.
+
+    The bit pattern with the sign bit flipped for positives and all bits flipped for
+    negatives (zeros never reach here: they are implicit).
     """
-    if block.dtype != np.float32:
-        as32 = block.astype(np.float32)
-        if np.array_equal(as32, block):
-            block = as32
-        else:
-            _, inverse = np.unique(block, return_inverse=True)
-            return inverse.reshape(block.shape).astype(np.int64)
-    block = block + np.float32(0.0)  # -0.0 -> +0.0 so that equal values share a code
-    bits = block.view(np.uint32).astype(np.int64)
-    negative = bits >= 0x80000000
-    # negative floats: larger bit pattern = more negative; map both halves monotonically
-    return np.where(negative, 0x7FFFFFFF - bits, bits)
+    bits = values.astype(np.float32, copy=False).view(np.uint32)
+    flip = bits >> np.uint32(31)
+    flip *= np.uint32(0x7FFFFFFF)
+    flip |= np.uint32(0x80000000)
+    flip ^= bits
+    return flip.astype(np.int64)
+
+
+_ZERO_BIT_CODE = 0x80000000
+
+
+def _sort_keys(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, int]:
+    """Sort keys (gene, value code, slot) of all parts, and the value code of zero.
+
+    float32 values (and float64 values that are exactly float32) use their bit codes;
+    otherwise all values are replaced by their dense rank, zero inserted among them.
+    """
+    if all(_float32_exact(v) for v, _ in parts):
+        keys = []
+        for v, low in parts:
+            k = _bit_codes(v)
+            k <<= _SLOT_BITS
+            k |= low
+            keys.append(k)
+        return (keys[0] if len(keys) == 1 else np.concatenate(keys)), _ZERO_BIT_CODE
+    values = np.concatenate([np.asarray(v, dtype=np.float64) for v, _ in parts] + [[0.0]])
+    _, inverse = np.unique(values, return_inverse=True)
+    inverse = inverse.ravel().astype(np.int64)
+    low = np.concatenate([low for _, low in parts])
+    return (inverse[:-1] << _SLOT_BITS) | low, int(inverse[-1])
+
+
+def _tie_terms(
+    keys: np.ndarray, n_chunk: int, size: int, tie_correct: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Tie corrections from sorted keys: per slot, the U overcount 0.5 a b and the tie
+    term (a + b)^3 - b^3 - a, and per gene the reference-only term r^3 - r.
+
+    a = size of a run of equal (gene, value, slot); b = reference entries tied with it
+    (the reference run comes first in its value block). Reference runs land in the
+    reference slots (0..n_chunk-1), which the caller discards.
+    """
+    m = keys.size
+    run_start = np.empty(m, dtype=bool)
+    run_start[0] = True
+    np.not_equal(keys[1:], keys[:-1], out=run_start[1:])
+    starts = np.flatnonzero(run_start)
+    del run_start
+    a = np.diff(starts, append=m).astype(np.float64)
+    run_key = keys[starts]
+    run_slot = run_key & _SLOT_MASK
+    run_head = run_key >> _SLOT_BITS
+    del run_key, starts
+    block_start = np.empty(run_head.size, dtype=bool)
+    block_start[0] = True
+    np.not_equal(run_head[1:], run_head[:-1], out=block_start[1:])
+    first = np.maximum.accumulate(np.where(block_start, np.arange(run_head.size), 0))
+    b = np.where(run_slot[first] < n_chunk, a[first], 0.0)
+    u_corr = np.bincount(run_slot, weights=0.5 * a * b, minlength=size)
+    if not tie_correct:
+        return u_corr, np.zeros(size), np.zeros(n_chunk)
+    total = a + b
+    t_grp = np.bincount(run_slot, weights=total * total * total - b * b * b - a, minlength=size)
+    ref_runs = run_slot < n_chunk
+    r = a[ref_runs]
+    t_ref = np.bincount(run_slot[ref_runs], weights=r * r * r - r, minlength=n_chunk)
+    return u_corr, t_grp, t_ref
 
 
 def _rank_sums(
-    block: np.ndarray, pooled_codes: np.ndarray, n_groups: int
+    parts: list[tuple[np.ndarray, np.ndarray]],
+    n_ref: int,
+    n_cells: np.ndarray,
+    n_chunk: int,
+    tie_correct: bool = True,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """U statistics and tie terms for one chunk of genes.
+    """Mann-Whitney U and tie terms of every group for one chunk of genes.
 
-    ``block`` is (n_pooled, n_chunk) with the reference rows first (code 0) and group
-    rows after (code g + 1). Returns U (n_groups, n_chunk), the cross/group tie term
+    ``parts`` hold the non-zero values and their key bits (gene offset, slot =
+    code * n_chunk + gene with code 0 for the reference); zeros are implicit and handled
+    as one tied block per gene. Returns U (n_groups, n_chunk), the group/cross tie term
     (n_groups, n_chunk) and the reference-only tie term (n_chunk,).
+
+    After one sort of the keys (gene, value, slot), every entry's count of reference
+    entries below it is a cumulative sum; tied reference entries come first within a
+    value (code 0), so they were counted fully and are halved afterwards, on the few
+    tied entries only.
     """
-    n_pooled, n_chunk = block.shape
-    keys = (_value_codes(block.T) << 32) + pooled_codes[None, :]
-    keys.sort(axis=1)
-    keys = keys.ravel()
-    n = keys.size
-    gene_start = np.zeros(n, dtype=bool)
-    gene_start[::n_pooled] = True
-    # runs of equal (value, group): contiguous because the group sits in the low bits
-    run_start = gene_start.copy()
-    run_start[1:] |= keys[1:] != keys[:-1]
-    value = keys >> 32
-    block_start = gene_start.copy()
-    block_start[1:] |= value[1:] != value[:-1]
-    del value
+    n_groups = n_cells.size
+    size = (n_groups + 1) * n_chunk
+    keys, zero_code = _sort_keys(parts)
+    keys.sort()
 
-    starts = np.flatnonzero(run_start)
-    sizes = np.diff(np.append(starts, n)).astype(np.float64)
-    run_group = (keys[starts] & _LOW32).astype(np.int64)  # 0 = reference
-    run_gene = starts // n_pooled
-    block_cum = np.cumsum(block_start)
-    run_block = block_cum[starts] - 1  # value block of each run
-    first_block_of_gene = block_cum[np.arange(n_chunk) * n_pooled] - 1
-    n_blocks = int(block_cum[-1])
-    del keys, run_start, block_start, gene_start, block_cum
+    slot = keys & _SLOT_MASK
+    # reference entries strictly before each entry (in this chunk): the reference
+    # positions split the sorted keys into segments of constant count
+    ref_at = np.flatnonzero(slot < n_chunk)
+    lengths = np.diff(np.concatenate([[0], ref_at + 1, [keys.size]]))
+    ref_before = np.repeat(np.arange(ref_at.size + 1, dtype=np.float64), lengths)
+    nnz = np.bincount(slot, minlength=size).reshape(n_groups + 1, n_chunk)
+    ref_offset = np.concatenate([[0], np.cumsum(nnz[0])[:-1]])  # per gene, before its start
+    U = np.bincount(slot, weights=ref_before, minlength=size).reshape(n_groups + 1, n_chunk)
+    U = (U[1:] - nnz[1:] * ref_offset[None, :]).astype(np.float64)
+    del ref_before, ref_at, lengths
 
-    is_ref = run_group == 0
-    # reference cells tied at each value (the reference run, if any, is first in a block)
-    ref_in_block = np.zeros(n_blocks)
-    ref_in_block[run_block[is_ref]] = sizes[is_ref]
-    # reference cells below each value block, within its gene
-    cum_before = np.cumsum(ref_in_block) - ref_in_block
-    block_gene = np.zeros(n_blocks, dtype=np.int64)
-    block_gene[run_block] = run_gene
-    ref_below = cum_before - cum_before[first_block_of_gene[block_gene]]
+    # negative entries: per gene, the keys below the zero value (usually none)
+    gene_base = np.arange(n_chunk, dtype=np.int64) << _GENE_SHIFT
+    starts = np.searchsorted(keys, gene_base)
+    zeros_at = np.searchsorted(keys, gene_base | (np.int64(zero_code) << _SLOT_BITS))
+    n_neg_total = int((zeros_at - starts).sum())
+    if n_neg_total:
+        lengths = zeros_at - starts
+        offsets = np.repeat(starts - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths)
+        idx = np.arange(n_neg_total) + offsets
+        n_neg = np.bincount(slot[idx], minlength=size).reshape(n_groups + 1, n_chunk)
+    else:
+        n_neg = np.zeros((n_groups + 1, n_chunk), dtype=np.int64)
+    n_pos = nnz - n_neg
 
-    grp = ~is_ref
-    a = sizes[grp]
-    b = ref_in_block[run_block[grp]]
-    below = ref_below[run_block[grp]]
-    slot = (run_group[grp] - 1) * n_chunk + run_gene[grp]
-    size = n_groups * n_chunk
-    U = np.bincount(slot, weights=a * (below + 0.5 * b), minlength=size)
-    # sum over tied values of (t^3 - t) with t = a + b, minus the reference-only part
-    # b^3 - b (added once per gene below): a^3 - a + 3 a^2 b + 3 a b^2
-    T = np.bincount(slot, weights=a**3 - a + 3.0 * a * a * b + 3.0 * a * b * b, minlength=size)
-    r = sizes[is_ref]
-    T_ref = np.bincount(run_gene[is_ref], weights=r**3 - r, minlength=n_chunk)
-    return U.reshape(n_groups, n_chunk), T.reshape(n_groups, n_chunk), T_ref
+    # ties among explicit values: only entries whose (gene, value) repeats matter
+    head = keys >> _SLOT_BITS  # gene and value
+    same = head[1:] == head[:-1]
+    T = np.zeros(size)
+    T_ref = np.zeros(n_chunk)
+    n_same = int(np.count_nonzero(same))
+    if n_same:
+        if 2 * n_same < keys.size:  # few ties (predictions): work on the tied entries
+            tied = np.zeros(keys.size, dtype=bool)
+            tied[1:] = same
+            tied[:-1] |= same
+            tk = keys[tied]
+        else:  # many ties (counts): untied entries are runs of one and add nothing
+            tk = keys
+        del head, same
+        u_corr, t_grp, t_ref = _tie_terms(tk, n_chunk, size, tie_correct)
+        U -= u_corr.reshape(n_groups + 1, n_chunk)[1:]
+        T += t_grp
+        T_ref += t_ref
+    T = T.reshape(n_groups + 1, n_chunk)[1:]
+
+    # the zero block of each gene: group zeros vs reference zeros and negatives
+    z_ref = (n_ref - nnz[0]).astype(np.float64)
+    z_grp = n_cells[:, None] - nnz[1:]
+    U += z_grp * (n_neg[0] + 0.5 * z_ref)[None, :] + n_pos[1:] * z_ref[None, :]
+    if tie_correct:
+        total = z_grp + z_ref
+        T += total**3 - z_ref**3 - z_grp
+        T_ref += z_ref**3 - z_ref
+    return U, T, T_ref
 
 
 # ---------------------------------------------------------------------------------------
@@ -316,13 +459,19 @@ def top_k_mask(scores: np.ndarray, k: int, *, absolute: bool = False) -> np.ndar
     """
     s = np.atleast_2d(np.asarray(scores, dtype=np.float64))
     s = np.abs(s) if absolute else s
-    k = int(min(max(k, 0), s.shape[1]))
-    mask = np.zeros(s.shape, dtype=bool)
+    n = s.shape[1]
+    k = int(min(max(k, 0), n))
     if k == 0:
-        return mask
-    order = np.argsort(-s, axis=1, kind="stable")[:, :k]
-    np.put_along_axis(mask, order, True, axis=1)
-    return mask
+        return np.zeros(s.shape, dtype=bool)
+    if k == n:
+        return np.ones(s.shape, dtype=bool)
+    # the k-th largest value of each row, then everything above it and, among the values
+    # equal to it, the first ones by position (a partition, not a full sort)
+    kth = -np.partition(-s, k - 1, axis=1)[:, k - 1 : k]
+    above = s > kth
+    equal = s == kth
+    room = k - above.sum(axis=1, keepdims=True)
+    return above | (equal & (np.cumsum(equal, axis=1) <= room))
 
 
 def jaccard_top_k(

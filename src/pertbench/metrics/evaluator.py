@@ -58,7 +58,7 @@ from pertbench.metrics.distribution import (
     project,
     subsample,
 )
-from pertbench.metrics.fit import fit_metrics
+from pertbench.metrics.fit import fit_metrics, rank_rows
 from pertbench.metrics.rank import matrix_distance, rank_metrics
 from pertbench.utils.io import write_csv_atomic, write_json_atomic
 
@@ -165,6 +165,7 @@ class _Context:
     covariates: pd.DataFrame  # evaluated covariate combinations: cols + label
     cov_of_group: np.ndarray
     truth_X: Any
+    truth_de: Any  # truth_X as CSC when sparse: column blocks for the Wilcoxon test
     control_rows: list[np.ndarray]  # per covariate combination: truth rows of its controls
     control_mean: np.ndarray  # (n_cov, n_genes)
     specs: list[MetricSpec]
@@ -354,8 +355,8 @@ class Evaluator:
             truth_rows[rows] = 0
         self._check_finite(truth_X, truth_rows, ctx, "truth")
 
-        truth_side = self._side(ctx, truth_X, truth_codes, reference="truth")
-        pred_side = self._side(ctx, pred_X, pred_codes, reference="pred")
+        truth_side = self._side(ctx, truth_X, truth_codes)
+        pred_side = self._side(ctx, pred_X, pred_codes)
         model_scores = self._score(ctx, truth_side, pred_side, label="model")
 
         references: dict[str, _Scores] = {}
@@ -519,6 +520,7 @@ class Evaluator:
             covariates=cov_frame,
             cov_of_group=np.asarray(cov_of_group, dtype=np.int64),
             truth_X=truth_X,
+            truth_de=None,
             control_rows=control_rows,
             control_mean=control_mean,
             specs=specs,
@@ -579,10 +581,16 @@ class Evaluator:
             )
 
     # -- statistics of one side ----------------------------------------------------------
-    def _side(self, ctx: _Context, X, codes: np.ndarray, *, reference: str) -> _Side:
+    def _side(self, ctx: _Context, X, codes: np.ndarray) -> _Side:
         mean, var, n = group_stats(X, codes, ctx.n_groups)
         side = _Side(X=X, codes=codes, mean=mean, var=var, n=n)
         if ctx.need_de:
+            is_truth = X is ctx.truth_X
+            if ctx.truth_de is None:
+                # one column-major copy of the observed data, shared by every test
+                ctx.truth_de = (
+                    sp.csc_matrix(ctx.truth_X) if sp.issparse(ctx.truth_X) else ctx.truth_X
+                )
             side.z = np.zeros_like(mean)
             side.fdr = np.ones_like(mean)
             for c in range(len(ctx.covariates)):
@@ -594,10 +602,25 @@ class Evaluator:
                 cell_codes[inside] = local[codes[inside]]
                 if not (cell_codes >= 0).any():
                     continue
-                ref = ctx.truth_X[ctx.control_rows[c]]
-                res = wilcoxon_scores(
-                    X, cell_codes, ref, n_groups=members.size, tie_correct=ctx.tie_correct
-                )
+                if is_truth:  # controls are rows of the same matrix: pass them as a mask
+                    ref = np.zeros(codes.shape[0], dtype=bool)
+                    ref[ctx.control_rows[c]] = True
+                    ref &= cell_codes < 0
+                    res = wilcoxon_scores(
+                        ctx.truth_de,
+                        cell_codes,
+                        ref,
+                        n_groups=members.size,
+                        tie_correct=ctx.tie_correct,
+                    )
+                else:
+                    res = wilcoxon_scores(
+                        X,
+                        cell_codes,
+                        ctx.truth_de[ctx.control_rows[c]],
+                        n_groups=members.size,
+                        tie_correct=ctx.tie_correct,
+                    )
                 side.z[members] = res.scores
                 side.fdr[members] = res.pvals_adj
         return side
@@ -606,73 +629,103 @@ class Evaluator:
     def _score(self, ctx: _Context, truth: _Side, pred: _Side, *, label: str) -> _Scores:
         G = ctx.n_groups
         present = truth.present & pred.present
-        ctrl = ctx.control_mean[ctx.cov_of_group]
-        t_agg = aggregate(
-            truth.mean, truth.var, ctrl, aggregations=ctx.aggregations, de_scores=truth.z
-        )
-        p_agg = aggregate(
-            pred.mean, pred.var, ctrl, aggregations=ctx.aggregations, de_scores=pred.z
-        )
-        columns: dict[str, np.ndarray] = {}
         rows = np.flatnonzero(present)
+        columns: dict[str, np.ndarray] = {}
         fit_specs = [s for s in ctx.specs if s.family == "fit"]
-        for agg in dict.fromkeys(s.aggregation for s in fit_specs):
-            wanted = [s for s in fit_specs if s.aggregation == agg]
-            values = fit_metrics(p_agg[agg][rows], t_agg[agg][rows], [s.base for s in wanted])
-            for s in wanted:
-                col = np.full(G, np.nan)
-                col[rows] = values[s.base]
-                columns[s.name] = col
         rank_specs = [s for s in ctx.specs if s.family == "rank" and not s.per_covariate]
-        per_cov: dict[str, np.ndarray] = {}
-        n_per_cov = np.zeros(len(ctx.covariates), dtype=np.int64)
-        single = []
-        for s in rank_specs:
-            columns[s.name] = np.full(G, np.nan)
         want_matrix = any(s.name == "matrix_distance" for s in ctx.specs)
+        for s in fit_specs + rank_specs:
+            columns[s.name] = np.full(G, np.nan)
+        per_cov: dict[str, np.ndarray] = {}
         if want_matrix:
             per_cov["matrix_distance"] = np.full(len(ctx.covariates), np.nan)
+        covariates = []  # (index, members) of each covariate combination
+        single = []
         for c in range(len(ctx.covariates)):
             members = ctx.groups_of(c)
             members = members[present[members]]
-            n_per_cov[c] = members.size
+            covariates.append((c, members))
             if members.size < 2 and (rank_specs or want_matrix):
                 single.append(ctx.covariates.loc[c, "label"])
-                continue
-            for agg in dict.fromkeys(s.aggregation for s in rank_specs):
-                wanted = [s for s in rank_specs if s.aggregation == agg]
-                ranks = rank_metrics(
-                    p_agg[agg][members], t_agg[agg][members], [s.base for s in wanted]
-                )
-                for s in wanted:
-                    columns[s.name][members] = ranks[s.base]
-            if want_matrix:
-                per_cov["matrix_distance"][c] = matrix_distance(
-                    p_agg["logfc"][members], t_agg["logfc"][members]
-                )
         if single and label == "model":
             self.notes.append(
                 "rank metrics and matrix_distance are undefined (NaN) where a covariate "
                 f"combination has fewer than 2 evaluated perturbations: {', '.join(single[:10])}"
             )
+        aggregates = {}
+        ctrl = ctx.control_mean[ctx.cov_of_group[rows]]
+        # one aggregation at a time: only two (groups x genes) profiles are alive at once
+        for agg in ctx.aggregations:
+            fit_here = [s for s in fit_specs if s.aggregation == agg]
+            rank_here = [s for s in rank_specs if s.aggregation == agg]
+            keep = self.keep_aggregates and label == "model" and agg in ("average", "logfc")
+            matrix_here = want_matrix and agg == "logfc"
+            if not (fit_here or rank_here or keep or matrix_here):
+                continue
+            t_prof = aggregate(
+                truth.mean[rows],
+                truth.var[rows],
+                ctrl,
+                aggregations=(agg,),
+                de_scores=None if truth.z is None else truth.z[rows],
+            )[agg]
+            p_prof = aggregate(
+                pred.mean[rows],
+                pred.var[rows],
+                ctrl,
+                aggregations=(agg,),
+                de_scores=None if pred.z is None else pred.z[rows],
+            )[agg]
+            p_ranks = t_ranks = None
+            if any(s.base == "spearman" for s in fit_here + rank_here):
+                p_ranks, t_ranks = rank_rows(p_prof), rank_rows(t_prof)  # shared by both
+            if fit_here:
+                values = fit_metrics(
+                    p_prof,
+                    t_prof,
+                    [s.base for s in fit_here],
+                    pred_ranks=p_ranks,
+                    truth_ranks=t_ranks,
+                )
+                for s in fit_here:
+                    columns[s.name][rows] = values[s.base]
+            position = np.full(G, -1, dtype=np.int64)
+            position[rows] = np.arange(rows.size)
+            for c, members in covariates:
+                if members.size < 2:
+                    continue
+                at = position[members]
+                if rank_here:
+                    ranks = rank_metrics(
+                        p_prof[at],
+                        t_prof[at],
+                        [s.base for s in rank_here],
+                        pred_ranks=None if p_ranks is None else p_ranks[at],
+                        truth_ranks=None if t_ranks is None else t_ranks[at],
+                    )
+                    for s in rank_here:
+                        columns[s.name][members] = ranks[s.base]
+                if matrix_here:
+                    per_cov["matrix_distance"][c] = matrix_distance(p_prof[at], t_prof[at])
+            if keep:
+                for side, prof in (("pred", p_prof), ("truth", t_prof)):
+                    full = np.full((G, prof.shape[1]), np.nan, dtype=np.float32)
+                    full[rows] = prof
+                    aggregates[f"{side}_{agg}"] = full
+            del t_prof, p_prof, p_ranks, t_ranks
         de_specs = [s for s in ctx.specs if s.family == "de"]
         if de_specs:
-            self._de_columns(ctx, truth, pred, t_agg, p_agg, rows, columns, de_specs, label)
+            self._de_columns(ctx, truth, pred, rows, columns, de_specs, label)
         dist_specs = [s for s in ctx.specs if s.family == "distribution"]
         if dist_specs:
             self._distribution_columns(ctx, truth, pred, rows, columns, dist_specs)
         order = [s.name for s in ctx.specs if not s.per_covariate]
         per_group = pd.DataFrame({name: columns[name] for name in order})
+        n_per_cov = np.array([members.size for _, members in covariates], dtype=np.int64)
         per_covariate = pd.DataFrame({"n_perturbations": n_per_cov, **per_cov})
-        aggregates = {}
-        if self.keep_aggregates and label == "model":
-            for agg in ("average", "logfc"):
-                if agg in p_agg:
-                    aggregates[f"pred_{agg}"] = p_agg[agg]
-                    aggregates[f"truth_{agg}"] = t_agg[agg]
         return _Scores(per_group=per_group, per_covariate=per_covariate, aggregates=aggregates)
 
-    def _de_columns(self, ctx, truth, pred, t_agg, p_agg, rows, columns, specs, label) -> None:
+    def _de_columns(self, ctx, truth, pred, rows, columns, specs, label) -> None:
         G = ctx.n_groups
         k = ctx.top_k
         t_delta = truth.mean[rows] - ctx.control_mean[ctx.cov_of_group[rows]]
@@ -802,16 +855,12 @@ class Evaluator:
             prefer_split="test",
         )
         predicted = model.predict(cf, seed=self.seed)
-        group_index = np.flatnonzero(can)
         # counterfactual rows come request by request; map them back to evaluated groups
         req = pd.MultiIndex.from_frame(
             predicted.obs[[*keys.covariate_keys, keys.perturbation_key]].astype(str)
         )
-        ev = pd.MultiIndex.from_frame(requests.astype(str))
-        codes = ev.get_indexer(req)
-        assert set(np.unique(codes)) <= set(group_index.tolist())
-        X = predicted.X
-        return self._side(ctx, X, codes.astype(np.int64), reference=name)
+        codes = pd.MultiIndex.from_frame(requests.astype(str)).get_indexer(req)
+        return self._side(ctx, predicted.X, codes.astype(np.int64))
 
     def _ceiling_scores(self, ctx: _Context, truth_X, truth_side: _Side) -> _Scores:
         half_a, half_b = cal.split_halves(truth_side.codes, ctx.n_groups, seed=self.seed)
@@ -821,8 +870,8 @@ class Evaluator:
                 f"the ceiling is undefined (NaN) for {too_small} group(s) with fewer than 2 "
                 "observed cells (they cannot be split in halves)"
             )
-        side_b = self._side(ctx, truth_X, half_b, reference="truth")
-        side_a = self._side(ctx, truth_X, half_a, reference="half")
+        side_b = self._side(ctx, truth_X, half_b)
+        side_a = self._side(ctx, truth_X, half_a)
         return self._score(ctx, side_b, side_a, label=CEILING)
 
     # -- assembling ----------------------------------------------------------------------

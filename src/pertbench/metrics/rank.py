@@ -47,10 +47,26 @@ def rank_scores(D: np.ndarray) -> np.ndarray:
     return (less + 0.5 * equal) / n
 
 
-def _dedupe(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Unique rows and the index of each original row among them."""
-    unique, inverse = np.unique(rows, axis=0, return_inverse=True)
-    return unique, np.asarray(inverse).ravel()
+def _dedupe(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Unique rows (in order of first appearance), the index of each row among them and
+    the position of each unique row's first appearance."""
+    import pandas as pd
+
+    rows = np.ascontiguousarray(rows)
+    codes, _ = pd.factorize(np.array([r.tobytes() for r in rows], dtype=object))
+    _, first = np.unique(codes, return_index=True)
+    return rows[first], codes, first
+
+
+def single_threaded_blas():
+    """Context that limits BLAS to one thread (small products; avoids oversubscription)."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn
+        import contextlib
+
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=1, user_api="blas")
 
 
 def _similarity_matrix(P: np.ndarray, T: np.ndarray, *, center: bool) -> np.ndarray:
@@ -70,6 +86,39 @@ def _sse_matrix(P: np.ndarray, T: np.ndarray) -> np.ndarray:
     return np.maximum(sq_p + sq_t - 2.0 * (P @ T.T), 0.0)
 
 
+def _distances(U: np.ndarray, T: np.ndarray, metric: str, cache: dict) -> np.ndarray:
+    """Distance matrix between unique prediction rows ``U`` and observed rows ``T``."""
+    n_genes = max(U.shape[1], 1)
+    if metric in ("rmse", "mse", "r2"):
+        if "sse" not in cache:
+            cache["sse"] = _sse_matrix(U, T)
+        sse = cache["sse"]
+        if metric == "mse":
+            return sse / n_genes
+        if metric == "rmse":
+            return np.sqrt(sse / n_genes)
+        centred = T - T.mean(axis=1, keepdims=True)
+        sst = np.einsum("ij,ij->i", centred, centred)
+        flat = is_constant(T)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            r2 = 1.0 - sse / np.where(flat, 1.0, sst)[None, :]
+        if flat.any():  # constant truth: r2 = 1 for an exact prediction, else 0
+            exact = (U[:, None, :] == T[None, flat, :]).all(axis=2)
+            r2[:, flat] = np.where(exact, 1.0, 0.0)
+        return -r2
+    if metric == "mae":
+        return cdist(U, T, metric="cityblock") / n_genes
+    if metric == "cosine":
+        return -_similarity_matrix(U, T, center=False)
+    if metric == "pearson":
+        return -_similarity_matrix(U, T, center=True)
+    if metric == "spearman":
+        u_ranks = cache["u_ranks"] if "u_ranks" in cache else rank_rows(U)
+        t_ranks = cache["t_ranks"] if "t_ranks" in cache else rank_rows(T)
+        return -_similarity_matrix(u_ranks, t_ranks, center=True)
+    raise ValueError(f"unknown metric '{metric}' for a distance matrix; use one of {FIT_METRICS}")
+
+
 def distance_matrix(pred: np.ndarray, truth: np.ndarray, metric: str) -> np.ndarray:
     """``D[i, j]`` = distance between prediction row i and observed row j for a fit metric.
 
@@ -78,40 +127,19 @@ def distance_matrix(pred: np.ndarray, truth: np.ndarray, metric: str) -> np.ndar
     """
     P = np.atleast_2d(np.asarray(pred, dtype=np.float64))
     T = np.atleast_2d(np.asarray(truth, dtype=np.float64))
-    U, inverse = _dedupe(P)
-    n_genes = max(P.shape[1], 1)
-    if metric in ("rmse", "mse", "r2"):
-        sse = _sse_matrix(U, T)
-        if metric == "mse":
-            D = sse / n_genes
-        elif metric == "rmse":
-            D = np.sqrt(sse / n_genes)
-        else:
-            centred = T - T.mean(axis=1, keepdims=True)
-            sst = np.einsum("ij,ij->i", centred, centred)
-            flat = is_constant(T)
-            with np.errstate(invalid="ignore", divide="ignore"):
-                r2 = 1.0 - sse / np.where(flat, 1.0, sst)[None, :]
-            if flat.any():  # constant truth: r2 = 1 for an exact prediction, else 0
-                exact = (U[:, None, :] == T[None, flat, :]).all(axis=2)
-                r2[:, flat] = np.where(exact, 1.0, 0.0)
-            D = -r2
-    elif metric == "mae":
-        D = cdist(U, T, metric="cityblock") / n_genes
-    elif metric == "cosine":
-        D = -_similarity_matrix(U, T, center=False)
-    elif metric == "pearson":
-        D = -_similarity_matrix(U, T, center=True)
-    elif metric == "spearman":
-        D = -_similarity_matrix(rank_rows(U), rank_rows(T), center=True)
-    else:
-        raise ValueError(
-            f"unknown metric '{metric}' for a distance matrix; use one of {FIT_METRICS}"
-        )
-    return D[inverse]
+    U, inverse, _ = _dedupe(P)
+    with single_threaded_blas():
+        return _distances(U, T, metric, {})[inverse]
 
 
-def rank_metrics(pred: np.ndarray, truth: np.ndarray, metrics=FIT_METRICS) -> dict[str, np.ndarray]:
+def rank_metrics(
+    pred: np.ndarray,
+    truth: np.ndarray,
+    metrics=FIT_METRICS,
+    *,
+    pred_ranks: np.ndarray | None = None,
+    truth_ranks: np.ndarray | None = None,
+) -> dict[str, np.ndarray]:
     """Rank of each observed perturbation for several metrics.
 
     Parameters
@@ -120,8 +148,9 @@ def rank_metrics(pred: np.ndarray, truth: np.ndarray, metrics=FIT_METRICS) -> di
         (N, n_genes) aggregates of the N perturbations of ONE covariate combination, row
         i of both describing the same perturbation.
     metrics
-        Fit metric names; the rank of ``rmse``, ``mse`` and ``r2`` share one distance
-        matrix computation.
+        Fit metric names; ``rmse``, ``mse`` and ``r2`` share one distance computation.
+    pred_ranks, truth_ranks
+        Row ranks (:func:`pertbench.metrics.fit.rank_rows`) when already computed.
 
     Returns
     -------
@@ -135,7 +164,14 @@ def rank_metrics(pred: np.ndarray, truth: np.ndarray, metrics=FIT_METRICS) -> di
     n = P.shape[0]
     if n < 2:
         return {m: np.full(n, np.nan) for m in metrics}
-    return {m: rank_scores(distance_matrix(P, T, m)) for m in metrics}
+    U, inverse, first = _dedupe(P)
+    cache: dict = {}
+    if pred_ranks is not None:
+        cache["u_ranks"] = np.asarray(pred_ranks)[first]
+    if truth_ranks is not None:
+        cache["t_ranks"] = np.asarray(truth_ranks)
+    with single_threaded_blas():
+        return {m: rank_scores(_distances(U, T, m, cache)[inverse]) for m in metrics}
 
 
 def similarity_matrix(profiles: np.ndarray) -> np.ndarray:
@@ -145,7 +181,8 @@ def similarity_matrix(profiles: np.ndarray) -> np.ndarray:
     non-zero row and 1 with a zero row (including itself).
     """
     P = np.atleast_2d(np.asarray(profiles, dtype=np.float64))
-    return _similarity_matrix(P, P, center=False)
+    with single_threaded_blas():
+        return _similarity_matrix(P, P, center=False)
 
 
 def matrix_distance(pred_logfc: np.ndarray, truth_logfc: np.ndarray) -> float:
