@@ -30,10 +30,11 @@ def test_dense_rows_matches_scipy_for_any_row_order():
     assert X[5].nnz == 0
     rows = rng.integers(0, 200, size=300)  # repeats and arbitrary order
     rows[:3] = [5, 5, 199]
-    np.testing.assert_array_equal(dense_rows(X, rows), X[rows].toarray())
+    dense = X.toarray()  # the reference: densify everything, then index
+    np.testing.assert_array_equal(dense_rows(X, rows), dense[rows])
     out = np.full((rows.size, 37), 7.0, dtype=np.float32)  # stale buffer is cleared
-    np.testing.assert_array_equal(dense_rows(X, rows, out=out), X[rows].toarray())
-    dense = X.toarray()
+    np.testing.assert_array_equal(dense_rows(X, rows, out=out), dense[rows])
+    assert dense_rows(X.astype(np.float64), rows).dtype == np.float32
     np.testing.assert_array_equal(dense_rows(dense, rows), dense[rows])
     assert dense_rows(X, np.array([], dtype=np.int64)).shape == (0, 37)
 
@@ -158,3 +159,53 @@ def test_fixed_loader_is_identical_every_epoch_and_drops_unmatched(toy_adata):
     a = [b["ctrl"] for b in loader(0)]
     b = [b["ctrl"] for b in loader(5)]
     assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def test_prefetched_batches_are_identical_and_errors_propagate(toy_adata):
+    from pertbench.models.data import prefetched
+
+    table, _ = _table(toy_adata)
+    kwargs = dict(
+        batch_size=50, seed=1, fields=("x", "pert"), controls=table, control_fields={"ctrl": "x"}
+    )
+    inline = list(BatchLoader(table, **kwargs)(2))
+    ahead = list(BatchLoader(table, prefetch=2, **kwargs)(2))
+    assert len(inline) == len(ahead) == -(-table.n_cells // 50)
+    for a, b in zip(inline, ahead, strict=True):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    def failing():
+        yield 1
+        raise ValueError("boom")
+
+    it = prefetched(failing(), depth=1)
+    assert next(it) == 1
+    with pytest.raises(ValueError, match="boom"):
+        next(it)
+    # stopping early joins the producer instead of leaving it blocked
+    import threading
+
+    gen = prefetched(iter(range(1000)), depth=1)
+    assert next(gen) == 0
+    gen.close()
+    assert not any(t.name == "pertbench-prefetch" for t in threading.enumerate())
+
+
+def test_device_side_densification_gives_the_same_batches(toy_adata):
+    from pertbench.models.training import move_batch
+
+    table, _ = _table(toy_adata)
+    kwargs = dict(
+        batch_size=64,
+        seed=2,
+        fields=("x", "pert", "cov_codes"),
+        controls=table,
+        control_fields={"ctrl": "x"},
+    )
+    dense = list(BatchLoader(table, **kwargs)(0))
+    shipped = list(BatchLoader(table, densify_on_device=True, **kwargs)(0))
+    assert shipped[0]["x"].layout == torch.sparse_csr  # only the non-zeros travel
+    assert shipped[0]["cov_codes"].layout == torch.strided
+    for a, b in zip(dense, shipped, strict=True):
+        b = move_batch(b, "cpu")
+        assert all(torch.equal(a[k], b[k]) for k in a)

@@ -176,6 +176,8 @@ def test_bad_hyperparameters_are_config_errors(toy):
         create_model("decoder_only", inputs="genes")
     with pytest.raises(ConfigError, match="adv_steps must be >= 2"):
         _fit("cpa", {"adv_steps": 1}, adata, split)
+    with pytest.raises(ConfigError, match="max_epochs must be >= 1"):
+        _fit("linear", {}, adata, split, epochs=0)
     with pytest.raises(ConfigError, match="likelihood must be one of"):
         _fit("sams_vae", {"likelihood": "poisson"}, adata, split)
     with pytest.raises(ModelError, match="only controls"):

@@ -15,8 +15,10 @@ across epochs).
 
 from __future__ import annotations
 
+import queue
+import threading
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import anndata as ad
@@ -40,21 +42,22 @@ NO_CONTROL = -1
 def dense_rows(X: Any, rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """Rows ``rows`` of ``X`` as a dense C-contiguous float32 array.
 
-    For CSR input this is one vectorised gather of the rows' stored entries followed by a
-    scatter into a zeroed block: the cost is proportional to the non-zeros of the batch,
-    not to the number of cells, and the full matrix is never densified.
+    For CSR input the rows' stored entries are gathered and scattered into a zeroed block
+    by scipy's compiled kernels (``csr_row_index``, ``csr_todense``): the cost is
+    proportional to the non-zeros of the batch, no Python runs per cell, the GIL is
+    released (so a prefetch thread overlaps it with training) and the full matrix is
+    never densified.
 
     Parameters
     ----------
     X
-        CSR matrix (canonical: sorted, no duplicate entries) or dense 2-D array.
+        CSR matrix or dense 2-D array.
     rows
         Row indices (any order, repeats allowed).
     out
         Optional preallocated float32 array of shape ``(len(rows), X.shape[1])``.
     """
     rows = np.asarray(rows, dtype=np.int64)
-    n_cols = X.shape[1]
     if not sp.issparse(X):
         dense = np.asarray(X)[rows]
         if out is None:
@@ -62,21 +65,13 @@ def dense_rows(X: Any, rows: np.ndarray, out: np.ndarray | None = None) -> np.nd
         out[...] = dense
         return out
     if out is None:
-        out = np.zeros((rows.size, n_cols), dtype=np.float32)
+        out = np.zeros((rows.size, X.shape[1]), dtype=np.float32)
     else:
-        out.fill(0.0)
-    indptr = X.indptr
-    starts = indptr[rows]
-    lengths = indptr[rows + 1] - starts
-    total = int(lengths.sum())
-    if total == 0:
-        return out
-    # Position of each stored entry of the batch inside X.data / X.indices:
-    # for row i, starts[i] + 0..lengths[i]-1, built without a Python loop.
-    row_of_entry = np.repeat(np.arange(rows.size, dtype=np.int64), lengths)
-    first_entry = np.cumsum(lengths) - lengths
-    positions = np.arange(total, dtype=np.int64) + np.repeat(starts - first_entry, lengths)
-    out[row_of_entry, X.indices[positions]] = X.data[positions]
+        out.fill(0.0)  # csr_todense accumulates into the buffer
+    block = X[rows]
+    if block.dtype != np.float32:
+        block = block.astype(np.float32)
+    block.toarray(out=out)
     return out
 
 
@@ -227,9 +222,24 @@ class CellTable:
         )
 
     # -- batches -------------------------------------------------------------------------
-    def take(self, name: str, rows: np.ndarray) -> torch.Tensor:
-        """One array's rows as a tensor (sparse arrays densified, integer codes as int64)."""
+    def take(self, name: str, rows: np.ndarray, *, keep_sparse: bool = False) -> torch.Tensor:
+        """One array's rows as a tensor (sparse arrays densified, integer codes as int64).
+
+        With ``keep_sparse`` a CSR array's rows come as a torch sparse CSR tensor (only
+        the non-zeros), to be densified on the training device by ``move_batch``.
+        """
         value = self.arrays[name]
+        if keep_sparse and sp.issparse(value):
+            block = value[np.asarray(rows, dtype=np.int64)]
+            with warnings.catch_warnings():  # "sparse CSR support is in beta"
+                warnings.simplefilter("ignore", UserWarning)
+                return torch.sparse_csr_tensor(
+                    torch.from_numpy(block.indptr.astype(np.int64)),
+                    torch.from_numpy(block.indices.astype(np.int64)),
+                    torch.from_numpy(block.data.astype(np.float32, copy=False)),
+                    size=block.shape,
+                    check_invariants=False,  # canonical scipy CSR by construction
+                )
         if sp.issparse(value) or (value.ndim == 2 and value.dtype.kind == "f"):
             return torch.from_numpy(dense_rows(value, rows))
         picked = np.ascontiguousarray(value[rows])
@@ -340,6 +350,16 @@ class BatchLoader:
         ``{"ctrl": "x"}``.
     shuffle
         Reshuffle and re-match every epoch (training) or keep one fixed order/matching.
+    prefetch
+        Build this many batches ahead in a background thread (0: build inline). The
+        densification kernels release the GIL, so on a GPU the next batch is prepared
+        while the current one trains. Batches and their order are the same either way.
+    pin_memory
+        Pin dense batch tensors (faster, asynchronous host-to-GPU copies).
+    densify_on_device
+        Ship sparse arrays (expression) as their non-zeros and densify them on the
+        training device (``move_batch``): on a GPU this moves a fraction of the bytes
+        and leaves the host only the row gather.
     """
 
     def __init__(
@@ -352,6 +372,9 @@ class BatchLoader:
         controls: CellTable | None = None,
         control_fields: Mapping[str, str] | None = None,
         shuffle: bool = True,
+        prefetch: int = 0,
+        pin_memory: bool = False,
+        densify_on_device: bool = False,
     ) -> None:
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
@@ -362,6 +385,9 @@ class BatchLoader:
         self.controls = controls
         self.control_fields = dict(control_fields or {})
         self.shuffle = shuffle
+        self.prefetch = max(int(prefetch), 0)
+        self.pin_memory = bool(pin_memory)
+        self.densify_on_device = bool(densify_on_device)
         self.rows = np.arange(table.n_cells, dtype=np.int64)
         self.matcher: ControlMatcher | None = None
         self.n_dropped = 0
@@ -409,16 +435,76 @@ class BatchLoader:
 
     def make_batch(self, rows: np.ndarray, control_rows: np.ndarray | None) -> dict[str, Any]:
         """Densify one batch: the target fields, then the matched-control fields."""
-        batch = {name: self.table.take(name, rows) for name in self.fields}
+        sparse = self.densify_on_device
+        batch = {name: self.table.take(name, rows, keep_sparse=sparse) for name in self.fields}
         if control_rows is not None and self.controls is not None:
             for out_name, name in self.control_fields.items():
-                batch[out_name] = self.controls.take(name, control_rows)
+                batch[out_name] = self.controls.take(name, control_rows, keep_sparse=sparse)
+        if self.pin_memory:
+            batch = {
+                k: v if v.layout != torch.strided else v.pin_memory() for k, v in batch.items()
+            }
         return batch
 
     def __call__(self, epoch: int = 0) -> Iterator[dict[str, Any]]:
         order, controls = self.epoch_plan(epoch)
-        for start in range(0, order.size, self.batch_size):
-            stop = start + self.batch_size
-            yield self.make_batch(
-                order[start:stop], None if controls is None else controls[start:stop]
+        batches = (
+            self.make_batch(
+                order[start : start + self.batch_size],
+                None if controls is None else controls[start : start + self.batch_size],
             )
+            for start in range(0, order.size, self.batch_size)
+        )
+        if self.prefetch:
+            return prefetched(batches, depth=self.prefetch)
+        return batches
+
+
+_DONE = object()
+
+
+def prefetched(items: Iterable[Any], *, depth: int = 2) -> Iterator[Any]:
+    """Iterate ``items`` produced by a background thread, at most ``depth`` ahead.
+
+    Order is preserved; an exception in the producer is re-raised in the consumer; when
+    the consumer stops early the producer is told to stop and joined.
+    """
+    buffer: queue.Queue = queue.Queue(maxsize=max(int(depth), 1))
+    stop = threading.Event()
+
+    def put(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                buffer.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put(item):
+                    return
+            put(_DONE)
+        except BaseException as exc:  # forwarded to the consumer
+            put(exc)
+
+    worker = threading.Thread(target=produce, name="pertbench-prefetch", daemon=True)
+    worker.start()
+    try:
+        while True:
+            item = buffer.get()
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while worker.is_alive():
+            try:  # unblock a producer waiting on a full buffer
+                buffer.get_nowait()
+            except queue.Empty:
+                pass
+            worker.join(timeout=0.05)

@@ -28,8 +28,13 @@ _ACTIVATIONS = {
 }
 _NORMS = ("layer", "batch", "none")
 
-#: Lower bound on variances and negative-binomial parameters, against log(0) and 1/0.
+#: Lower bound on negative-binomial parameters, against log(0) and 1/0.
 EPS = 1e-6
+#: Floor of the Gaussian variance on log-normalised expression. Without it the decoder
+#: drives the variance of genes that are zero in a training batch towards 0, the training
+#: likelihood diverges to +inf and the validation loss explodes (sd 0.1 on log1p scale is
+#: far below the measurement noise of single-cell counts).
+MIN_VARIANCE = 1e-2
 
 
 def _activation(name: str) -> nn.Module:
@@ -168,21 +173,24 @@ class GaussianLikelihood(nn.Module):
     """Heteroscedastic Gaussian on log-normalised expression (decoder gives mean and variance).
 
     The decoder output has ``2 * n_genes`` columns: the mean (optionally through softplus)
-    and a raw variance turned positive by softplus.
+    and a raw variance turned positive by softplus, plus a floor ``min_variance``.
     """
 
     n_params = 2
 
-    def __init__(self, n_genes: int, *, softplus_mean: bool = False) -> None:
+    def __init__(
+        self, n_genes: int, *, softplus_mean: bool = False, min_variance: float = MIN_VARIANCE
+    ) -> None:
         super().__init__()
         self.n_genes = n_genes
         self.softplus_mean = softplus_mean
+        self.min_variance = float(min_variance)
 
     def split(self, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mean, raw_var = out.split(self.n_genes, dim=-1)
         if self.softplus_mean:
             mean = F.softplus(mean)
-        return mean, F.softplus(raw_var) + EPS
+        return mean, F.softplus(raw_var) + self.min_variance
 
     def nll(self, out: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Negative log-likelihood per cell (summed over genes) of ``batch['x']``."""

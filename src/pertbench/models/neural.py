@@ -162,6 +162,15 @@ class NeuralModel(PerturbationModel):
         }
         matched = self.uses_matched_controls
         control_fields = {"ctrl": "emb" if emb else "x"}
+        # On a GPU the next batches are densified by a background thread while the
+        # current one trains; on CPU the cores are busy computing, so build inline.
+        on_gpu = str(context.device).startswith("cuda")
+        # There, expression travels as its non-zeros and is densified on the device.
+        loading = {
+            "prefetch": 2 if on_gpu else 0,
+            "pin_memory": on_gpu,
+            "densify_on_device": on_gpu,
+        }
         with torch_seed_scope(context.seed, context.device):
             module = self._build_module(dims)
             train_loader = BatchLoader(
@@ -172,6 +181,7 @@ class NeuralModel(PerturbationModel):
                 controls=train_table if matched else None,
                 control_fields=control_fields,
                 shuffle=True,
+                **loading,
             )
             if train_loader.n_cells == 0:
                 raise ModelError("no training cell has a control of the same covariates")
@@ -195,11 +205,12 @@ class NeuralModel(PerturbationModel):
                     controls=pool,
                     control_fields=control_fields,
                     shuffle=False,
+                    **loading,
                 )
                 if val_loader.n_cells == 0:
                     val_loader = None
             config = TrainingConfig(
-                max_epochs=int(context.max_epochs or p.max_epochs),
+                max_epochs=int(p.max_epochs if context.max_epochs is None else context.max_epochs),
                 patience=int(p.patience) if p.patience and p.patience > 0 else None,
                 gradient_clip=float(p.gradient_clip) if p.gradient_clip > 0 else None,
                 progress=context.progress,

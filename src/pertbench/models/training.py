@@ -51,11 +51,19 @@ class TrainingConfig:
 
 
 def move_batch(batch: Batch, device: str | torch.device) -> dict[str, torch.Tensor]:
-    """Move every tensor of a batch to ``device`` (non-blocking when pinned)."""
-    return {
-        k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
-        for k, v in batch.items()
-    }
+    """Move every tensor of a batch to ``device`` (non-blocking when pinned).
+
+    Sparse CSR tensors are densified after the move: a loader may ship the non-zeros of
+    a batch and let the device expand them (see ``BatchLoader(densify_on_device=True)``).
+    """
+    out = {}
+    for k, v in batch.items():
+        if isinstance(v, torch.Tensor):
+            v = v.to(device, non_blocking=True)
+            if v.layout == torch.sparse_csr:
+                v = v.to_dense()
+        out[k] = v
+    return out
 
 
 def _batch_size(batch: Batch) -> int:
