@@ -142,11 +142,11 @@ class ScGenParams:
     lr: float = params_field(1e-3, "Adam learning rate.")
     weight_decay: float = params_field(1e-6, "Adam weight decay.")
     adam_eps: float = params_field(0.01, "Adam epsilon (0.01 keeps the VAE stable).")
-    batch_size: int = params_field(64, "Cells per mini-batch.")
+    batch_size: int = params_field(32, "Cells per mini-batch.")
     max_epochs: int = params_field(
-        16, "Maximum epochs (early stopping on validation loss may end sooner)."
+        10, "Maximum epochs (early stopping on validation loss may end sooner)."
     )
-    patience: int = params_field(8, "Epochs without validation improvement before stopping.")
+    patience: int = params_field(5, "Epochs without validation improvement before stopping.")
     val_fraction: float = params_field(
         0.1, "Share of training cells held out for early stopping when the split has no 'val'."
     )
