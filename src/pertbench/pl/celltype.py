@@ -279,7 +279,9 @@ def attention_heatmap(
                 ha="center",
                 va="center",
                 fontsize=7,
-                color="white" if (not np.isfinite(value) or value < 0.6 * vmax) else "black",
+                color="0.4"
+                if not np.isfinite(value)
+                else ("white" if value < 0.6 * vmax else "black"),
             )
     ax.set_xlabel("reference cell type")
     ax.set_ylabel("query (held-out) cell type")
