@@ -51,8 +51,16 @@ from pertbench.models.training import TrainingConfig, fit_module, seeded_rng
 LOG_VAR_LIMIT = 10.0
 
 
-def _hidden_block(n_in: int, n_out: int, dropout: float) -> list[nn.Module]:
-    return [nn.Linear(n_in, n_out), nn.BatchNorm1d(n_out), nn.LeakyReLU(), nn.Dropout(dropout)]
+def _hidden_block(n_in: int, n_out: int, dropout: float, momentum: float) -> list[nn.Module]:
+    # BatchNorm's running statistics are what prediction (eval mode) uses; a slow average
+    # (momentum 0.01, eps 1e-3, as in scGen's reference layers) keeps them from following
+    # the cell-type mix of the last few batches.
+    return [
+        nn.Linear(n_in, n_out),
+        nn.BatchNorm1d(n_out, momentum=momentum, eps=1e-3),
+        nn.LeakyReLU(),
+        nn.Dropout(dropout),
+    ]
 
 
 class ScGenVAE(nn.Module):
@@ -75,13 +83,18 @@ class ScGenVAE(nn.Module):
         lr: float = 1e-3,
         weight_decay: float = 1e-6,
         adam_eps: float = 0.01,
+        batchnorm_momentum: float = 0.01,
     ) -> None:
         super().__init__()
         enc: list[nn.Module] = []
         dec: list[nn.Module] = []
         for i in range(n_layers):
-            enc += _hidden_block(n_genes if i == 0 else n_hidden, n_hidden, dropout)
-            dec += _hidden_block(n_latent if i == 0 else n_hidden, n_hidden, dropout)
+            enc += _hidden_block(
+                n_genes if i == 0 else n_hidden, n_hidden, dropout, batchnorm_momentum
+            )
+            dec += _hidden_block(
+                n_latent if i == 0 else n_hidden, n_hidden, dropout, batchnorm_momentum
+            )
         self.encoder = nn.Sequential(*enc)
         self.mean = nn.Linear(n_hidden, n_latent)
         self.log_var = nn.Linear(n_hidden, n_latent)
@@ -142,11 +155,14 @@ class ScGenParams:
     lr: float = params_field(1e-3, "Adam learning rate.")
     weight_decay: float = params_field(1e-6, "Adam weight decay.")
     adam_eps: float = params_field(0.01, "Adam epsilon (0.01 keeps the VAE stable).")
-    batch_size: int = params_field(64, "Cells per mini-batch.")
-    max_epochs: int = params_field(
-        16, "Maximum epochs (early stopping on validation loss may end sooner)."
+    batchnorm_momentum: float = params_field(
+        0.01, "Momentum of BatchNorm's running statistics (used at prediction)."
     )
-    patience: int = params_field(8, "Epochs without validation improvement before stopping.")
+    batch_size: int = params_field(32, "Cells per mini-batch.")
+    max_epochs: int = params_field(
+        10, "Maximum epochs (early stopping on validation loss may end sooner)."
+    )
+    patience: int = params_field(5, "Epochs without validation improvement before stopping.")
     val_fraction: float = params_field(
         0.1, "Share of training cells held out for early stopping when the split has no 'val'."
     )
@@ -217,6 +233,7 @@ class ScGen(PerturbationModel):
             lr=p.lr,
             weight_decay=p.weight_decay,
             adam_eps=p.adam_eps,
+            batchnorm_momentum=p.batchnorm_momentum,
         )
 
     def _fit(self, train: ad.AnnData, val: ad.AnnData | None, context: FitContext) -> None:

@@ -265,7 +265,7 @@ def attention_heatmap(
     nr, nc = values.shape
     finite = values[np.isfinite(values)]
     vmax = max(float(finite.max()), 1e-12) if finite.size else 1.0
-    fig, ax = _new_axes(ax, figsize or (2.2 + 0.75 * nc, 1.6 + 0.45 * nr))
+    fig, ax = _new_axes(ax, figsize or (2.6 + 0.75 * nc, 2.6 + 0.45 * nr))
     image = ax.imshow(np.ma.masked_invalid(values), cmap="magma", vmin=0.0, vmax=vmax)
     ax.set_xticks(range(nc), [str(c) for c in table.columns], rotation=45, ha="right")
     ax.set_yticks(range(nr), [str(r) for r in table.index])
@@ -279,7 +279,9 @@ def attention_heatmap(
                 ha="center",
                 va="center",
                 fontsize=7,
-                color="white" if (not np.isfinite(value) or value < 0.6 * vmax) else "black",
+                color="0.4"
+                if not np.isfinite(value)
+                else ("white" if value < 0.6 * vmax else "black"),
             )
     ax.set_xlabel("reference cell type")
     ax.set_ylabel("query (held-out) cell type")

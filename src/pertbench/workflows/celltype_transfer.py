@@ -362,7 +362,7 @@ class _HeldOutTask:
         split = result.split.reindex(data.obs_names.astype(str))
         truth = data[(split == "test").to_numpy()]
         controls = data[in_type & (labels == keys.control)]
-        genes = top_de_genes(controls, truth, n=N_FIGURE_GENES)
+        genes = top_de_genes(controls, truth, n=N_FIGURE_GENES) if options.figures else []
         return cls(data, keys, cell_type, split, truth, controls, genes)
 
     def run(
@@ -467,7 +467,7 @@ def attention_by_type(model, keys: PerturbationKeys) -> pd.DataFrame | None:
     return attention.by_reference_type(groups)
 
 
-def save_figure(fig, path: Path, *, dpi: int = 110) -> Path:
+def save_figure(fig, path: Path, *, dpi: int = 90) -> Path:
     """Write a matplotlib figure atomically (format from the suffix)."""
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=dpi, format=path.suffix.lstrip(".") or "png")
