@@ -318,8 +318,9 @@ def test_reproducible_and_metric_selection(make_toy):
         Evaluator(truth, pred, metrics="rmse_avg").run()
     with pytest.raises(ConfigError, match="split"):
         Evaluator(truth, pred, baselines=True).run()
-    with pytest.raises(ConfigError, match="calibration reference"):
-        Evaluator(truth, pred, baselines=["no_change"], model_name="no_change")
+    same = Evaluator(truth, pred, baselines=["no_change"], model_name="no_change", **FAST).run()
+    assert set(same.per_group["model"]) == {"no_change (model)", "no_change"}
+    assert {"no_change (model)", "no_change"} <= set(same.calibration.columns)
     default = {s.name for s in resolve_metrics("default")}
     assert {"rmse_average", "cosine_rank_logfc", "matrix_distance", "jaccard_top100"} <= default
     assert "edistance" not in default and "rmse_logp" not in default

@@ -341,14 +341,12 @@ class Evaluator:
             )
         self.normalize_by = normalize_by
         self.model_name = str(model_name)
-        taken = (
-            {*self.baselines, CEILING, NORMALIZED} if (self.baselines or self.ceiling) else set()
+        # scoring the no_change model with the no_change baseline is legitimate: keep the
+        # tables unambiguous by labelling the model's rows and column distinctly
+        taken = {*self.baselines, CEILING, NORMALIZED}
+        self.model_label = (
+            f"{self.model_name} (model)" if self.model_name in taken else self.model_name
         )
-        if self.model_name in taken:
-            raise ConfigError(
-                f"model name '{self.model_name}' is also the name of a calibration reference; "
-                "pass another model name (e.g. --model-name my_model)"
-            )
         self.keep_aggregates = bool(keep_aggregates)
         self.n_jobs = _available_cpus() if n_jobs is None else max(1, int(n_jobs))
         self.notes: list[str] = []
@@ -947,7 +945,7 @@ class Evaluator:
 
         calibration = None
         if refs:
-            names = [self.model_name, *refs]
+            names = [self.model_label, *refs]
             for frame, name in zip(per_group_parts, names, strict=True):
                 frame.insert(0, "model", name)
             for frame, name in zip(per_cov_parts, names, strict=True):
@@ -1001,7 +999,7 @@ class Evaluator:
         )
 
     def _calibration(self, specs, model: _Scores, refs: dict[str, _Scores], summary_parts):
-        names = [self.model_name, *refs]
+        names = [self.model_label, *refs]
         values = {
             name: frame.set_index(frame["metric"].str.split("/", n=1).str[-1])["value"]
             for name, frame in zip(names, summary_parts, strict=True)
