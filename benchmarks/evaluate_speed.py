@@ -1,8 +1,9 @@
 """Speed and memory of ``pertbench evaluate`` (default metrics: fit + rank + DE).
 
-Simulated screen: 3 covariates x 500 perturbations x 100 cells x 2,000 genes (plus 500
-controls per covariate); truth is sparse CSR (log1p counts), the prediction dense
-float32 (one predicted cell per observed cell, as a model would output). The script
+Simulated screen (:func:`pertbench.data.simulate.simulate`): 3 covariates x 500
+perturbations x 100 cells x 2,000 genes (plus 500 controls per covariate); truth is
+sparse CSR (log1p counts), the prediction dense float32 (100 predicted cells per group,
+as a model would output). The script
 times, each in a fresh process so peak memory is measured cleanly:
 
 - ``pertbench``: ``Evaluator(truth, pred, metrics="default").run()``;
@@ -55,57 +56,57 @@ def simulate(
     n_genes: int,
     seed: int,
 ):
-    """Truth (sparse log1p counts) and a dense prediction with known perturbation effects.
+    """Truth from the project's simulator and a dense, model-like prediction.
 
-    Each perturbation shifts the log-rate of 40 random genes; counts are Poisson with a
-    per-cell library factor, normalised to 1e4 and log1p-transformed. The prediction of
-    a group is the log1p of its expected normalised rate, distorted by a per-gene error
-    and a per-cell size factor: dense, continuous, like a model's output.
+    Truth: :func:`pertbench.data.simulate.simulate` (negative binomial counts with known
+    perturbation programs, normalised to 1e4 and log1p; sparse CSR). Prediction: for every
+    perturbed group, ``n_cells`` cells of log1p(expm1(observed group mean) x a per-gene
+    error x a per-cell size factor): dense, continuous, close to but not equal to the
+    truth, like a model's output.
     """
     import anndata as ad
     import pandas as pd
-    import scipy.sparse as sp
 
-    rng = np.random.default_rng(seed)
-    base = rng.lognormal(mean=-1.0, sigma=1.2, size=(n_covariates, n_genes))
-    effects = np.zeros((n_perturbations, n_genes))
-    rows = np.repeat(np.arange(n_perturbations), 40)
-    cols = np.argsort(rng.random((n_perturbations, n_genes)), axis=1)[:, :40].ravel()
-    effects[rows, cols] = rng.normal(0.0, 1.0, size=rows.size)
-    labels = np.array(["control"] + [f"P{p}" for p in range(n_perturbations)])
-    sizes = np.array([n_controls] + [n_cells] * n_perturbations)
-    truth_blocks, pred_blocks, obs_t, obs_p = [], [], [], []
-    for c in range(n_covariates):
-        rates = base[c] * np.exp(np.vstack([np.zeros(n_genes), effects]))  # (groups, genes)
-        group_of_cell = np.repeat(np.arange(len(labels)), sizes)
-        # vectorised over all cells of the covariate, in row chunks to bound memory
-        for lo in range(0, group_of_cell.size, 20_000):
-            g = group_of_cell[lo : lo + 20_000]
-            lib = rng.lognormal(0.0, 0.3, size=(g.size, 1))
-            counts = rng.poisson(rates[g] * lib).astype(np.float32)
-            total = np.maximum(counts.sum(axis=1, keepdims=True), 1.0)
-            truth_blocks.append(sp.csr_matrix(np.log1p(counts / total * 1e4)))
-            obs_t.append(pd.DataFrame({"condition": labels[g], "cell_type": f"C{c}"}))
-        perturbed = np.repeat(np.arange(1, len(labels)), n_cells)
-        error = rng.lognormal(0.0, 0.25, size=(len(labels), n_genes))
-        expected = rates * error / (rates * error).sum(axis=1, keepdims=True) * 1e4
-        for lo in range(0, perturbed.size, 20_000):
-            g = perturbed[lo : lo + 20_000]
-            size = rng.lognormal(0.0, 0.1, size=(g.size, 1))
-            pred_blocks.append(np.log1p(expected[g] * size).astype(np.float32))
-            obs_p.append(pd.DataFrame({"condition": labels[g], "cell_type": f"C{c}"}))
-    var = pd.DataFrame(index=[f"G{g}" for g in range(n_genes)])
-    obs_truth = pd.concat(obs_t, ignore_index=True)
-    obs_truth.index = [f"cell{i}" for i in range(len(obs_truth))]
-    obs_pred = pd.concat(obs_p, ignore_index=True)
-    obs_pred.index = [f"pred{i}" for i in range(len(obs_pred))]
-    truth = ad.AnnData(X=sp.vstack(truth_blocks).tocsr(), obs=obs_truth, var=var)
-    pred = ad.AnnData(X=np.vstack(pred_blocks), obs=obs_pred, var=var.copy())
+    from pertbench.data import PerturbationKeys, group_cells, group_mean
+    from pertbench.data.simulate import simulate as simulate_counts
+
+    truth = simulate_counts(
+        n_covariates=n_covariates,
+        n_perturbations=n_perturbations,
+        n_combinations=0,
+        n_cells_per_group=n_cells,
+        n_control_cells=n_controls,
+        n_genes=n_genes,
+        seed=seed,
+    )
+    del truth.layers["counts"]  # the evaluation reads X only
+    grouping = group_cells(truth.obs, PerturbationKeys())
+    perturbed = np.flatnonzero(~grouping.groups["is_control"].to_numpy())
+    means = group_mean(truth.X, grouping.group_codes, grouping.n_groups)[perturbed]
+    rng = np.random.default_rng(seed + 1)
+    expected = np.expm1(means) * rng.lognormal(0.0, 0.25, size=means.shape)
+    group_of_cell = np.repeat(np.arange(perturbed.size), n_cells)
+    blocks = []
+    for lo in range(0, group_of_cell.size, 20_000):  # row chunks bound the temporaries
+        g = group_of_cell[lo : lo + 20_000]
+        size = rng.lognormal(0.0, 0.1, size=(g.size, 1))
+        blocks.append(np.log1p(expected[g] * size).astype(np.float32))
+    table = grouping.groups.iloc[perturbed]
+    obs = pd.DataFrame(
+        {
+            "condition": table["condition"].to_numpy()[group_of_cell],
+            "cell_type": table["cell_type"].to_numpy()[group_of_cell],
+        },
+        index=[f"pred{i}" for i in range(group_of_cell.size)],
+    )
+    pred = ad.AnnData(X=np.vstack(blocks), obs=obs, var=pd.DataFrame(index=truth.var_names.copy()))
     return truth, pred
 
 
 def save_inputs(truth, pred, folder: Path) -> int:
     """Write the matrices as plain .npy (exact sizes on load); returns their bytes."""
+    import pandas as pd
+
     X = truth.X
     np.save(folder / "truth_data.npy", X.data)
     np.save(folder / "truth_indices.npy", X.indices)
@@ -113,6 +114,7 @@ def save_inputs(truth, pred, folder: Path) -> int:
     np.save(folder / "pred.npy", pred.X)
     truth.obs.to_csv(folder / "truth_obs.csv")
     pred.obs.to_csv(folder / "pred_obs.csv")
+    pd.DataFrame(index=truth.var_names).to_csv(folder / "genes.csv")
     return int(X.data.nbytes + X.indices.nbytes + X.indptr.nbytes + pred.X.nbytes)
 
 
@@ -128,7 +130,7 @@ def load_inputs(folder: Path):
     indices = np.load(folder / "truth_indices.npy")
     indptr = np.load(folder / "truth_indptr.npy")
     X = sp.csr_matrix((data, indices, indptr), shape=(len(truth_obs), pred_X.shape[1]))
-    var = pd.DataFrame(index=[f"G{g}" for g in range(pred_X.shape[1])])
+    var = pd.read_csv(folder / "genes.csv", index_col=0)
     return ad.AnnData(X=X, obs=truth_obs, var=var), ad.AnnData(X=pred_X, obs=pred_obs, var=var)
 
 
@@ -343,7 +345,7 @@ pred_obs = pd.read_csv(f"{folder}/pred_obs.csv", index_col=0)
 pred_X = np.load(f"{folder}/pred.npy")
 X = sp.csr_matrix((np.load(f"{folder}/truth_data.npy"), np.load(f"{folder}/truth_indices.npy"),
                    np.load(f"{folder}/truth_indptr.npy")), shape=(len(truth_obs), pred_X.shape[1]))
-var = pd.DataFrame(index=[f"G{g}" for g in range(pred_X.shape[1])])
+var = pd.read_csv(f"{folder}/genes.csv", index_col=0)
 seconds = 0.0
 n_rows = 0
 for cov in sorted(truth_obs["cell_type"].unique()):
@@ -372,7 +374,7 @@ print(json.dumps({"seconds": seconds, "n_groups": n_rows, "rss_before": before,
 # ---------------------------------------------------------------------------------------
 # Workers (run in fresh processes)
 # ---------------------------------------------------------------------------------------
-def worker(kind: str, folder: Path, loop_groups: int | None) -> dict:
+def worker(kind: str, folder: Path, loop_groups: int | None, n_jobs: int | None = None) -> dict:
     import pandas as pd  # noqa: F401  (import before measuring the baseline)
 
     from pertbench.metrics import Evaluator
@@ -385,7 +387,7 @@ def worker(kind: str, folder: Path, loop_groups: int | None) -> dict:
     start = time.perf_counter()
     if kind.startswith("pertbench"):
         metrics = PERTBENCH_COMMON if kind == "pertbench-common" else "default"
-        result = Evaluator(truth, pred, metrics=metrics).run()
+        result = Evaluator(truth, pred, metrics=metrics, n_jobs=n_jobs).run()
         n_groups = result.settings["n_groups"]
     else:
         table = loop_metrics(truth, pred, max_groups=loop_groups)
@@ -402,10 +404,12 @@ def worker(kind: str, folder: Path, loop_groups: int | None) -> dict:
     }
 
 
-def run_worker(kind: str, folder: Path, loop_groups: int | None) -> dict:
+def run_worker(kind: str, folder: Path, loop_groups: int | None, n_jobs: int | None = None) -> dict:
     cmd = [sys.executable, __file__, "--worker", kind, "--data", str(folder)]
     if loop_groups:
         cmd += ["--loop-groups", str(loop_groups)]
+    if n_jobs:
+        cmd += ["--n-jobs", str(n_jobs)]
     out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ})
     if out.returncode != 0:
         raise RuntimeError(f"{kind} worker failed:\n{out.stderr[-3000:]}")
@@ -426,6 +430,12 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="time the loop on the first N groups only and extrapolate linearly",
     )
+    parser.add_argument(
+        "--n-jobs",
+        type=int,
+        default=None,
+        help="threads for pertbench's DE tests (default: its own, the CPUs available)",
+    )
     parser.add_argument("--skip-loop", action="store_true")
     parser.add_argument("--skip-cell-eval", action="store_true")
     parser.add_argument("--data", type=Path, default=None, help=argparse.SUPPRESS)
@@ -433,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.worker:
-        print(json.dumps(worker(args.worker, args.data, args.loop_groups)))
+        print(json.dumps(worker(args.worker, args.data, args.loop_groups, args.n_jobs)))
         return 0
 
     with tempfile.TemporaryDirectory(prefix="pertbench-bench-") as tmp:
@@ -457,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         del truth, pred
 
-        ours = run_worker("pertbench", folder, None)
+        ours = run_worker("pertbench", folder, None, args.n_jobs)
         peak_ratio = (ours["peak"] - ours["rss_before"]) * 2**20 / input_bytes
         scope = (
             "during the evaluation, inputs included"
@@ -495,7 +505,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"cell-eval failed; skipping it:\n{out.stderr[-2000:]}")
                 else:
                     ce = json.loads(out.stdout.strip().splitlines()[-1])
-                    common = run_worker("pertbench-common", folder, None)
+                    common = run_worker("pertbench-common", folder, None, args.n_jobs)
                     print(
                         f"cell-eval ({len(CELL_EVAL_COMMON)} metrics pertbench also computes, "
                         f"{ce['n_groups']} groups): {ce['seconds']:.1f} s; pertbench on the same "

@@ -236,3 +236,13 @@ def test_wilcoxon_dense_without_zeros_matches_scanpy():
     np.testing.assert_allclose(
         res.scores, expected.loc[["A", "B"]].to_numpy(), rtol=1e-6, atol=1e-6
     )
+
+
+def test_wilcoxon_threads_give_identical_results():
+    adata = _tied_data(seed=2, n_genes=60)
+    labels = adata.obs["g"].astype(str).to_numpy()
+    codes = pd.Index(["A", "B", "C"]).get_indexer(labels)
+    one = wilcoxon_scores(adata.X, codes, labels == "control", chunk_elements=400)
+    many = wilcoxon_scores(adata.X, codes, labels == "control", chunk_elements=400, n_jobs=3)
+    np.testing.assert_array_equal(one.scores, many.scores)
+    np.testing.assert_array_equal(one.pvals_adj, many.pvals_adj)

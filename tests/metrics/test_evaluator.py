@@ -318,6 +318,9 @@ def test_reproducible_and_metric_selection(make_toy):
         Evaluator(truth, pred, metrics="rmse_avg").run()
     with pytest.raises(ConfigError, match="split"):
         Evaluator(truth, pred, baselines=True).run()
+    same = Evaluator(truth, pred, baselines=["no_change"], model_name="no_change", **FAST).run()
+    assert set(same.per_group["model"]) == {"no_change (model)", "no_change"}
+    assert {"no_change (model)", "no_change"} <= set(same.calibration.columns)
     default = {s.name for s in resolve_metrics("default")}
     assert {"rmse_average", "cosine_rank_logfc", "matrix_distance", "jaccard_top100"} <= default
     assert "edistance" not in default and "rmse_logp" not in default
@@ -409,3 +412,54 @@ def test_norman_model_equals_its_baseline(norman_adata):
     np.testing.assert_allclose(cal["model"], cal["perturbation_mean"], rtol=1e-5, atol=1e-6)
     assert res.value("cosine_logfc") > res.value("no_change/cosine_logfc")
     assert res.settings["n_groups"] == 4
+    # the numbers themselves, by hand on the real data (float64 X)
+    table = res.per_group[res.per_group["model"] == "model"].set_index("condition")
+    test = (split == "test").to_numpy()
+    ctrl = _group_means(adata, test & (obs["condition"] == "control").to_numpy())
+    hand = {}
+    for pert in table.index:
+        t = _group_means(adata, held & (obs["condition"] == pert).to_numpy())
+        p = np.asarray(pred.X[(pred.obs["condition"] == pert).to_numpy()], dtype=np.float64).mean(
+            axis=0
+        )
+        lt = np.log2(t + 0.1) - np.log2(ctrl + 0.1)
+        lp = np.log2(np.maximum(p, 0) + 0.1) - np.log2(ctrl + 0.1)
+        hand[pert] = (lp, lt)
+        assert table.loc[pert, "rmse_average"] == pytest.approx(
+            np.sqrt(np.mean((p - t) ** 2)), rel=1e-5
+        )
+        cos = lp @ lt / np.linalg.norm(lp) / np.linalg.norm(lt)
+        assert table.loc[pert, "cosine_logfc"] == pytest.approx(cos, rel=1e-5)
+    perts = list(table.index)
+    D = np.array(
+        [
+            [
+                -(hand[i][0] @ hand[j][1]) / np.linalg.norm(hand[i][0]) / np.linalg.norm(hand[j][1])
+                for j in perts
+            ]
+            for i in perts
+        ]
+    )
+    np.testing.assert_allclose(table.loc[perts, "cosine_rank_logfc"], rank_scores(D))
+
+
+def test_other_keys_no_covariates_and_two_covariates(make_toy):
+    from pertbench.data import PerturbationKeys
+
+    truth = make_toy(n_covariates=2, n_perturbations=4, n_genes=20)
+    truth.obs = truth.obs.rename(columns={"condition": "pert", "cell_type": "line"})
+    truth.obs["pert"] = truth.obs["pert"].replace({"control": "NT"})
+    rng = np.random.default_rng(0)
+    truth.obs["treatment"] = np.where(rng.random(truth.n_obs) < 0.5, "dmso", "drug")
+    pred = truth[truth.obs["pert"] != "NT"].copy()
+    two = PerturbationKeys(
+        perturbation_key="pert", control="NT", covariate_keys=("line", "treatment")
+    )
+    res = Evaluator(truth, pred, keys=two, top_k=5, **FAST).run()
+    assert list(res.per_group.columns[:3]) == ["line", "treatment", "pert"]
+    assert len(res.per_group) == 2 * 2 * 4 and res.value("rmse_rank_average") == 0.0
+    assert list(res.per_covariate.columns[:2]) == ["line", "treatment"]
+    none = PerturbationKeys(perturbation_key="pert", control="NT", covariate_keys=())
+    res0 = Evaluator(truth, pred, keys=none, top_k=5, **FAST).run()
+    assert list(res0.per_group.columns[:1]) == ["pert"] and len(res0.per_group) == 4
+    assert res0.value("rmse_average") == 0.0

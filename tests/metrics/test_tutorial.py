@@ -124,6 +124,13 @@ def test_kang_held_out_cd4t(kang_adata):
     controls = cd4[cd4.obs["condition"] == "control"]
     itself = tutorial_metrics(truth, truth, controls, n_bootstrap=20)
     assert itself["pearson_delta"] == pytest.approx(1.0)
+    # E-distance by hand on the real data: PCA (numpy SVD) of controls + truth
+    obs = np.vstack([controls.X.toarray(), truth.X.toarray()]).astype(np.float64)
+    mu = obs.mean(axis=0)
+    _, _, vt = np.linalg.svd(obs - mu, full_matrices=False)
+    T = (truth.X.toarray() - mu) @ vt[:30].T
+    expected = 2 * cdist(T, T).mean() - 2 * pdist(T).mean()
+    assert itself["edistance"] == pytest.approx(expected, rel=1e-6)
     assert itself["jaccard_top100"] == 1.0 and itself["mean_var_kde"] == 0.0
     assert itself["r2"] > 0.95
     unchanged = tutorial_metrics(truth, controls, controls, n_bootstrap=20)

@@ -112,6 +112,12 @@ def register(app: typer.Typer) -> None:
         model_name: Annotated[
             str, typer.Option("--model-name", help="Name of the scored model in the tables.")
         ] = "model",
+        n_jobs: Annotated[
+            int | None,
+            typer.Option(
+                "--n-jobs", help="Threads for the DE tests (default: available CPUs, at most 8)."
+            ),
+        ] = None,
         perturbation_key: PerturbationKeyOpt = "condition",
         control: ControlOpt = "control",
         covariates: CovariatesOpt = "cell_type",
@@ -144,6 +150,7 @@ def register(app: typer.Typer) -> None:
             n_bootstrap=n_bootstrap,
             model_name=model_name,
             keep_aggregates=False,
+            n_jobs=n_jobs,
         )
         result = evaluator.run()
         folder = result.write(out)

@@ -35,10 +35,11 @@ def group_stats(
 
     Each group's first cell K is subtracted before summing (the "shifted data"
     algorithm: mean = K + sum(x - K) / n), so identical cells give exactly their value
-    as mean and exactly 0 as variance. Cells are summed group by group in row order, in
-    pieces of a fixed number of rows counted from the group's first cell, so the same
-    cells give bit-identical statistics whatever else the matrix holds and whether it is
-    sparse or dense (a prediction made of control cells has exactly their mean).
+    as mean and exactly 0 as variance. Non-zero entries are summed group by group in row
+    order, in pieces of a fixed number of rows counted from the group's first cell, and
+    zeros are added in closed form, so sparse data are never densified and the same cells
+    give bit-identical statistics whatever else the matrix holds and whether it is sparse
+    or dense (a prediction made of control cells has exactly their mean).
 
     Parameters
     ----------
@@ -70,26 +71,72 @@ def group_stats(
     group_start = np.concatenate([[0], np.cumsum(counts)[:-1]])
     shift = np.zeros((n_groups, n_genes))
     shift[present] = _dense_rows(X, rows[group_start[present]])
-    s1 = np.zeros((n_groups, n_genes))
-    s2 = np.zeros((n_groups, n_genes))
+    s1 = np.zeros((n_groups, n_genes))  # sums over non-zero entries of (x - K)
+    s2 = np.zeros((n_groups, n_genes))  # ... and of (x - K)^2
+    nnz = np.zeros((n_groups, n_genes))  # non-zero entries
+    sparse = sp.issparse(X)
+    if sparse:
+        X = sp.csr_matrix(X)
     piece_rows = max(1, int(chunk_elements // max(n_genes, 1)))
     for lo, hi in _chunks(sorted_codes, group_start, piece_rows):
         chunk_codes = sorted_codes[lo:hi]
-        # rows are sorted by group: sum each group's segment with one reduceat
+        # rows are sorted by group: each group is one segment of the chunk
         seg = np.flatnonzero(np.r_[True, chunk_codes[1:] != chunk_codes[:-1]])
         seg_codes = chunk_codes[seg]
-        dev = np.subtract(
-            _raw_rows(X, rows[lo:hi]),
-            np.repeat(shift[seg_codes], np.diff(np.append(seg, hi - lo)), axis=0),
-            dtype=np.float64,
-        )
-        s1[seg_codes] += np.add.reduceat(dev, seg, axis=0)
-        dev *= dev
-        s2[seg_codes] += np.add.reduceat(dev, seg, axis=0)
+        if sparse:
+            c1, c2, cn = _sparse_sums(X[rows[lo:hi]], chunk_codes, seg, shift)
+        else:
+            c1, c2, cn = _dense_sums(np.asarray(X[rows[lo:hi]]), seg, shift[seg_codes])
+        s1[seg_codes] += c1
+        s2[seg_codes] += c2
+        nnz[seg_codes] += cn
+    # zeros (implicit in sparse data) each contribute (0 - K) and K^2
+    zeros = counts[:, None] - nnz
+    s1 -= zeros * shift
+    s2 += zeros * shift * shift
     n = counts[present, None].astype(np.float64)
     mean[present] = shift[present] + s1[present] / n
     var[present] = np.maximum(s2[present] - s1[present] ** 2 / n, 0.0) / n
     return mean, var, counts
+
+
+def _dense_sums(raw: np.ndarray, seg: np.ndarray, seg_shift: np.ndarray):
+    """Per segment (group), sums of (x - K) and (x - K)^2 over non-zero x, and their count.
+
+    Zeros contribute exactly 0.0 to the running sums, so the additions are the same, in
+    the same order, as :func:`_sparse_sums` makes for the same cells stored sparse.
+    """
+    dev = raw.astype(np.float64)
+    bounds = np.append(seg, raw.shape[0])
+    for i in range(seg.size):  # one in-place subtraction per group in the chunk
+        dev[bounds[i] : bounds[i + 1]] -= seg_shift[i]
+    if np.count_nonzero(raw) == raw.size:
+        counts = np.diff(bounds)[:, None] * np.ones((1, raw.shape[1]))
+    else:
+        nonzero = raw != 0
+        dev[~nonzero] = 0.0
+        counts = np.add.reduceat(nonzero, seg, axis=0, dtype=np.float64)
+    s1 = np.add.reduceat(dev, seg, axis=0)
+    dev *= dev
+    return s1, np.add.reduceat(dev, seg, axis=0), counts
+
+
+def _sparse_sums(sub, chunk_codes: np.ndarray, seg: np.ndarray, shift: np.ndarray):
+    """:func:`_dense_sums` from a CSR chunk, without densifying (bincount adds in order)."""
+    n_genes = sub.shape[1]
+    seg_of_row = np.cumsum(np.r_[True, chunk_codes[1:] != chunk_codes[:-1]]) - 1
+    row = np.repeat(np.arange(sub.shape[0]), np.diff(sub.indptr))
+    gene, values = sub.indices, sub.data
+    keep = values != 0
+    if not keep.all():
+        row, gene, values = row[keep], gene[keep], values[keep]
+    dev = values.astype(np.float64) - shift[chunk_codes[row], gene]
+    slot = seg_of_row[row] * n_genes + gene
+    size = seg.size * n_genes
+    s1 = np.bincount(slot, weights=dev, minlength=size).reshape(seg.size, n_genes)
+    s2 = np.bincount(slot, weights=dev * dev, minlength=size).reshape(seg.size, n_genes)
+    counts = np.bincount(slot, minlength=size).reshape(seg.size, n_genes).astype(np.float64)
+    return s1, s2, counts
 
 
 def _chunks(sorted_codes: np.ndarray, group_start: np.ndarray, piece_rows: int):
@@ -105,12 +152,6 @@ def _chunks(sorted_codes: np.ndarray, group_start: np.ndarray, piece_rows: int):
             lo = int(bounds[i - 1])
     if lo < sorted_codes.size:
         yield lo, int(sorted_codes.size)
-
-
-def _raw_rows(X, rows: np.ndarray) -> np.ndarray:
-    """Rows of ``X`` as a dense array in their stored dtype (no float64 copy)."""
-    sub = X[rows]
-    return sub.toarray() if sp.issparse(sub) else np.asarray(sub)
 
 
 def _dense_rows(X, rows: np.ndarray) -> np.ndarray:

@@ -24,7 +24,6 @@ Which cells are compared:
 from __future__ import annotations
 
 import os
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,7 +40,6 @@ from pertbench.errors import (
     ConfigError,
     DataValidationError,
     EvaluationError,
-    InputFileError,
     ModelError,
 )
 from pertbench.metrics import calibration as cal
@@ -165,7 +163,7 @@ class _Context:
     covariates: pd.DataFrame  # evaluated covariate combinations: cols + label
     cov_of_group: np.ndarray
     truth_X: Any
-    truth_de: Any  # truth_X as CSC when sparse: column blocks for the Wilcoxon test
+    truth_codes: np.ndarray  # per truth row: evaluated group or -1
     control_rows: list[np.ndarray]  # per covariate combination: truth rows of its controls
     control_mean: np.ndarray  # (n_cov, n_genes)
     specs: list[MetricSpec]
@@ -179,6 +177,7 @@ class _Context:
     seed: int
     tie_correct: bool
     _pca: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    truth_de: dict[int, tuple] = field(default_factory=dict)  # see Evaluator._truth_block
 
     @property
     def n_groups(self) -> int:
@@ -272,6 +271,9 @@ class Evaluator:
         Name of the scored model in tables with several models.
     keep_aggregates
         Keep the pred/truth average and logfc profiles in the result (for figures).
+    n_jobs
+        Threads for the Wilcoxon tests (default: the CPUs available, at most 8). The
+        numbers do not depend on it.
     """
 
     def __init__(
@@ -297,10 +299,11 @@ class Evaluator:
         normalize_by: str = "no_change",
         model_name: str = "model",
         keep_aggregates: bool = True,
+        n_jobs: int | None = None,
     ) -> None:
-        self.truth = _read(truth, "truth")
-        self.pred = _read(pred, "pred")
         self.keys = keys if keys is not None else PerturbationKeys()
+        self.truth = _read(truth, "truth", self.keys)
+        self.pred = _read(pred, "pred", self.keys)
         self.metric_selection = metrics
         if on not in SPLIT_NAMES:
             raise ConfigError(f"on must be one of {', '.join(SPLIT_NAMES)}, got '{on}'")
@@ -338,7 +341,14 @@ class Evaluator:
             )
         self.normalize_by = normalize_by
         self.model_name = str(model_name)
+        # scoring the no_change model with the no_change baseline is legitimate: keep the
+        # tables unambiguous by labelling the model's rows and column distinctly
+        taken = {*self.baselines, CEILING, NORMALIZED}
+        self.model_label = (
+            f"{self.model_name} (model)" if self.model_name in taken else self.model_name
+        )
         self.keep_aggregates = bool(keep_aggregates)
+        self.n_jobs = _available_cpus() if n_jobs is None else max(1, int(n_jobs))
         self.notes: list[str] = []
 
     # -- public ------------------------------------------------------------------------
@@ -520,7 +530,7 @@ class Evaluator:
             covariates=cov_frame,
             cov_of_group=np.asarray(cov_of_group, dtype=np.int64),
             truth_X=truth_X,
-            truth_de=None,
+            truth_codes=truth_codes,
             control_rows=control_rows,
             control_mean=control_mean,
             specs=specs,
@@ -586,11 +596,6 @@ class Evaluator:
         side = _Side(X=X, codes=codes, mean=mean, var=var, n=n)
         if ctx.need_de:
             is_truth = X is ctx.truth_X
-            if ctx.truth_de is None:
-                # one column-major copy of the observed data, shared by every test
-                ctx.truth_de = (
-                    sp.csc_matrix(ctx.truth_X) if sp.issparse(ctx.truth_X) else ctx.truth_X
-                )
             side.z = np.zeros_like(mean)
             side.fdr = np.ones_like(mean)
             for c in range(len(ctx.covariates)):
@@ -602,28 +607,44 @@ class Evaluator:
                 cell_codes[inside] = local[codes[inside]]
                 if not (cell_codes >= 0).any():
                     continue
-                if is_truth:  # controls are rows of the same matrix: pass them as a mask
-                    ref = np.zeros(codes.shape[0], dtype=bool)
-                    ref[ctx.control_rows[c]] = True
-                    ref &= cell_codes < 0
+                block, block_rows, is_control = self._truth_block(ctx, c)
+                if is_truth:  # controls and cells are rows of the same column-major block
                     res = wilcoxon_scores(
-                        ctx.truth_de,
-                        cell_codes,
-                        ref,
+                        block,
+                        cell_codes[block_rows],
+                        is_control,
                         n_groups=members.size,
                         tie_correct=ctx.tie_correct,
+                        n_jobs=self.n_jobs,
                     )
                 else:
                     res = wilcoxon_scores(
                         X,
                         cell_codes,
-                        ctx.truth_de[ctx.control_rows[c]],
+                        block[np.flatnonzero(is_control)],
                         n_groups=members.size,
                         tie_correct=ctx.tie_correct,
+                        n_jobs=self.n_jobs,
                     )
                 side.z[members] = res.scores
                 side.fdr[members] = res.pvals_adj
         return side
+
+    def _truth_block(self, ctx: _Context, c: int):
+        """Observed rows of covariate combination ``c`` (its controls and evaluated cells),
+        column-major when sparse, made once and shared by every Wilcoxon test of ``c``
+        (model, baselines, ceiling). Returns (block, its truth rows, control mask)."""
+        if c not in ctx.truth_de:
+            members = ctx.groups_of(c)
+            cells = np.flatnonzero(np.isin(ctx.truth_codes, members))
+            rows = np.union1d(ctx.control_rows[c], cells)
+            X = ctx.truth_X
+            if sp.issparse(X):
+                block = sp.csc_matrix(X) if rows.size == X.shape[0] else X[rows].tocsc()
+            else:
+                block = X if rows.size == X.shape[0] else np.asarray(X[rows])
+            ctx.truth_de[c] = (block, rows, np.isin(rows, ctx.control_rows[c]))
+        return ctx.truth_de[c]
 
     # -- scoring -------------------------------------------------------------------------
     def _score(self, ctx: _Context, truth: _Side, pred: _Side, *, label: str) -> _Scores:
@@ -924,7 +945,7 @@ class Evaluator:
 
         calibration = None
         if refs:
-            names = [self.model_name, *refs]
+            names = [self.model_label, *refs]
             for frame, name in zip(per_group_parts, names, strict=True):
                 frame.insert(0, "model", name)
             for frame, name in zip(per_cov_parts, names, strict=True):
@@ -978,7 +999,7 @@ class Evaluator:
         )
 
     def _calibration(self, specs, model: _Scores, refs: dict[str, _Scores], summary_parts):
-        names = [self.model_name, *refs]
+        names = [self.model_label, *refs]
         values = {
             name: frame.set_index(frame["metric"].str.split("/", n=1).str[-1])["value"]
             for name, frame in zip(names, summary_parts, strict=True)
@@ -1037,22 +1058,26 @@ def evaluate(truth, pred, **options: Any) -> EvaluationResult:
     return Evaluator(truth, pred, **options).run()
 
 
-def _read(value, label: str) -> ad.AnnData:
+def _read(value, label: str, keys: PerturbationKeys) -> ad.AnnData:
+    """An AnnData as given, or read from a path (truth is checked against the data
+    contract; predictions only get the evaluator's own checks)."""
     if isinstance(value, ad.AnnData):
         return value
     if isinstance(value, (str, os.PathLike)):
-        path = Path(value)
-        if not path.is_file():
-            raise InputFileError(f"{label} file '{path}' does not exist")
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", FutureWarning)
-                return ad.read_h5ad(path)
-        except Exception as exc:  # any unreadable file
-            raise InputFileError(f"cannot read {label} file '{path}' as AnnData: {exc}") from exc
+        from pertbench.data.loading import read_h5ad
+
+        return read_h5ad(value, keys=keys, validate=label == "truth")
     raise EvaluationError(
         f"{label} must be an AnnData or an .h5ad path, got {type(value).__name__}"
     )
+
+
+def _available_cpus() -> int:
+    try:
+        count = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        count = os.cpu_count() or 1
+    return max(1, min(count, 8))
 
 
 def _take_columns(X, idx: np.ndarray, n_cols: int):

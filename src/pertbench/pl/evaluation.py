@@ -281,7 +281,9 @@ def rank_bars(
     ax.text(len(present) - 0.5, 0.5, " random", va="bottom", ha="right", fontsize=7)
     ax.set_xticks(x, present, fontsize=8)
     ax.set_ylabel("rank (0 = best)")
-    ax.set_ylim(0, max(0.6, float(np.nanmax(table["value"].to_numpy(dtype=float))) * 1.1))
+    finite = table["value"].to_numpy(dtype=float)
+    finite = finite[np.isfinite(finite)]
+    ax.set_ylim(0, max(0.6, float(finite.max()) * 1.1 if finite.size else 0.6))
     ax.legend(
         fontsize=7,
         frameon=False,
