@@ -47,7 +47,7 @@ from pertbench.errors import ConfigError
 from pertbench.models.base import params_field
 from pertbench.models.layers import MLP, GaussianEncoder, kl_standard_normal, make_likelihood
 from pertbench.models.neural import LossModule, NeuralModel, NeuralParams
-from pertbench.models.training import optimizer_step
+from pertbench.models.training import adam, optimizer_step
 
 LIKELIHOODS = ("gaussian", "nb")
 DOSE_SCALINGS = ("linear", "log1p", "sigmoid")
@@ -202,10 +202,10 @@ class CPANet(LossModule):
         return [p for p in self.parameters() if id(p) not in adv]
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
-        ae = torch.optim.Adam(self.autoencoder_parameters(), lr=self.lr, weight_decay=self.wd)
+        ae = adam(self.autoencoder_parameters(), lr=self.lr, weight_decay=self.wd)
         if not self.adversary:
             return [ae]
-        adv = torch.optim.Adam(self.adversary_parameters(), lr=self.lr, weight_decay=self.wd)
+        adv = adam(self.adversary_parameters(), lr=self.lr, weight_decay=self.wd)
         return [ae, adv]
 
     # -- forward pieces --------------------------------------------------------------------

@@ -36,7 +36,7 @@ from pertbench.errors import ConfigError, ModelError
 from pertbench.models.base import FitContext, PerturbationModel, PredictionInputs, params_field
 from pertbench.models.data import BatchLoader, CellTable
 from pertbench.models.layers import torch_seed_scope
-from pertbench.models.training import TrainingConfig, fit_module, move_batch, optimizer_step
+from pertbench.models.training import TrainingConfig, adam, fit_module, move_batch, optimizer_step
 
 
 @dataclass
@@ -71,7 +71,7 @@ class LossModule(nn.Module):
         self.wd = float(wd)
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
-        return [torch.optim.Adam(self.parameters(), lr=self.lr, weight_decay=self.wd)]
+        return [adam(self.parameters(), lr=self.lr, weight_decay=self.wd)]
 
     @abstractmethod
     def loss_terms(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

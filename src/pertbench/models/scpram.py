@@ -51,7 +51,7 @@ from pertbench.models.base import (
     align_genes,
     params_field,
 )
-from pertbench.models.training import TrainingConfig, fit_module
+from pertbench.models.training import TrainingConfig, adam, fit_module
 
 QUERY_CHUNK = 2048
 
@@ -115,7 +115,7 @@ class ScPRAMVAE(nn.Module):
         return {"loss": loss, "reconstruction": sse.mean(), "kl": kl.mean()}
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
-        return [torch.optim.Adam(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)]
+        return [adam(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)]
 
     def training_step(self, batch, optimizers, step: int) -> dict[str, float]:
         (opt,) = optimizers

@@ -229,6 +229,22 @@ def _write_checkpoint(config: TrainingConfig, state: dict[str, torch.Tensor]) ->
             torch.save({k: v.detach().cpu() for k, v in state.items()}, tmp)
 
 
+def adam(
+    params: Iterable[torch.nn.Parameter], *, lr: float, weight_decay: float = 0.0, eps: float = 1e-8
+) -> torch.optim.Adam:
+    """Adam with the fused kernel where this torch build has one.
+
+    On CPU the per-parameter (for-loop) implementation spends most of a step streaming the
+    optimizer state through memory: for scGen's 12.5M parameters it took ~70 ms against
+    ~10 ms fused, several times the forward and backward pass. Same update rule either way.
+    """
+    params = list(params)
+    try:
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, eps=eps, fused=True)
+    except (RuntimeError, TypeError, ValueError):  # device or dtype without a fused kernel
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, eps=eps)
+
+
 def torch_generator(seed: int) -> torch.Generator:
     """A CPU torch Generator seeded deterministically."""
     gen = torch.Generator()
