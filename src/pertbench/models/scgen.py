@@ -41,7 +41,7 @@ from pertbench.models.base import (
     align_genes,
     params_field,
 )
-from pertbench.models.training import TrainingConfig, fit_module, seeded_rng
+from pertbench.models.training import TrainingConfig, adam, fit_module, seeded_rng
 
 #: The encoder's log-variance is clamped to [-LOG_VAR_LIMIT, LOG_VAR_LIMIT]. The decoder's
 #: first layer is followed by BatchNorm, which makes reconstruction blind to the scale of
@@ -128,9 +128,7 @@ class ScGenVAE(nn.Module):
         # latent scale is barely constrained, and Adam's default eps (1e-8) lets rarely
         # updated parameters take huge steps that blow the KL up (seen on Kang).
         return [
-            torch.optim.Adam(
-                self.parameters(), lr=self.lr, weight_decay=self.weight_decay, eps=self.adam_eps
-            )
+            adam(self.parameters(), lr=self.lr, weight_decay=self.weight_decay, eps=self.adam_eps)
         ]
 
     def training_step(self, batch, optimizers, step: int) -> dict[str, float]:
@@ -160,9 +158,9 @@ class ScGenParams:
     )
     batch_size: int = params_field(32, "Cells per mini-batch.")
     max_epochs: int = params_field(
-        10, "Maximum epochs (early stopping on validation loss may end sooner)."
+        40, "Maximum epochs (early stopping on validation loss may end sooner)."
     )
-    patience: int = params_field(5, "Epochs without validation improvement before stopping.")
+    patience: int = params_field(8, "Epochs without validation improvement before stopping.")
     val_fraction: float = params_field(
         0.1, "Share of training cells held out for early stopping when the split has no 'val'."
     )
