@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import anndata as ad
@@ -26,8 +26,8 @@ import torch
 from pertbench.data.groups import COVARIATE_LABEL_SEP
 from pertbench.data.keys import PerturbationKeys
 from pertbench.errors import ConfigError, DataValidationError, ModelError, UnknownCategoryError
-from pertbench.models.base import PredictionInputs, align_genes
-from pertbench.models.training import seeded_rng
+from pertbench.models.base import FitContext, PredictionInputs, align_genes
+from pertbench.models.training import TrainingConfig, fit_module, seeded_rng
 
 # Stream numbers of seeded_rng(seed, stream): one independent generator per purpose.
 STREAM_BATCHES = 1
@@ -201,6 +201,94 @@ class ReferenceLatents:
                 f"{option} names cell type(s) {', '.join(unknown)} not among the training cells; "
                 f"known: {', '.join(sorted(known)[:20])}"
             )
+
+
+def fit_vae(
+    build_module: Callable[[], torch.nn.Module],
+    train: ad.AnnData,
+    val: ad.AnnData | None,
+    genes: list[str],
+    *,
+    batch_size: int,
+    max_epochs: int,
+    patience: int,
+    val_fraction: float,
+    context: FitContext,
+    description: str,
+) -> tuple[torch.nn.Module, pd.DataFrame]:
+    """Train a latent-arithmetic VAE on every training cell; returns (module, history).
+
+    Early stopping watches the split's ``val`` cells, or, when the split has fewer than
+    two, a seeded ``val_fraction`` of the training cells. The module is built and trained
+    inside :func:`private_torch_seed`, so weights are reproducible from ``context.seed``.
+    """
+    X_train = align_genes(train, genes)
+    if val is not None and val.n_obs >= 2:
+        X_fit, X_val = X_train, align_genes(val, genes)
+    else:
+        hold = validation_holdout(X_train.shape[0], val_fraction, context.seed)
+        X_fit, X_val = X_train[~hold], (X_train[hold] if hold.any() else None)
+    config = TrainingConfig(
+        max_epochs=context.max_epochs if context.max_epochs is not None else max_epochs,
+        patience=patience,
+        progress=context.progress,
+        description=description,
+        log_dir=context.log_dir,
+        epoch_callback=context.epoch_callback,
+    )
+    with private_torch_seed(context.seed, context.device):
+        module = build_module()
+        history = fit_module(
+            module,
+            lambda epoch: training_batches(X_fit, batch_size, context.seed, epoch),
+            (lambda: sequential_batches(X_val, 1024)) if X_val is not None else None,
+            config,
+            device=context.device,
+        )
+    return module, history
+
+
+def encode_means(module: torch.nn.Module, X, device: str, n_latent: int) -> np.ndarray:
+    """Latent means (float32, cells x n_latent) of the rows of ``X`` (training gene order)."""
+    module.eval()
+    out = []
+    with torch.no_grad():
+        for batch in sequential_batches(X, 1024):
+            mu, _ = module.encode(batch["x"].to(device))
+            out.append(mu.cpu().numpy())
+    if not out:
+        return np.zeros((0, n_latent), dtype=np.float32)
+    return np.concatenate(out).astype(np.float32)
+
+
+def decode_latents(module: torch.nn.Module, Z: np.ndarray, device: str, n_genes: int) -> np.ndarray:
+    """Decoded expression (cells x n_genes) of the latent points ``Z``, in batches."""
+    module.eval()
+    out = []
+    with torch.no_grad():
+        for start in range(0, Z.shape[0], 1024):
+            z = torch.from_numpy(np.ascontiguousarray(Z[start : start + 1024], np.float32))
+            out.append(module.decode(z.to(device)).cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, n_genes), np.float32)
+
+
+def encode_reference(
+    adata: ad.AnnData,
+    keys: PerturbationKeys,
+    encode: Callable[[object], np.ndarray],
+    genes: list[str],
+    *,
+    cells_per_group: int,
+    seed: int,
+) -> ReferenceLatents:
+    """Latent means of at most ``cells_per_group`` cells (seeded) of every
+    (covariates, perturbation) group of ``adata``, with their labels."""
+    cov = covariate_labels(adata.obs, keys)
+    pert = adata.obs[keys.perturbation_key].astype(str).to_numpy(dtype=object)
+    group = np.char.add(np.char.add(cov.astype(str), "\x00"), pert.astype(str))
+    keep = subsample_per_group(group, cells_per_group, seed)
+    latent = encode(align_genes(adata, genes)[keep])
+    return ReferenceLatents(latent=latent, covariate=cov[keep], perturbation=pert[keep])
 
 
 def balanced_delta(

@@ -26,13 +26,11 @@ from pertbench.models._latent_arithmetic import (
     STREAM_BALANCE,
     ReferenceLatents,
     balanced_delta,
-    covariate_labels,
-    private_torch_seed,
-    sequential_batches,
-    subsample_per_group,
+    decode_latents,
+    encode_means,
+    encode_reference,
+    fit_vae,
     tolerant_prediction_inputs,
-    training_batches,
-    validation_holdout,
 )
 from pertbench.models.base import (
     FitContext,
@@ -41,7 +39,7 @@ from pertbench.models.base import (
     align_genes,
     params_field,
 )
-from pertbench.models.training import TrainingConfig, adam, fit_module, seeded_rng
+from pertbench.models.training import adam, seeded_rng
 
 #: The encoder's log-variance is clamped to [-LOG_VAR_LIMIT, LOG_VAR_LIMIT]. The decoder's
 #: first layer is followed by BatchNorm, which makes reconstruction blind to the scale of
@@ -236,67 +234,40 @@ class ScGen(PerturbationModel):
 
     def _fit(self, train: ad.AnnData, val: ad.AnnData | None, context: FitContext) -> None:
         p = self.params
-        X_train = align_genes(train, self.genes)
-        if val is not None and val.n_obs >= 2:
-            X_val = align_genes(val, self.genes)
-            X_fit = X_train
-        else:
-            hold = validation_holdout(X_train.shape[0], p.val_fraction, context.seed)
-            X_fit, X_val = X_train[~hold], (X_train[hold] if hold.any() else None)
-        config = TrainingConfig(
-            max_epochs=context.max_epochs if context.max_epochs is not None else p.max_epochs,
+        self.module, self.history = fit_vae(
+            lambda: self._build_module(len(self.genes)),
+            train,
+            val,
+            self.genes,
+            batch_size=p.batch_size,
+            max_epochs=p.max_epochs,
             patience=p.patience,
-            progress=context.progress,
+            val_fraction=p.val_fraction,
+            context=context,
             description="scgen",
-            log_dir=context.log_dir,
-            epoch_callback=context.epoch_callback,
         )
-        with private_torch_seed(context.seed, context.device):
-            self.module = self._build_module(len(self.genes))
-            self.history = fit_module(
-                self.module,
-                lambda epoch: training_batches(X_fit, p.batch_size, context.seed, epoch),
-                (lambda: sequential_batches(X_val, 1024)) if X_val is not None else None,
-                config,
-                device=context.device,
-            )
         # Reference latents: every observed non-test cell (train and val) keeps its latent
         # mean, so the delta needs no training data after save/load.
         reference = ad.concat([train, val]) if val is not None else train
-        self.reference = self._reference_latents(reference, context.seed)
+        self.reference = encode_reference(
+            reference,
+            self.keys,
+            self._encode,
+            self.genes,
+            cells_per_group=p.reference_cells_per_group,
+            seed=context.seed,
+        )
         self._delta_cache.clear()
-
-    def _reference_latents(self, adata: ad.AnnData, seed: int) -> ReferenceLatents:
-        cov = covariate_labels(adata.obs, self.keys)
-        pert = adata.obs[self.keys.perturbation_key].astype(str).to_numpy(dtype=object)
-        group = np.char.add(np.char.add(cov.astype(str), "\x00"), pert.astype(str))
-        keep = subsample_per_group(group, self.params.reference_cells_per_group, seed)
-        latent = self._encode(align_genes(adata, self.genes)[keep])
-        return ReferenceLatents(latent=latent, covariate=cov[keep], perturbation=pert[keep])
 
     # -- latent space -----------------------------------------------------------------------
     def _encode(self, X) -> np.ndarray:
         """Latent means of the rows of ``X`` (already in training gene order)."""
         assert self.module is not None
-        self.module.eval()
-        out = []
-        with torch.no_grad():
-            for batch in sequential_batches(X, 1024):
-                mu, _ = self.module.encode(batch["x"].to(self.device))
-                out.append(mu.cpu().numpy())
-        if not out:
-            return np.zeros((0, self.params.n_latent), dtype=np.float32)
-        return np.concatenate(out).astype(np.float32)
+        return encode_means(self.module, X, self.device, self.params.n_latent)
 
     def _decode(self, Z: np.ndarray) -> np.ndarray:
         assert self.module is not None
-        self.module.eval()
-        out = []
-        with torch.no_grad():
-            for start in range(0, Z.shape[0], 1024):
-                z = torch.from_numpy(np.ascontiguousarray(Z[start : start + 1024], np.float32))
-                out.append(self.module.decode(z.to(self.device)).cpu().numpy())
-        return np.concatenate(out) if out else np.zeros((0, len(self.genes)), np.float32)
+        return decode_latents(self.module, Z, self.device, len(self.genes))
 
     def latent(self, adata: ad.AnnData) -> np.ndarray:
         """Latent means (mu) of ``adata``'s cells, shape (n_cells x n_latent).
