@@ -7,7 +7,7 @@ import math
 import pytest
 
 from pertbench.errors import ConfigError
-from pertbench.tuning.objective import DEFAULT_OBJECTIVE, Objective
+from pertbench.metrics.objective import DEFAULT_OBJECTIVE, Objective
 
 
 def test_default_is_perturbench_objective():
@@ -53,3 +53,18 @@ def test_forbidden_or_malformed_expressions_are_config_errors(text):
 def test_bad_direction():
     with pytest.raises(ConfigError, match="minimize or maximize"):
         Objective.parse(None, direction="down")
+
+
+def test_hpo_objective_scores_a_summary_with_expression_or_weights():
+    from pertbench.metrics import hpo_objective
+
+    summary = {"rmse_average": 0.5, "rmse_rank_average": 0.2, "cosine_logfc": 0.8}
+    assert hpo_objective(summary) == pytest.approx(0.5 + 0.1 * 0.2)
+    assert hpo_objective(summary, "rmse_average - cosine_logfc / 2") == pytest.approx(0.1)
+    assert hpo_objective(summary, {"rmse_average": 1.0, "cosine_logfc": -1.0}) == pytest.approx(
+        -0.3
+    )
+    with pytest.raises(ConfigError, match="'pearson_delta' is missing"):
+        hpo_objective(summary, "rmse_average + pearson_delta")
+    with pytest.raises(ConfigError, match="'rmse_average' is missing or undefined"):
+        hpo_objective({"rmse_average": float("nan"), "rmse_rank_average": 0.1})

@@ -669,7 +669,7 @@ def _parse_model(label: str, spec: Any) -> ModelSpec:
 
 
 def _parse_tune(raw: Any, where: str, model_class: Any, params: Mapping[str, Any]) -> TuneSpec:
-    from pertbench.tuning.objective import Objective
+    from pertbench.metrics.objective import Objective
     from pertbench.tuning.study import PRUNERS, effective_search_space
 
     if raw is True:

@@ -33,7 +33,7 @@ import pandas as pd
 
 from pertbench.data.keys import PerturbationKeys
 from pertbench.errors import ConfigError, ModelError, PertbenchError
-from pertbench.tuning.objective import Objective
+from pertbench.metrics.objective import Objective
 from pertbench.tuning.storage import (
     _quiet_optuna,
     default_storage_url,
@@ -69,7 +69,7 @@ class TuneSettings:
         Seeds the sampler and every trial's training (the same seed for all trials, so
         trials differ only by their hyperparameters).
     objective, direction
-        Objective expression over validation metrics (see :mod:`pertbench.tuning.objective`).
+        Objective expression over validation metrics (see :mod:`pertbench.metrics.objective`).
     stability_seeds
         Extra seeds the best configuration is retrained with (0 to skip).
     fixed_params
