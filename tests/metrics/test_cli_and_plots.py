@@ -171,3 +171,11 @@ def test_figures(make_toy):
     arrays = pl.mean_scatter(np.ones((3, 4)), np.ones((2, 4)) * 2, labels=["gene1"])
     assert isinstance(arrays, Figure)
     scatter.savefig(__import__("io").BytesIO(), format="png")
+
+
+def test_distinct_colors_never_repeat_for_many_models():
+    import matplotlib.colors as mcolors
+
+    for n in (3, 10, 11, 20, 25):
+        colors = [mcolors.to_hex(c) for c in pl.distinct_colors(n)]
+        assert len(colors) == n and len(set(colors)) == n, n

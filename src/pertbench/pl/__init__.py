@@ -11,13 +11,14 @@ from pertbench.pl.celltype import (
     sensitivity_bars,
     top_de_genes,
 )
-from pertbench.pl.evaluation import mean_scatter, rank_bars, similarity_heatmaps
+from pertbench.pl.evaluation import distinct_colors, mean_scatter, rank_bars, similarity_heatmaps
 
 __all__ = [
     "attention_heatmap",
     "condition_pca",
     "de_dotplot",
     "de_violins",
+    "distinct_colors",
     "edistance_heatmap",
     "edistance_matrix",
     "mean_scatter",

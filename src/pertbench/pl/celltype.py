@@ -16,7 +16,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from pertbench.errors import EvaluationError
-from pertbench.pl.evaluation import _cells_and_genes, _new_axes
+from pertbench.pl.evaluation import _cells_and_genes, _new_axes, distinct_colors
 
 CONDITION_COLOURS = {"control": "tab:blue", "real": "tab:orange", "predicted": "tab:green"}
 
@@ -308,8 +308,10 @@ def metric_bars(
     fig, ax = _new_axes(ax, figsize or (max(5.0, 0.9 * n_groups * max(n_models, 1) / 2), 3.2))
     width = 0.8 / max(n_models, 1)
     x = np.arange(n_groups)
+    colors = distinct_colors(n_models)
     for i, model in enumerate(table.columns):
-        ax.bar(x + (i - (n_models - 1) / 2) * width, table[model].to_numpy(), width, label=model)
+        offset = (i - (n_models - 1) / 2) * width
+        ax.bar(x + offset, table[model].to_numpy(), width, label=model, color=colors[i])
     ax.set_xticks(x, [str(g) for g in table.index], rotation=45, ha="right")
     ax.set_ylabel(metric)
     ax.legend(fontsize=7, frameon=False)

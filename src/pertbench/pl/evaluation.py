@@ -17,6 +17,18 @@ import scipy.sparse as sp
 from pertbench.errors import EvaluationError
 
 
+def distinct_colors(n: int) -> list:
+    """``n`` colours no two of which are the same (tab10 up to 10, tab20 up to 20, then
+    evenly spaced hues), so a bar chart of many models never reuses a colour."""
+    import matplotlib as mpl
+
+    if n <= 10:
+        return [mpl.colormaps["tab10"](i) for i in range(n)]
+    if n <= 20:
+        return [mpl.colormaps["tab20"](i) for i in range(n)]
+    return [mpl.colormaps["hsv"](i / n) for i in range(n)]
+
+
 def _new_axes(ax, figsize):
     if ax is not None:
         return ax.figure, ax
@@ -266,6 +278,7 @@ def rank_bars(
     fig, ax = _new_axes(ax, figsize)
     width = 0.8 / max(len(models), 1)
     x = np.arange(len(present))
+    colors = distinct_colors(len(models))
     for i, model in enumerate(models):
         rows = table[table["model"] == model].set_index("metric").reindex(present)
         values = rows["value"].to_numpy(dtype=float)
@@ -275,7 +288,13 @@ def rank_bars(
             high = rows["ci_high"].to_numpy(dtype=float) - values
             err = np.nan_to_num(np.vstack([low, high]), nan=0.0)
         ax.bar(
-            x + (i - (len(models) - 1) / 2) * width, values, width, yerr=err, capsize=2, label=model
+            x + (i - (len(models) - 1) / 2) * width,
+            values,
+            width,
+            yerr=err,
+            capsize=2,
+            label=model,
+            color=colors[i],
         )
     ax.axhline(0.5, ls="--", lw=0.8, c="k")
     ax.text(len(present) - 0.5, 0.5, " random", va="bottom", ha="right", fontsize=7)
