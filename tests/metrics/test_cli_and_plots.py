@@ -179,3 +179,21 @@ def test_distinct_colors_never_repeat_for_many_models():
     for n in (3, 10, 11, 20, 25):
         colors = [mcolors.to_hex(c) for c in pl.distinct_colors(n)]
         assert len(colors) == n and len(set(colors)) == n, n
+
+
+def test_rank_bars_refuse_all_nan_and_wrap_long_legends():
+    nan_table = pd.DataFrame(
+        {"model": ["a", "b"], "metric": ["rmse_rank_average"] * 2, "value": [np.nan, np.nan]}
+    )
+    with pytest.raises(EvaluationError, match="undefined"):
+        pl.rank_bars(nan_table, metrics=["rmse_rank_average"])
+    long_names = [f"model_{'x' * 60}_{i}" for i in range(5)]
+    table = pd.DataFrame(
+        {"model": long_names, "metric": ["rmse_rank_average"] * 5, "value": np.linspace(0, 0.4, 5)}
+    )
+    fig = pl.rank_bars(table, metrics=["rmse_rank_average"], figsize=(6.0, 3.8))
+    assert fig.axes[0].get_legend()._ncols == 1  # one 70-character label per row
+    short = pl.rank_bars(
+        table.assign(model=list("abcde")), metrics=["rmse_rank_average"], figsize=(6.0, 3.8)
+    )
+    assert short.axes[0].get_legend()._ncols == 4

@@ -273,6 +273,11 @@ def rank_bars(
     table = table[table["metric"].isin(metrics)]
     if table.empty:
         raise EvaluationError(f"none of the metrics {', '.join(metrics)} is in these results")
+    if not np.isfinite(table["value"].to_numpy(dtype=float)).any():
+        raise EvaluationError(
+            f"every value of {', '.join(metrics)} is undefined (NaN); rank metrics need at "
+            "least 2 perturbations per covariate combination"
+        )
     models = list(dict.fromkeys(table["model"]))
     present = [m for m in metrics if m in set(table["metric"])]
     fig, ax = _new_axes(ax, figsize)
@@ -306,8 +311,17 @@ def rank_bars(
     ax.legend(
         fontsize=7,
         frameon=False,
-        ncols=min(len(models), 4),
+        ncols=_legend_columns([str(m) for m in models], fig.get_figwidth(), at_most=4),
         loc="lower center",
         bbox_to_anchor=(0.5, 1.0),
     )
     return fig
+
+
+def _legend_columns(labels: Sequence[str], width_inches: float, *, at_most: int) -> int:
+    """Legend columns that fit the figure's width (7-point labels, about 0.06 inch a
+    character plus 0.45 inch of handle and padding), so long user-supplied model names wrap
+    to more rows instead of squeezing the axes to nothing."""
+    widest = max((len(label) for label in labels), default=1) * 0.06 + 0.45
+    fitting = int(0.95 * width_inches // widest)
+    return max(1, min(len(labels), at_most, fitting))

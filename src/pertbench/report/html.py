@@ -356,6 +356,12 @@ def write_report(out: str | os.PathLike, *, title: str | None = None) -> Path:
         for (dataset, task), block in full_ok[full_ok["metric"].isin(rank_metrics)].groupby(
             ["dataset", "task"], sort=False
         ):
+            if not np.isfinite(block["mean"].to_numpy(dtype=float)).any():
+                page.add(
+                    f'<p class="note">{esc(dataset)} / {esc(task)}: no rank metric is defined '
+                    "(every covariate combination has fewer than 2 test perturbations).</p>"
+                )
+                continue
             table = block.rename(columns={"mean": "value"})
             order = {m: i for i, m in enumerate(models)}
             table = table.sort_values("model", key=lambda s: s.map(order))
