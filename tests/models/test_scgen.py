@@ -105,7 +105,7 @@ def test_balanced_delta_is_unbiased_for_type_weighted_means():
 def test_model_delta_uses_balanced_reference_and_restriction(fitted):
     model = copy.deepcopy(fitted[0])
     model.reference = hand_made_reference()
-    model._delta_cache.clear()
+    model._shift_cache.clear()
     np.testing.assert_allclose(model.delta("stim"), [0.5, 2.0], atol=1e-12)
     np.testing.assert_allclose(model.delta("stim", cell_types=["B"]), [0.0, 4.0], atol=1e-12)
     np.testing.assert_allclose(model.delta("stim", cell_types=["A"]), [1.0, 0.0], atol=1e-12)
@@ -130,7 +130,7 @@ def test_delta_pool_paired_vs_all(fitted):
         covariate=np.concatenate([ref.covariate, np.array(["H"] * 6, dtype=object)]),
         perturbation=np.concatenate([ref.perturbation, np.array(["control"] * 6, dtype=object)]),
     )
-    model._delta_cache.clear()
+    model._shift_cache.clear()
     assert model.params.delta_pool == "paired"
     np.testing.assert_allclose(model.delta("stim"), [0.5, 2.0], atol=1e-12)
     model.params.delta_pool = "all"

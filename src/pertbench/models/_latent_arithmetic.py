@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import math
+from abc import abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import anndata as ad
 import numpy as np
@@ -26,7 +28,7 @@ import torch
 from pertbench.data.groups import COVARIATE_LABEL_SEP
 from pertbench.data.keys import PerturbationKeys
 from pertbench.errors import ConfigError, DataValidationError, ModelError, UnknownCategoryError
-from pertbench.models.base import FitContext, PredictionInputs, align_genes
+from pertbench.models.base import FitContext, PerturbationModel, PredictionInputs, align_genes
 from pertbench.models.training import TrainingConfig, fit_module, seeded_rng
 
 # Stream numbers of seeded_rng(seed, stream): one independent generator per purpose.
@@ -378,3 +380,97 @@ def top_k_count(ratio: float, n_reference: int) -> int:
     if not 0.0 < ratio <= 1.0:
         raise ConfigError(f"ratio must be in (0, 1], got {ratio}")
     return int(min(max(math.ceil(ratio * n_reference), 1), n_reference))
+
+
+class LatentVAEModel(PerturbationModel):
+    """What scGen and scPRAM share around their VAE.
+
+    Fitting trains the VAE on every training cell (:func:`fit_vae`) and keeps the latent
+    means of the observed non-test cells (:func:`encode_reference`), so prediction, the
+    public :meth:`latent` and save/load need no training data. Subclasses give the network
+    (:meth:`_build_module`), validate their hyperparameters (:meth:`_check_params`) and
+    compute their per-perturbation latent shifts, which they may memoise in
+    ``_shift_cache`` (emptied whenever the weights or references change).
+    """
+
+    def __init__(self, *, keys=None, **params: Any) -> None:
+        super().__init__(keys=keys, **params)
+        self._check_params()
+        self.module: torch.nn.Module | None = None
+        self.reference: ReferenceLatents | None = None
+        self._shift_cache: dict[tuple, Any] = {}
+
+    @abstractmethod
+    def _check_params(self) -> None:
+        """Raise :class:`ConfigError` for an invalid hyperparameter combination."""
+
+    @abstractmethod
+    def _build_module(self, n_genes: int) -> torch.nn.Module:
+        """A fresh, untrained VAE for ``n_genes`` genes."""
+
+    def _fit(self, train: ad.AnnData, val: ad.AnnData | None, context: FitContext) -> None:
+        p = self.params
+        self.module, self.history = fit_vae(
+            lambda: self._build_module(len(self.genes)),
+            train,
+            val,
+            self.genes,
+            batch_size=p.batch_size,
+            max_epochs=p.max_epochs,
+            patience=p.patience,
+            val_fraction=p.val_fraction,
+            context=context,
+            description=self.name,
+        )
+        # Reference latents: every observed non-test cell (train and val) keeps its latent
+        # mean, so the shifts need no training data after save/load.
+        reference = ad.concat([train, val]) if val is not None else train
+        self.reference = encode_reference(
+            reference,
+            self.keys,
+            self._encode,
+            self.genes,
+            cells_per_group=p.reference_cells_per_group,
+            seed=context.seed,
+        )
+        self._shift_cache.clear()
+
+    # -- latent space -----------------------------------------------------------------------
+    def _encode(self, X) -> np.ndarray:
+        """Latent means of the rows of ``X`` (already in training gene order)."""
+        assert self.module is not None
+        return encode_means(self.module, X, self.device, self.params.n_latent)
+
+    def _decode(self, Z: np.ndarray) -> np.ndarray:
+        assert self.module is not None
+        return decode_latents(self.module, Z, self.device, len(self.genes))
+
+    def latent(self, adata: ad.AnnData) -> np.ndarray:
+        """Latent means (mu) of ``adata``'s cells, shape (n_cells x n_latent).
+
+        All training genes must be present in ``adata`` (any order).
+        """
+        self._require_fitted()
+        return self._encode(align_genes(adata, self.genes))
+
+    def prepare_inputs(self, counterfactual: ad.AnnData) -> PredictionInputs:
+        self._require_fitted()
+        return tolerant_prediction_inputs(counterfactual, self.keys, self.genes, self.encoding)
+
+    # -- persistence -------------------------------------------------------------------------
+    def _extra_config(self) -> dict[str, Any]:
+        assert self.reference is not None
+        _, extra = self.reference.to_state()
+        return {"reference": extra, "n_genes": len(self.genes)}
+
+    def _state(self) -> dict[str, Any]:
+        assert self.module is not None and self.reference is not None
+        tensors, _ = self.reference.to_state()
+        return {"module": self.module.state_dict(), "reference": tensors}
+
+    def _load_state(self, state: dict[str, Any], extra: dict[str, Any]) -> None:
+        self.module = self._build_module(int(extra["n_genes"]))
+        self.module.load_state_dict(state["module"])
+        self.module.to(self.device).eval()
+        self.reference = ReferenceLatents.from_state(state["reference"], extra["reference"])
+        self._shift_cache.clear()

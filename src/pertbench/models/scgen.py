@@ -15,7 +15,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-import anndata as ad
 import numpy as np
 import pandas as pd
 import torch
@@ -24,19 +23,11 @@ from torch import nn
 from pertbench.errors import ConfigError, ModelError
 from pertbench.models._latent_arithmetic import (
     STREAM_BALANCE,
-    ReferenceLatents,
+    LatentVAEModel,
     balanced_delta,
-    decode_latents,
-    encode_means,
-    encode_reference,
-    fit_vae,
-    tolerant_prediction_inputs,
 )
 from pertbench.models.base import (
-    FitContext,
-    PerturbationModel,
     PredictionInputs,
-    align_genes,
     params_field,
 )
 from pertbench.models.training import adam, seeded_rng
@@ -175,7 +166,7 @@ class ScGenParams:
     )
 
 
-class ScGen(PerturbationModel):
+class ScGen(LatentVAEModel):
     """scGen (Lotfollahi et al. 2019): VAE latent arithmetic with a balanced delta vector.
 
     Besides the common API it exposes :meth:`latent`, :meth:`delta` and, through the
@@ -196,13 +187,6 @@ class ScGen(PerturbationModel):
         "kl_weight": {"type": "float", "low": 1e-6, "high": 1e-2, "log": True},
         "lr": {"type": "float", "low": 1e-4, "high": 3e-3, "log": True},
     }
-
-    def __init__(self, *, keys=None, **params: Any) -> None:
-        super().__init__(keys=keys, **params)
-        self._check_params()
-        self.module: ScGenVAE | None = None
-        self.reference: ReferenceLatents | None = None
-        self._delta_cache: dict[tuple, np.ndarray] = {}
 
     def _check_params(self) -> None:
         p = self.params
@@ -231,51 +215,6 @@ class ScGen(PerturbationModel):
             adam_eps=p.adam_eps,
             batchnorm_momentum=p.batchnorm_momentum,
         )
-
-    def _fit(self, train: ad.AnnData, val: ad.AnnData | None, context: FitContext) -> None:
-        p = self.params
-        self.module, self.history = fit_vae(
-            lambda: self._build_module(len(self.genes)),
-            train,
-            val,
-            self.genes,
-            batch_size=p.batch_size,
-            max_epochs=p.max_epochs,
-            patience=p.patience,
-            val_fraction=p.val_fraction,
-            context=context,
-            description="scgen",
-        )
-        # Reference latents: every observed non-test cell (train and val) keeps its latent
-        # mean, so the delta needs no training data after save/load.
-        reference = ad.concat([train, val]) if val is not None else train
-        self.reference = encode_reference(
-            reference,
-            self.keys,
-            self._encode,
-            self.genes,
-            cells_per_group=p.reference_cells_per_group,
-            seed=context.seed,
-        )
-        self._delta_cache.clear()
-
-    # -- latent space -----------------------------------------------------------------------
-    def _encode(self, X) -> np.ndarray:
-        """Latent means of the rows of ``X`` (already in training gene order)."""
-        assert self.module is not None
-        return encode_means(self.module, X, self.device, self.params.n_latent)
-
-    def _decode(self, Z: np.ndarray) -> np.ndarray:
-        assert self.module is not None
-        return decode_latents(self.module, Z, self.device, len(self.genes))
-
-    def latent(self, adata: ad.AnnData) -> np.ndarray:
-        """Latent means (mu) of ``adata``'s cells, shape (n_cells x n_latent).
-
-        All training genes must be present in ``adata`` (any order).
-        """
-        self._require_fitted()
-        return self._encode(align_genes(adata, self.genes))
 
     def decode(self, latent: np.ndarray) -> np.ndarray:
         """Decode latent vectors to log-normalised expression over the training genes."""
@@ -323,7 +262,7 @@ class ScGen(PerturbationModel):
         seed = self.seed if seed is None else int(seed)
         pool = self.params.delta_pool
         key = (str(perturbation), types, pool, seed)
-        if key not in self._delta_cache:
+        if key not in self._shift_cache:
             allowed = np.ones(ref.covariate.shape[0], dtype=bool)
             if types:
                 option = "cell_types" if cell_types is not None else "restrict_arithmetic_to"
@@ -341,37 +280,15 @@ class ScGen(PerturbationModel):
                     "choose types observed in both conditions"
                 )
             rng = seeded_rng(seed, STREAM_BALANCE)
-            self._delta_cache[key] = balanced_delta(
+            self._shift_cache[key] = balanced_delta(
                 ref.latent, ref.covariate, is_ctrl, is_stim, rng
             )
-        return self._delta_cache[key].copy()
+        return self._shift_cache[key].copy()
 
     # -- prediction -------------------------------------------------------------------------
-    def prepare_inputs(self, counterfactual: ad.AnnData) -> PredictionInputs:
-        self._require_fitted()
-        return tolerant_prediction_inputs(counterfactual, self.keys, self.genes, self.encoding)
-
     def _predict(self, inputs: PredictionInputs, *, seed: int) -> np.ndarray:
         labels = inputs.obs[self.keys.perturbation_key].astype(str).to_numpy()
         Z = self._encode(inputs.X).astype(np.float64)
         codes, uniques = pd.factorize(labels, sort=True)
         shifts = np.stack([self.delta(str(u), seed=seed) for u in uniques])
         return self._decode((Z + shifts[codes]).astype(np.float32))
-
-    # -- persistence -------------------------------------------------------------------------
-    def _extra_config(self) -> dict[str, Any]:
-        assert self.reference is not None
-        _, extra = self.reference.to_state()
-        return {"reference": extra, "n_genes": len(self.genes)}
-
-    def _state(self) -> dict[str, Any]:
-        assert self.module is not None and self.reference is not None
-        tensors, _ = self.reference.to_state()
-        return {"module": self.module.state_dict(), "reference": tensors}
-
-    def _load_state(self, state: dict[str, Any], extra: dict[str, Any]) -> None:
-        self.module = self._build_module(int(extra["n_genes"]))
-        self.module.load_state_dict(state["module"])
-        self.module.to(self.device).eval()
-        self.reference = ReferenceLatents.from_state(state["reference"], extra["reference"])
-        self._delta_cache.clear()

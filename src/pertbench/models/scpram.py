@@ -34,19 +34,11 @@ from torch import nn
 
 from pertbench.errors import ConfigError, ModelError
 from pertbench.models._latent_arithmetic import (
-    ReferenceLatents,
-    decode_latents,
-    encode_means,
-    encode_reference,
-    fit_vae,
-    tolerant_prediction_inputs,
+    LatentVAEModel,
     top_k_count,
 )
 from pertbench.models.base import (
-    FitContext,
-    PerturbationModel,
     PredictionInputs,
-    align_genes,
     params_field,
 )
 from pertbench.models.training import adam
@@ -209,7 +201,7 @@ class Attention:
         return pd.DataFrame(means, index=pd.Index(qnames, name="query"), columns=list(types))
 
 
-class ScPRAM(PerturbationModel):
+class ScPRAM(LatentVAEModel):
     """scPRAM (Jiang et al. 2024): VAE + optimal transport + per-cell attention.
 
     After :meth:`predict`, :attr:`last_attention` holds the attention weights of the
@@ -229,11 +221,7 @@ class ScPRAM(PerturbationModel):
 
     def __init__(self, *, keys=None, **params: Any) -> None:
         super().__init__(keys=keys, **params)
-        self._check_params()
-        self.module: ScPRAMVAE | None = None
-        self.reference: ReferenceLatents | None = None
         self.last_attention: Attention | None = None
-        self._shift_cache: dict[tuple, ReferenceShifts] = {}
 
     def _check_params(self) -> None:
         p = self.params
@@ -261,45 +249,6 @@ class ScPRAM(PerturbationModel):
             lr=p.lr,
             weight_decay=p.weight_decay,
         )
-
-    def _fit(self, train: ad.AnnData, val: ad.AnnData | None, context: FitContext) -> None:
-        p = self.params
-        self.module, self.history = fit_vae(
-            lambda: self._build_module(len(self.genes)),
-            train,
-            val,
-            self.genes,
-            batch_size=p.batch_size,
-            max_epochs=p.max_epochs,
-            patience=p.patience,
-            val_fraction=p.val_fraction,
-            context=context,
-            description="scpram",
-        )
-        reference = ad.concat([train, val]) if val is not None else train
-        self.reference = encode_reference(
-            reference,
-            self.keys,
-            self._encode,
-            self.genes,
-            cells_per_group=p.reference_cells_per_group,
-            seed=context.seed,
-        )
-        self._shift_cache.clear()
-
-    # -- latent space -----------------------------------------------------------------------
-    def _encode(self, X) -> np.ndarray:
-        assert self.module is not None
-        return encode_means(self.module, X, self.device, self.params.n_latent)
-
-    def _decode(self, Z: np.ndarray) -> np.ndarray:
-        assert self.module is not None
-        return decode_latents(self.module, Z, self.device, len(self.genes))
-
-    def latent(self, adata: ad.AnnData) -> np.ndarray:
-        """Latent means (mu) of ``adata``'s cells (all training genes must be present)."""
-        self._require_fitted()
-        return self._encode(align_genes(adata, self.genes))
 
     # -- steps 1-3: reference shifts by optimal transport -------------------------------------
     def reference_shifts(self, perturbation: str) -> ReferenceShifts:
@@ -373,10 +322,6 @@ class ScPRAM(PerturbationModel):
         return perts[0]
 
     # -- prediction ---------------------------------------------------------------------------
-    def prepare_inputs(self, counterfactual: ad.AnnData) -> PredictionInputs:
-        self._require_fitted()
-        return tolerant_prediction_inputs(counterfactual, self.keys, self.genes, self.encoding)
-
     def _predict(self, inputs: PredictionInputs, *, seed: int) -> np.ndarray:
         labels = inputs.obs[self.keys.perturbation_key].astype(str).to_numpy()
         Z = self._encode(inputs.X).astype(np.float64)
@@ -395,24 +340,6 @@ class ScPRAM(PerturbationModel):
             offset += weights.shape[1]
         self.last_attention = _stack_attention(blocks, columns, offset, covariates, inputs, labels)
         return self._decode(out.astype(np.float32))
-
-    # -- persistence -------------------------------------------------------------------------
-    def _extra_config(self) -> dict[str, Any]:
-        assert self.reference is not None
-        _, extra = self.reference.to_state()
-        return {"reference": extra, "n_genes": len(self.genes)}
-
-    def _state(self) -> dict[str, Any]:
-        assert self.module is not None and self.reference is not None
-        tensors, _ = self.reference.to_state()
-        return {"module": self.module.state_dict(), "reference": tensors}
-
-    def _load_state(self, state: dict[str, Any], extra: dict[str, Any]) -> None:
-        self.module = self._build_module(int(extra["n_genes"]))
-        self.module.load_state_dict(state["module"])
-        self.module.to(self.device).eval()
-        self.reference = ReferenceLatents.from_state(state["reference"], extra["reference"])
-        self._shift_cache.clear()
 
 
 def _stack_attention(blocks, columns, n_columns, covariates, inputs, labels) -> Attention:
