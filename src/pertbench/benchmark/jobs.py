@@ -13,6 +13,7 @@ import json
 import math
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -172,17 +173,44 @@ def _error_record(exc: BaseException) -> dict[str, Any]:
     }
 
 
+def _run_once(
+    job_id: str,
+    kind: str,
+    directory: Path,
+    work: Callable[[], dict[str, Any]],
+    error_labels: dict[str, Any],
+) -> JobOutcome:
+    """Run ``work`` unless ``directory`` holds the done marker, and record how it ended.
+
+    Success writes ``work``'s record as the done marker, last, so a job killed midway
+    is never counted as done; failure writes the error record (with ``error_labels``)
+    and leaves the other jobs running.
+    """
+    start = time.perf_counter()
+    marker = directory / paths.DONE_FILE
+    if marker.is_file():
+        return JobOutcome(job_id, kind, "skipped")
+    (directory / paths.ERROR_FILE).unlink(missing_ok=True)
+    try:
+        record = work()
+    except Exception as exc:
+        record = {**error_labels, **_error_record(exc)}
+        write_json_atomic(directory / paths.ERROR_FILE, record)
+        return JobOutcome(job_id, kind, "failed", record["error"], time.perf_counter() - start)
+    write_json_atomic(marker, record)  # last: the job counts as done only now
+    return JobOutcome(job_id, kind, "ok", seconds=time.perf_counter() - start)
+
+
 def run_tune_job(job: TuneJob) -> JobOutcome:
     """Tune (resumably) and write ``best_params.json`` in the job's tuning folder."""
+    return _run_once(job.id, "tune", job.directory, lambda: _run_tune(job), {})
+
+
+def _run_tune(job: TuneJob) -> dict[str, Any]:
     from pertbench.data.keys import PerturbationKeys
     from pertbench.tuning.study import TuneSettings, tune
 
     start = time.perf_counter()
-    directory = job.directory
-    marker = directory / paths.DONE_FILE
-    if marker.is_file():
-        return JobOutcome(job.id, "tune", "skipped")
-    (directory / paths.ERROR_FILE).unlink(missing_ok=True)
     spec = dict(job.tune)
     settings = TuneSettings(
         model=job.model,
@@ -199,41 +227,24 @@ def run_tune_job(job: TuneJob) -> JobOutcome:
         pruner=spec.get("pruner", "median"),
         study_name=f"pertbench-{job.dataset}-{job.task}-{job.scenario}-{job.model_label}",
     )
-    try:
-        adata = _dataset(job.data_path, PerturbationKeys.from_dict(job.keys))
-        tune(
-            adata,
-            job.split_path,
-            out=directory,
-            settings=settings,
-            keys=PerturbationKeys.from_dict(job.keys),
-            log=lambda msg: None,
-        )
-    except Exception as exc:
-        record = _error_record(exc)
-        write_json_atomic(directory / paths.ERROR_FILE, record)
-        return JobOutcome(job.id, "tune", "failed", record["error"], time.perf_counter() - start)
-    seconds = time.perf_counter() - start
-    write_json_atomic(marker, {"status": "ok", "seconds": round(seconds, 3)})
-    return JobOutcome(job.id, "tune", "ok", seconds=seconds)
+    keys = PerturbationKeys.from_dict(job.keys)
+    adata = _dataset(job.data_path, keys)
+    tune(
+        adata,
+        job.split_path,
+        out=job.directory,
+        settings=settings,
+        keys=keys,
+        log=lambda msg: None,
+    )
+    return {"status": "ok", "seconds": round(time.perf_counter() - start, 3)}
 
 
 def run_cell_job(job: CellJob) -> JobOutcome:
     """Fit, predict, evaluate and write one cell (skipped when already done)."""
-    start = time.perf_counter()
-    directory = job.directory
-    marker = directory / paths.DONE_FILE
-    if marker.is_file():
-        return JobOutcome(job.id, "cell", "skipped")
-    (directory / paths.ERROR_FILE).unlink(missing_ok=True)
-    try:
-        record = _run_cell(job, directory)
-    except Exception as exc:
-        record = {**job.labels(), **_error_record(exc)}
-        write_json_atomic(directory / paths.ERROR_FILE, record)
-        return JobOutcome(job.id, "cell", "failed", record["error"], time.perf_counter() - start)
-    write_json_atomic(marker, record)  # last: the cell counts as done only now
-    return JobOutcome(job.id, "cell", "ok", seconds=time.perf_counter() - start)
+    return _run_once(
+        job.id, "cell", job.directory, lambda: _run_cell(job, job.directory), job.labels()
+    )
 
 
 def _run_cell(job: CellJob, directory: Path) -> dict[str, Any]:
