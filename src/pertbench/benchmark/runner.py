@@ -113,47 +113,36 @@ def build_jobs(
             for scenario in config.scenario_names(task_name):
                 split_path = manifest["splits"][split_key(ds, task_name, scenario)]["path"]
                 for label, model in config.models.items():
-                    max_epochs = model.max_epochs or config.max_epochs
+                    # What a model's tuning job and its cells have in common.
+                    shared = {
+                        "out_dir": str(out),
+                        "dataset": ds,
+                        "task": task_name,
+                        "scenario": scenario,
+                        "model_label": label,
+                        "model": model.model,
+                        "data_path": data_path,
+                        "split_path": split_path,
+                        "keys": keys,
+                        "params": dict(model.params),
+                        "max_epochs": model.max_epochs or config.max_epochs,
+                        "device": config.device,
+                        "threads": threads,
+                    }
                     tune_job = None
                     if model.tune is not None:
                         tune_job = TuneJob(
-                            out_dir=str(out),
-                            dataset=ds,
-                            task=task_name,
-                            scenario=scenario,
-                            model_label=label,
-                            model=model.model,
-                            data_path=data_path,
-                            split_path=split_path,
-                            keys=keys,
-                            tune=model.tune.to_dict(),
-                            params=dict(model.params),
-                            seed=config.seeds[0],
-                            max_epochs=max_epochs,
-                            device=config.device,
-                            threads=threads,
+                            **shared, tune=model.tune.to_dict(), seed=config.seeds[0]
                         )
                         jobs[tune_job.id] = tune_job
                     for seed in config.seeds:
                         cell = CellJob(
-                            out_dir=str(out),
-                            dataset=ds,
-                            task=task_name,
-                            scenario=scenario,
-                            model_label=label,
-                            model=model.model,
+                            **shared,
                             seed=seed,
-                            data_path=data_path,
-                            split_path=split_path,
-                            keys=keys,
-                            params=dict(model.params),
                             tuning_dir=str(tune_job.directory) if tune_job else None,
-                            max_epochs=max_epochs,
-                            device=config.device,
                             metrics=config.metrics,
                             on=config.on,
                             save_predictions=config.save_predictions,
-                            threads=threads,
                         )
                         jobs[cell.id] = cell
                         deps[cell.id] = {tune_job.id} if tune_job else set()
