@@ -1,5 +1,5 @@
-"""Helpers shared by the model tests: a transfer-style split of the synthetic data and
-small, fast hyperparameters for every neural model."""
+"""Helpers shared by the model tests: transfer- and cell-type-style splits of the synthetic
+data and small, fast hyperparameters for every neural model."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 
 from pertbench.data import make_split
+from pertbench.data.keys import PerturbationKeys
 
 # Small networks so one epoch takes well under a second on two cores.
 SMALL = {
@@ -32,6 +33,17 @@ SMALL = {
     "biolord": {"n_layers": 1, "encoder_width": 32, "latent_dim": 8},
 }
 NEURAL_MODELS = tuple(SMALL)
+
+# scGen / scPRAM (latent-arithmetic VAEs) at test size.
+LATENT_VAE_SMALL = {"n_hidden": 32, "n_latent": 8, "batch_size": 32, "max_epochs": 2}
+
+
+def celltype_split(adata, heldout: str, *, keys: PerturbationKeys | None = None) -> pd.Series:
+    """All perturbed cells of ``heldout`` in test, everything else in train."""
+    keys = keys or PerturbationKeys()
+    obs = adata.obs
+    test = (obs[keys.covariate_keys[0]] == heldout) & (obs[keys.perturbation_key] != keys.control)
+    return pd.Series(np.where(test, "test", "train"), index=adata.obs_names, dtype=object)
 
 
 def transfer_split(adata, *, heldout_per_covariate: int = 2, val_fraction: float = 0.1, seed=0):

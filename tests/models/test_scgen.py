@@ -8,6 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from model_helpers import LATENT_VAE_SMALL as SMALL
+from model_helpers import celltype_split
 
 from conftest import make_toy_adata
 from pertbench.data.keys import PerturbationKeys
@@ -16,16 +18,6 @@ from pertbench.models._latent_arithmetic import ReferenceLatents, balanced_delta
 from pertbench.models.base import PerturbationModel, build_counterfactuals
 from pertbench.models.registry import create_model
 from pertbench.models.scgen import ScGen
-
-SMALL = {"n_hidden": 32, "n_latent": 8, "batch_size": 32, "max_epochs": 2}
-
-
-def celltype_split(adata, heldout: str, *, keys: PerturbationKeys | None = None) -> pd.Series:
-    """All perturbed cells of ``heldout`` in test, everything else in train."""
-    keys = keys or PerturbationKeys()
-    obs = adata.obs
-    test = (obs[keys.covariate_keys[0]] == heldout) & (obs[keys.perturbation_key] != keys.control)
-    return pd.Series(np.where(test, "test", "train"), index=adata.obs_names, dtype=object)
 
 
 @pytest.fixture(scope="module")

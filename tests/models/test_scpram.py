@@ -9,20 +9,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from model_helpers import LATENT_VAE_SMALL as SMALL
+from model_helpers import celltype_split
 
 from conftest import make_toy_adata
 from pertbench.errors import ConfigError, ModelError
 from pertbench.models._latent_arithmetic import ReferenceLatents
 from pertbench.models.base import PerturbationModel, build_counterfactuals
 from pertbench.models.scpram import ScPRAM, attention_weights, transport_plan
-
-SMALL = {"n_hidden": 32, "n_latent": 8, "batch_size": 32, "max_epochs": 2}
-
-
-def celltype_split(adata, heldout: str) -> pd.Series:
-    obs = adata.obs
-    test = (obs.cell_type == heldout) & (obs.condition != "control")
-    return pd.Series(np.where(test, "test", "train"), index=adata.obs_names, dtype=object)
 
 
 @pytest.fixture(scope="module")
