@@ -128,14 +128,15 @@ def test_mean_metrics_against_numpy_and_scipy():
     c = rng.normal(size=20)
     np.testing.assert_allclose(vcc.mae(t, p), np.abs(p - t).mean(axis=1), rtol=1e-12)
     np.testing.assert_allclose(vcc.mse(t, p), ((p - t) ** 2).mean(axis=1), rtol=1e-12)
-    np.testing.assert_allclose(vcc.mae_delta(t, p, c), np.abs(p - t).mean(axis=1), rtol=1e-12)
-    pc = c + 0.5  # the prediction's controls in another precision shift its effects
-    np.testing.assert_allclose(
-        vcc.mae_delta(t, p, c, pred_control_mean=pc), np.abs(p - pc - (t - c)).mean(axis=1)
-    )
+    changes = vcc.change_metrics(t, p, c)
+    np.testing.assert_allclose(changes["mae_delta"], np.abs(p - t).mean(axis=1), rtol=1e-12)
+    np.testing.assert_allclose(changes["mse_delta"], ((p - t) ** 2).mean(axis=1), rtol=1e-12)
     expected = [stats.pearsonr(p[i] - c, t[i] - c).statistic for i in range(4)]
-    np.testing.assert_allclose(vcc.pearson_delta(t, p, c), expected, rtol=1e-10)
-    const = vcc.pearson_delta(t, np.repeat(c[None, :], 4, axis=0), c)
+    np.testing.assert_allclose(changes["pearson_delta"], expected, rtol=1e-10)
+    pc = c + 0.5  # the prediction's controls in another precision shift its effects
+    shifted = vcc.change_metrics(t, p, c, pred_control_mean=pc)
+    np.testing.assert_allclose(shifted["mae_delta"], np.abs(p - pc - (t - c)).mean(axis=1))
+    const = vcc.change_metrics(t, np.repeat(c[None, :], 4, axis=0), c)["pearson_delta"]
     assert np.isnan(const).all()  # a zero predicted change has no correlation
 
 

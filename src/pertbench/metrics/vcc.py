@@ -198,15 +198,29 @@ def top_k_sets(
     )
 
 
-def overlap_at_n(
-    truth_lfc: np.ndarray,
-    truth_fdr: np.ndarray,
-    pred_lfc: np.ndarray,
-    pred_fdr: np.ndarray,
-    *,
-    k: int | None = None,
-    fdr_threshold: float = DEFAULT_FDR,
-) -> np.ndarray:
+def _top_k_metric(name: str, size_from: str, doc: str):
+    """One of cell-eval's two top-k overlap metrics: k' set by the truth or the prediction."""
+
+    def metric(
+        truth_lfc: np.ndarray,
+        truth_fdr: np.ndarray,
+        pred_lfc: np.ndarray,
+        pred_fdr: np.ndarray,
+        *,
+        k: int | None = None,
+        fdr_threshold: float = DEFAULT_FDR,
+    ) -> np.ndarray:
+        de = (truth_lfc, truth_fdr, pred_lfc, pred_fdr)
+        return top_k_sets(*de, k=k, size_from=size_from, fdr_threshold=fdr_threshold).shared()
+
+    metric.__name__ = metric.__qualname__ = name
+    metric.__doc__ = doc
+    return metric
+
+
+overlap_at_n = _top_k_metric(
+    "overlap_at_n",
+    "truth",
     """cell-eval's ``overlap_at_N`` (the VCC DE score) and ``overlap_at_<k>``.
 
     A = the truth's DE genes (FDR < threshold) ranked by |log2 fold change|, B = the
@@ -215,28 +229,22 @@ def overlap_at_n(
     value = |top k' of A & top k' of B| / k'. A prediction with fewer than k' DE genes
     cannot fill its share. 0 (not NaN) where the truth has no DE gene, as cell-eval.
     Genes tied at a cut are taken in gene order (see :func:`top_de_genes`).
-    """
-    de = (truth_lfc, truth_fdr, pred_lfc, pred_fdr)
-    return top_k_sets(*de, k=k, size_from="truth", fdr_threshold=fdr_threshold).shared()
 
+    Parameters: ``truth_lfc, truth_fdr, pred_lfc, pred_fdr`` ((n_groups, n_genes) DE
+    results), keyword-only ``k`` (None: N) and ``fdr_threshold``.
+    """,
+)
 
-def precision_at_n(
-    truth_lfc: np.ndarray,
-    truth_fdr: np.ndarray,
-    pred_lfc: np.ndarray,
-    pred_fdr: np.ndarray,
-    *,
-    k: int | None = None,
-    fdr_threshold: float = DEFAULT_FDR,
-) -> np.ndarray:
+precision_at_n = _top_k_metric(
+    "precision_at_n",
+    "pred",
     """cell-eval's ``precision_at_N`` and ``precision_at_<k>``.
 
     As :func:`overlap_at_n` but k' is set by the PREDICTION's DE genes: m = #B, k' = m
     for ``k=None``, else min(k, m); value = |top k' of A & top k' of B| / k'. 0 where the
     prediction has no DE gene.
-    """
-    de = (truth_lfc, truth_fdr, pred_lfc, pred_fdr)
-    return top_k_sets(*de, k=k, size_from="pred", fdr_threshold=fdr_threshold).shared()
+    """,
+)
 
 
 def de_direction_match(
@@ -326,42 +334,26 @@ def mse(truth_means: np.ndarray, pred_means: np.ndarray) -> np.ndarray:
     return _mean_error(pred_means, truth_means, square=True)
 
 
-def mae_delta(
+def change_metrics(
     truth_means: np.ndarray,
     pred_means: np.ndarray,
     control_mean: np.ndarray,
     *,
     pred_control_mean: np.ndarray | None = None,
-) -> np.ndarray:
-    """cell-eval's ``mae_delta``: the MAE of the changes from the controls (see
-    :func:`discrimination_score` for ``pred_control_mean``)."""
+) -> dict[str, np.ndarray]:
+    """cell-eval's metrics on the changes from the controls (effects e = mean - control).
+
+    Returns ``mae_delta`` (mean over genes of |e_pred - e_truth|), ``mse_delta`` (of the
+    squares) and ``pearson_delta`` (Pearson correlation over genes of e_pred and
+    e_truth; NaN for a constant change, scipy's value). See :func:`discrimination_score`
+    for ``pred_control_mean``.
+    """
     t, p = _effects(truth_means, pred_means, control_mean, pred_control_mean)
-    return _mean_error(p, t, square=False)
-
-
-def mse_delta(
-    truth_means: np.ndarray,
-    pred_means: np.ndarray,
-    control_mean: np.ndarray,
-    *,
-    pred_control_mean: np.ndarray | None = None,
-) -> np.ndarray:
-    """cell-eval's ``mse_delta``: the MSE of the changes from the controls."""
-    t, p = _effects(truth_means, pred_means, control_mean, pred_control_mean)
-    return _mean_error(p, t, square=True)
-
-
-def pearson_delta(
-    truth_means: np.ndarray,
-    pred_means: np.ndarray,
-    control_mean: np.ndarray,
-    *,
-    pred_control_mean: np.ndarray | None = None,
-) -> np.ndarray:
-    """cell-eval's ``pearson_delta``: Pearson correlation over genes of the predicted and
-    observed changes from the controls; NaN for a constant change (scipy's value)."""
-    t, p = _effects(truth_means, pred_means, control_mean, pred_control_mean)
-    return _pearson_rows(p.astype(np.float64), t.astype(np.float64))
+    return {
+        "mae_delta": _mean_error(p, t, square=False),
+        "mse_delta": _mean_error(p, t, square=True),
+        "pearson_delta": _pearson_rows(p.astype(np.float64), t.astype(np.float64)),
+    }
 
 
 def discrimination_score(

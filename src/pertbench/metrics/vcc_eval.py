@@ -592,15 +592,17 @@ def _block_metrics(
     out["de_sig_genes_recall"] = vcc.de_sig_genes_recall(t_fdr, p_fdr, **fdr)
     counts = vcc.de_nsig_counts(t_fdr, p_fdr, **fdr)
     out["de_nsig_counts_real"], out["de_nsig_counts_pred"] = counts
-    deltas = {"pred_control_mean": p_control}
-    out["pearson_delta"] = vcc.pearson_delta(t_means, p_means, t_control, **deltas)
     out["mse"] = vcc.mse(t_means, p_means)
     out["mae"] = vcc.mae(t_means, p_means)
-    out["mse_delta"] = vcc.mse_delta(t_means, p_means, t_control, **deltas)
-    out["mae_delta"] = vcc.mae_delta(t_means, p_means, t_control, **deltas)
+    out.update(vcc.change_metrics(t_means, p_means, t_control, pred_control_mean=p_control))
     for d in vcc.PDS_DISTANCES:
         out[f"discrimination_score_{d}"] = vcc.discrimination_score(
-            t_means, p_means, t_control, target_genes=targets, distance=d, **deltas
+            t_means,
+            p_means,
+            t_control,
+            pred_control_mean=p_control,
+            target_genes=targets,
+            distance=d,
         )
     return out
 
