@@ -316,6 +316,23 @@ def test_vcc_metrics_perfect_prediction_known_answers(make_toy):
     assert scored.scores["avg_score"].tolist() == [0.0, 0.0]
 
 
+def test_vcc_metrics_without_covariates_is_one_block(make_toy):
+    truth = make_toy(n_covariates=1, n_perturbations=3, n_genes=30)
+    pred = truth[truth.obs["condition"] != "control"].copy()
+    pred.X = pred.X * 0.8
+    with_cov = vcc_metrics(truth, pred, keys=KEYS)
+    none = PerturbationKeys(covariate_keys=())
+    without = vcc_metrics(
+        truth, pred, keys=none, baseline=vcc_mean_baseline(truth, like=truth, keys=none)
+    )
+    assert without.per_covariate["label"].tolist() == ["all"]
+    metrics = [c for c in with_cov.per_group.columns if c not in ("cell_type", "condition")]
+    pd.testing.assert_frame_equal(
+        without.per_group[metrics], with_cov.per_group[metrics], check_exact=True
+    )
+    assert without.scores["avg_score"].notna().all()
+
+
 def test_vcc_metrics_ignores_predicted_controls(make_toy):
     truth = make_toy(n_covariates=1, n_perturbations=3, n_genes=30)
     pred = truth[truth.obs["condition"] != "control"].copy()
@@ -344,6 +361,8 @@ def test_vcc_metrics_refuses_bad_inputs(make_toy):
     counts.X = counts.layers["counts"]
     with pytest.raises(EvaluationError, match="count scale"):
         vcc_metrics(truth, counts, keys=KEYS)
+    with pytest.raises(EvaluationError, match="the baseline is on the count scale"):
+        vcc_metrics(truth, pred, keys=KEYS, baseline=counts)  # baselines are checked too
     with pytest.raises(EvaluationError, match="no cells for 1 scored group"):
         vcc_metrics(truth, pred, keys=KEYS, baseline=pred[pred.obs["condition"] != "P1"].copy())
 

@@ -1,4 +1,4 @@
-"""cell-eval / Virtual Cell Challenge metrics, reproduced exactly (cell-eval 0.8.2).
+"""cell-eval / Virtual Cell Challenge metrics with cell-eval 0.8.2's exact definitions.
 
 Pure, vectorised functions over (n_groups, n_genes) arrays of ONE covariate block (the
 unit cell-eval scores: one cell type / cell line, its perturbations and its controls).
@@ -18,6 +18,11 @@ Inputs:
 - For the discrimination score, the position of each perturbation's target gene among
   the genes (-1: none); cell-eval excludes the gene whose name equals the perturbation
   label exactly, so a combination ``A+B`` or a drug excludes nothing.
+
+Values equal cell-eval's (tested against the package) except where cell-eval's own
+value is arbitrary: DE genes with equal |fold change| across a top-k cut (taken in gene
+order here; cell-eval's order follows polars' unstable sort) and exactly tied
+discrimination distances (counted half here).
 
 The AnnData entry point that builds these inputs, checks the expression scale and
 scores a whole prediction is :func:`pertbench.metrics.vcc_eval.vcc_metrics`.

@@ -53,7 +53,7 @@ SCALE_NAMES = ("empty", "log1p", "counts", "negative", "too_large", "non_finite"
 # ---------------------------------------------------------------------------------------
 # Expression scale
 # ---------------------------------------------------------------------------------------
-def cell_scales(X) -> np.ndarray:
+def cell_scales(X, rows: np.ndarray | None = None) -> np.ndarray:
     """Scale of every cell (row) of ``X``, from its non-zero values.
 
     ``non_finite`` (any NaN/inf), else ``negative`` (any value < 0), else ``counts``
@@ -63,18 +63,24 @@ def cell_scales(X) -> np.ndarray:
     (a cell would need every one of its non-zero values within 1e-6 of an integer),
     while counts always are, whatever their maximum.
 
+    Parameters
+    ----------
+    X
+        (n_cells, n_genes) expression, dense or sparse.
+    rows
+        Only these rows (default: all), read a chunk at a time.
+
     Returns
     -------
     numpy.ndarray
-        (n_cells,) int8 codes, see :data:`SCALE_NAMES`.
+        One int8 code per (selected) row, see :data:`SCALE_NAMES`.
     """
-    n_rows, n_genes = X.shape
-    out = np.empty(n_rows, dtype=np.int8)
-    step = max(1, _SCAN_ELEMENTS // max(n_genes, 1))
-    for lo in range(0, n_rows, step):
-        hi = min(lo + step, n_rows)
-        flags = _row_flags(X[lo:hi], hi - lo)
-        out[lo:hi] = _classify(*flags)
+    rows = np.arange(X.shape[0]) if rows is None else np.asarray(rows)
+    out = np.empty(rows.size, dtype=np.int8)
+    step = max(1, _SCAN_ELEMENTS // max(X.shape[1], 1))
+    for lo in range(0, rows.size, step):
+        chunk = rows[lo : lo + step]
+        out[lo : lo + chunk.size] = _classify(*_row_flags(X[chunk], chunk.size))
     return out
 
 
@@ -115,7 +121,17 @@ def _classify(nonzero, nonfinite, negative, fractional, large) -> np.ndarray:
     ).astype(np.int8)
 
 
-def check_log1p_scale(truth_X, pred_X, *, pred_labels: np.ndarray | None = None) -> None:
+_FIX = "normalise counts with sc.pp.normalize_total and sc.pp.log1p"
+
+
+def check_log1p_scale(
+    truth_X,
+    pred_X,
+    *,
+    truth_rows: np.ndarray | None = None,
+    pred_rows: np.ndarray | None = None,
+    pred_labels: np.ndarray | None = None,
+) -> None:
     """Refuse truth or prediction that is not log1p-normalised, or that mixes scales.
 
     Every cell of both matrices must be ``log1p`` or ``empty`` (see
@@ -126,9 +142,11 @@ def check_log1p_scale(truth_X, pred_X, *, pred_labels: np.ndarray | None = None)
     Parameters
     ----------
     truth_X, pred_X
-        Observed cells (controls included) and predicted cells that will be scored.
+        Observed cells (controls included) and predicted cells.
+    truth_rows, pred_rows
+        The rows that will be scored (default: all).
     pred_labels
-        Group label of each predicted row, to name an example in the message.
+        Group label of each (selected) predicted row, to name an example in the message.
 
     Raises
     ------
@@ -137,48 +155,60 @@ def check_log1p_scale(truth_X, pred_X, *, pred_labels: np.ndarray | None = None)
     EvaluationError
         The prediction is on another scale, mixes scales, or holds NaN/inf.
     """
-    fix = "normalise counts with sc.pp.normalize_total and sc.pp.log1p"
-    truth = np.bincount(cell_scales(truth_X), minlength=len(SCALE_NAMES))
-    bad = {SCALE_NAMES[i]: int(truth[i]) for i in (COUNTS, NEGATIVE, TOO_LARGE, NON_FINITE)}
+    check_truth_scale(truth_X, truth_rows)
+    check_prediction_scale(pred_X, pred_rows, labels=pred_labels)
+
+
+def check_truth_scale(X, rows: np.ndarray | None = None) -> None:
+    """The truth half of :func:`check_log1p_scale` (raises :class:`DataValidationError`)."""
+    codes = cell_scales(X, rows)
+    counts = np.bincount(codes, minlength=len(SCALE_NAMES))
+    bad = {SCALE_NAMES[i]: int(counts[i]) for i in (COUNTS, NEGATIVE, TOO_LARGE, NON_FINITE)}
     if any(bad.values()):
         found = ", ".join(f"{n} {name}" for name, n in bad.items() if n)
         raise DataValidationError(
-            f"truth is not log1p-normalised ({found} cell(s) of {truth_X.shape[0]}); "
-            f"the VCC metrics need log1p expression: {fix}"
+            f"truth is not log1p-normalised ({found} cell(s) of {codes.size}); "
+            f"the VCC metrics need log1p expression: {_FIX}"
         )
-    codes = cell_scales(pred_X)
+
+
+def check_prediction_scale(
+    X, rows: np.ndarray | None = None, *, labels: np.ndarray | None = None, what: str = "prediction"
+) -> None:
+    """The prediction half of :func:`check_log1p_scale` (raises :class:`EvaluationError`)."""
+    codes = cell_scales(X, rows)
     counts = np.bincount(codes, minlength=len(SCALE_NAMES))
 
     def example(code: int) -> str:
-        if pred_labels is None:
+        if labels is None:
             return ""
-        return f", e.g. group {pred_labels[np.flatnonzero(codes == code)[0]]}"
+        return f", e.g. group {labels[np.flatnonzero(codes == code)[0]]}"
 
     n_log, n_counts = int(counts[LOG1P]), int(counts[COUNTS])
     if counts[NON_FINITE]:
         raise EvaluationError(
-            f"the prediction has NaN or inf in {counts[NON_FINITE]} cell(s)"
+            f"the {what} has NaN or inf in {counts[NON_FINITE]} cell(s)"
             f"{example(NON_FINITE)}; fix the model output before scoring"
         )
     if counts[NEGATIVE]:
         raise EvaluationError(
-            f"the prediction has negative values in {counts[NEGATIVE]} cell(s)"
+            f"the {what} has negative values in {counts[NEGATIVE]} cell(s)"
             f"{example(NEGATIVE)}; log1p expression is >= 0: clip the prediction at 0"
         )
     if n_counts and n_log:
         raise EvaluationError(
-            f"the prediction mixes scales: {n_counts} cell(s) hold integer counts"
+            f"the {what} mixes scales: {n_counts} cell(s) hold integer counts"
             f"{example(COUNTS)} and {n_log} log1p values; put every predicted cell on "
-            f"truth's log1p scale ({fix} on the count cells)"
+            f"truth's log1p scale ({_FIX} on the count cells)"
         )
     if n_counts:
         raise EvaluationError(
-            f"the prediction is on the count scale (all {n_counts} non-empty predicted "
-            f"cells are integer-valued) but truth is log1p; {fix} on the prediction"
+            f"the {what} is on the count scale (all {n_counts} non-empty predicted "
+            f"cells are integer-valued) but truth is log1p; {_FIX} on the prediction"
         )
     if counts[TOO_LARGE]:
         raise EvaluationError(
-            f"the prediction has values >= {LOG1P_MAX:g} in {counts[TOO_LARGE]} cell(s)"
+            f"the {what} has values >= {LOG1P_MAX:g} in {counts[TOO_LARGE]} cell(s)"
             f"{example(TOO_LARGE)}, beyond log1p-normalised expression; predict on "
             "truth's log1p scale"
         )
@@ -387,7 +417,6 @@ class _Aligned:
         self.id_cols = [*cov_keys, keys.perturbation_key]
         self.block_columns = [*cov_keys, "label"]
         t = group_cells(truth.obs, keys)
-        self._truth = t
         t_index = pd.MultiIndex.from_frame(t.groups[self.id_cols].astype(str))
         pred_X, p = self._prediction(pred, "pred")
         p_table = p.groups.loc[~p.groups["is_control"], self.id_cols].astype(str)
@@ -403,31 +432,20 @@ class _Aligned:
         groups = p_table.sort_values(self.id_cols).reset_index(drop=True)
         self.groups = groups
         self.index = pd.MultiIndex.from_frame(groups)
-        cov_frame = groups[cov_keys].drop_duplicates().reset_index(drop=True)
-        cov_frame["label"] = (
-            cov_frame[cov_keys].agg(COVARIATE_LABEL_SEP.join, axis=1) if cov_keys else "all"
-        )
-        self.blocks = cov_frame
-        self.block_of_group = (
-            pd.MultiIndex.from_frame(cov_frame[cov_keys]).get_indexer(
-                pd.MultiIndex.from_frame(groups[cov_keys])
-            )
-            if cov_keys
-            else np.zeros(len(groups), dtype=np.int64)
-        )
+        # one block per covariate label, in the groups' (sorted) order
+        group_labels = _covariate_labels(groups, cov_keys)
+        labels, first = np.unique(group_labels, return_index=True)
+        order = np.argsort(first)
+        self.blocks = groups.iloc[first[order]][cov_keys].reset_index(drop=True)
+        self.blocks["label"] = labels[order]
+        self.block_of_group = pd.Index(self.blocks["label"]).get_indexer(group_labels)
         self.truth_codes = self._codes(t, t_index, ~t.is_control)
         self.control_rows = self._control_rows(t)
         # the gene named exactly like the perturbation is its target (cell-eval's rule)
         self.targets = self.genes.get_indexer(groups[keys.perturbation_key])
-        self.pred_X, self.pred_codes = self.other_prediction(pred, "pred", (pred_X, p))
         used_truth = np.flatnonzero(self.truth_codes >= 0)
-        truth_rows = np.union1d(used_truth, np.concatenate(self.control_rows))
-        labels = self._labels()
-        check_log1p_scale(
-            self.truth_X[truth_rows],
-            self.pred_X[np.flatnonzero(self.pred_codes >= 0)],
-            pred_labels=labels[self.pred_codes[self.pred_codes >= 0]],
-        )
+        check_truth_scale(self.truth_X, np.union1d(used_truth, np.concatenate(self.control_rows)))
+        self.pred_X, self.pred_codes = self.other_prediction(pred, "pred", (pred_X, p))
 
     # -- inputs ----------------------------------------------------------------------------
     def _prediction(self, adata: ad.AnnData, label: str):
@@ -459,6 +477,9 @@ class _Aligned:
                 f"{label} has no cells for {absent.size} scored group(s), e.g. "
                 f"{self._labels()[absent[0]]}; predict every group of the prediction"
             )
+        scored = np.flatnonzero(codes >= 0)
+        what = "prediction" if label == "pred" else label
+        check_prediction_scale(X, scored, labels=self._labels()[codes[scored]], what=what)
         if grouping.is_control.any():
             self.notes.append(
                 f"{int(grouping.is_control.sum())} control row(s) of {label} ignored: "
@@ -472,14 +493,8 @@ class _Aligned:
         return np.where(eligible, codes, -1).astype(np.int64)
 
     def _control_rows(self, t) -> list[np.ndarray]:
-        cov_keys = list(self.keys.covariate_keys)
-        if cov_keys:
-            block_of_cov = pd.MultiIndex.from_frame(self.blocks[cov_keys]).get_indexer(
-                pd.MultiIndex.from_frame(t.covariates[cov_keys].astype(str))
-            )
-            block_of_cell = block_of_cov[t.covariate_codes]
-        else:
-            block_of_cell = np.zeros(t.n_cells, dtype=np.int64)
+        cov_labels = _covariate_labels(t.covariates, list(self.keys.covariate_keys))
+        block_of_cell = pd.Index(self.blocks["label"]).get_indexer(cov_labels)[t.covariate_codes]
         rows = []
         for b, label in enumerate(self.blocks["label"]):
             found = np.flatnonzero(t.is_control & (block_of_cell == b))
