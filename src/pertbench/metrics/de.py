@@ -97,6 +97,31 @@ def benjamini_hochberg(pvals: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------------------------
 # The test
 # ---------------------------------------------------------------------------------------
+@dataclass
+class RankSums:
+    """Mann-Whitney U statistics of every group against one reference, per gene.
+
+    Attributes
+    ----------
+    u
+        (n_groups, n_genes) U of the group: the number of (group cell, reference cell)
+        pairs where the group cell is larger, ties counting half. Exact (a sum of
+        halves), whatever the algorithm.
+    tie_term
+        (n_groups, n_genes) sum of t^3 - t over the tied blocks of the pooled sample
+        (group + reference); all zero when computed with ``tie_correct=False``.
+    n_cells
+        Cells per group (float64).
+    n_reference
+        Reference (control) cells.
+    """
+
+    u: np.ndarray
+    tie_term: np.ndarray
+    n_cells: np.ndarray
+    n_reference: int
+
+
 def wilcoxon_scores(
     X,
     groups: np.ndarray,
@@ -135,6 +160,54 @@ def wilcoxon_scores(
     WilcoxonResult
         z-scores equal to scanpy's ``rank_genes_groups(method="wilcoxon",
         reference=<controls>, tie_correct=tie_correct)`` scores, p-values and BH FDR.
+    """
+    sums = rank_sums(
+        X,
+        groups,
+        reference,
+        n_groups=n_groups,
+        tie_correct=tie_correct,
+        chunk_elements=chunk_elements,
+        n_jobs=n_jobs,
+    )
+    n_g = sums.n_cells[:, None]
+    n_ref = sums.n_reference
+    n_total = n_g + n_ref
+    mean_u = n_g * n_ref / 2.0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        if tie_correct:
+            denom = n_total**3 - n_total
+            tc = np.where(denom > 0, 1.0 - sums.tie_term / np.where(denom > 0, denom, 1), 1.0)
+        else:
+            tc = 1.0
+        std = np.sqrt(tc * n_g * n_ref * (n_total + 1) / 12.0)
+        z = (sums.u - mean_u) / std
+    z[~np.isfinite(z)] = 0.0  # all values tied, or an empty group: no evidence
+    pvals = 2.0 * special.ndtr(-np.abs(z))
+    return WilcoxonResult(
+        scores=z,
+        pvals=pvals,
+        pvals_adj=benjamini_hochberg(pvals),
+        n_cells=sums.n_cells.astype(np.int64),
+        n_reference=n_ref,
+    )
+
+
+def rank_sums(
+    X,
+    groups: np.ndarray,
+    reference,
+    *,
+    n_groups: int | None = None,
+    tie_correct: bool = True,
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    n_jobs: int = 1,
+) -> RankSums:
+    """Mann-Whitney U and tie terms of every group against one reference, for all genes.
+
+    The statistics behind :func:`wilcoxon_scores` (same parameters), for tests that turn
+    them into p-values differently (e.g. with a continuity correction, see
+    :mod:`pertbench.metrics.vcc_de`).
     """
     groups = np.asarray(groups, dtype=np.int64)
     if groups.ndim != 1 or groups.shape[0] != X.shape[0]:
@@ -219,28 +292,7 @@ def wilcoxon_scores(
         for left in lefts:
             chunk(left)
 
-    n_g = n_cells[:, None]
-    n_total = n_g + n_ref
-    mean_u = n_g * n_ref / 2.0
-    with np.errstate(invalid="ignore", divide="ignore"):
-        if tie_correct:
-            denom = n_total**3 - n_total
-            tc = np.where(
-                denom > 0, 1.0 - (T + T_ref[None, :]) / np.where(denom > 0, denom, 1), 1.0
-            )
-        else:
-            tc = 1.0
-        std = np.sqrt(tc * n_g * n_ref * (n_total + 1) / 12.0)
-        z = (U - mean_u) / std
-    z[~np.isfinite(z)] = 0.0  # all values tied, or an empty group: no evidence
-    pvals = 2.0 * special.ndtr(-np.abs(z))
-    return WilcoxonResult(
-        scores=z,
-        pvals=pvals,
-        pvals_adj=benjamini_hochberg(pvals),
-        n_cells=n_cells.astype(np.int64),
-        n_reference=n_ref,
-    )
+    return RankSums(u=U, tie_term=T + T_ref[None, :], n_cells=n_cells, n_reference=n_ref)
 
 
 _SLOT_BITS = 23  # low bits of a sort key: slot = pooled code * n_chunk + gene offset
