@@ -39,6 +39,11 @@ class UnknownCategoryError(ModelError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class UnseenPerturbationError(UnknownCategoryError):
+    """A model is asked for a perturbation it cannot encode (absent from its training data,
+    or without a known embedding)."""
+
+
 class EvaluationError(PertbenchError, ValueError):
     """Predictions and truth cannot be compared (missing gene or group, NaN, ...)."""
 
