@@ -39,7 +39,12 @@ class UnknownCategoryError(ModelError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
-class UnseenPerturbationError(UnknownCategoryError):
+class NotApplicableError(ModelError):
+    """The model does not apply to this data or task (a benchmark records the cell as
+    ``skipped`` with the message as its reason, instead of failing)."""
+
+
+class UnseenPerturbationError(UnknownCategoryError, NotApplicableError):
     """A model is asked for a perturbation it cannot encode (absent from its training data,
     or without a known embedding)."""
 

@@ -37,7 +37,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from pertbench.errors import ConfigError, ModelError
+from pertbench.errors import ConfigError, ModelError, NotApplicableError
 from pertbench.models.base import FitContext, PredictionInputs, params_field
 from pertbench.models.baselines import _AnalyticBaseline, _dense
 from pertbench.models.encoding import (
@@ -160,7 +160,7 @@ class _EmbeddingBaseline(_AnalyticBaseline):
         table = profiles.delta_groups
         usable = self.embedding.known(table[self.keys.perturbation_key], self.keys)
         if not usable.any():
-            raise ModelError(
+            raise NotApplicableError(
                 f"{self.name}: no training perturbation has a vector in the "
                 f"{self.embedding.source} embedding; check perturbation_embedding"
             )

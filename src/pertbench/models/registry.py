@@ -26,7 +26,15 @@ MODEL_PATHS: dict[str, str] = {
     "scpram": "pertbench.models.scpram:ScPRAM",
 }
 
-BASELINE_MODELS = ("no_change", "perturbation_mean", "covariate_mean")
+#: Always part of a benchmark (cells are skipped, with the reason, where one does not apply).
+BASELINE_MODELS = (
+    "no_change",
+    "perturbation_mean",
+    "covariate_mean",
+    "additive_within",
+    "linear_embedding",
+    "nearest_perturbation",
+)
 
 
 def available_models() -> list[str]:
