@@ -408,6 +408,7 @@ class PerturbationModel(ABC):
             torch.save(state, tmp)
         config = {
             "model": self.name,
+            "model_class": f"{type(self).__module__}:{type(self).__qualname__}",
             "pertbench_version": __version__,
             "params": _jsonable(dataclasses.asdict(self.params)),
             "keys": self.keys.to_dict(),
@@ -425,11 +426,19 @@ class PerturbationModel(ABC):
         return path
 
     @classmethod
-    def load(cls, path: str | Path, *, device: str = "auto") -> PerturbationModel:
-        """Load a model saved with :meth:`save` (the class is read from the config)."""
+    def load(
+        cls, path: str | Path, *, device: str = "auto", model_class: Any = None
+    ) -> PerturbationModel:
+        """Load a model saved with :meth:`save`.
+
+        The class is the registered model the config names; a model that is not
+        registered (neither pertbench's nor an installed package's entry point) is only
+        loaded with ``model_class`` (the class, or ``package.module:ClassName``) given
+        explicitly: a run folder never makes pertbench import the code it names.
+        """
         import torch
 
-        from pertbench.models.registry import get_model_class
+        from pertbench.models.registry import model_class_for_run
 
         path = Path(path)
         config_path = path / CONFIG_FILE
@@ -439,7 +448,9 @@ class PerturbationModel(ABC):
             config = json.loads(config_path.read_text())
         except json.JSONDecodeError as exc:
             raise InputFileError(f"cannot parse {config_path}: {exc}") from exc
-        model_cls = get_model_class(config["model"])
+        model_cls = model_class_for_run(
+            str(config.get("model", "")), where=str(path), model_class=model_class
+        )
         if cls is not PerturbationModel and not issubclass(model_cls, cls):
             raise ModelError(f"'{path}' holds a '{config['model']}' model, not '{cls.name}'")
         keys = PerturbationKeys.from_dict(config["keys"])
