@@ -126,6 +126,7 @@ class PerturbationModel(ABC):
         #: Remarks about the last prediction (e.g. a baseline's fallbacks); copied into
         #: the output's ``uns['pertbench']['notes']``.
         self.prediction_notes: list[str] = []
+        self.trained_perturbations: list[str] | None = None
 
     # -- hyperparameters -------------------------------------------------------------------
     @classmethod
@@ -202,6 +203,9 @@ class PerturbationModel(ABC):
                 "a split must keep control cells of every covariate in train"
             )
         self.encoding = CategoryEncoding.fit(adata[train_mask | val_mask].obs, self.keys)
+        # what training taught: val-only perturbations are encoded (for the validation
+        # loss) but not learned, so they do not count as predictable
+        self.trained_perturbations = CategoryEncoding.fit(train.obs, self.keys).perturbations
         context = FitContext(
             seed=self.seed,
             device=self.device,
@@ -246,10 +250,11 @@ class PerturbationModel(ABC):
     def can_predict(self, labels) -> np.ndarray:
         """True for each perturbation label the trained model can predict.
 
-        The default (one-hot encodings): every component was seen in training.
+        The default (one-hot encodings): every component has training cells.
         """
         self._require_fitted()
-        known = set(self.encoding.perturbations)
+        trained = self.trained_perturbations
+        known = set(self.encoding.perturbations if trained is None else trained)
         return np.asarray(
             [
                 all(p in known for p in self.keys.components(str(label)))
@@ -414,6 +419,7 @@ class PerturbationModel(ABC):
             "keys": self.keys.to_dict(),
             "genes": self.genes.tolist(),
             "encoding": self.encoding.to_dict(),
+            "trained_perturbations": self.trained_perturbations,
             "seed": self.seed,
             "fit_seconds": self.fit_seconds,
             "extra": _jsonable(self._extra_config()),
@@ -457,6 +463,8 @@ class PerturbationModel(ABC):
         model = model_cls(keys=keys, **config["params"])
         model.genes = pd.Index(config["genes"], name="gene")
         model.encoding = CategoryEncoding.from_dict(config["encoding"])
+        trained = config.get("trained_perturbations")
+        model.trained_perturbations = list(trained) if trained is not None else None
         model.seed = int(config.get("seed", 0))
         model.fit_seconds = config.get("fit_seconds")
         model.device = resolve_device(device)
