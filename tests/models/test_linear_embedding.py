@@ -70,7 +70,7 @@ def _rank10_data():
 
 
 def test_exact_recovery_of_a_rank10_linear_truth_and_unseen_prediction():
-    adata, A, K = _rank10_data()
+    adata, _, K = _rank10_data()
     heldout = ["G0", "G30", "G5", "G35"]  # mirrored pairs, unseen in every cell type
     split = make_split(adata.obs_names, "train")
     split[adata.obs["condition"].isin(heldout).to_numpy()] = "test"
