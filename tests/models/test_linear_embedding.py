@@ -145,3 +145,23 @@ def test_nearest_perturbation_picks_the_nearest_training_perturbation(make_toy, 
             ctrl = pred.obs.loc[rows, "control_obs_name"]
             expected = adata[ctrl].X.toarray() + within_delta(neighbour, cov)
             np.testing.assert_allclose(pred.X[rows], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_latent_additive_with_gene_embedding_predicts_unseen_perturbations(tmp_path):
+    from pertbench.data import make_task_split
+    from pertbench.data.simulate import simulate
+
+    adata = simulate(n_covariates=2, n_perturbations=8, n_cells_per_group=8, n_genes=40, seed=2)
+    split = make_task_split(adata, "unseen", fraction=0.3, seed=0).split
+    params = {"encoder_width": 16, "latent_dim": 8, "n_layers": 1, "batch_size": 64}
+    model = create_model("latent_additive", perturbation_embedding="gene", **params)
+    assert model.predicts_unseen_perturbations
+    model.fit(adata, split, max_epochs=1, progress=False, device="cpu")
+    assert model.module.pert_encoder.in_dim == model.pert_embedding.dim == model.dims["n_perts"]
+    pred = model.predict_split(adata, split, on="test")
+    assert pred.n_obs > 0 and np.isfinite(pred.X).all()
+    model.save(tmp_path / "la")
+    again = PerturbationModel.load(tmp_path / "la", device="cpu").predict_split(adata, split)
+    np.testing.assert_array_equal(pred.X, again.X)
+    # the default multi-hot encoding cannot
+    assert not create_model("latent_additive", **params).predicts_unseen_perturbations

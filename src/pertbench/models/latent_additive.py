@@ -147,6 +147,8 @@ class LatentAdditive(NeuralModel):
             if self.params.perturbation_embedding_dim < 1:
                 raise ConfigError("perturbation_embedding_dim must be at least 1")
         self.pert_embedding: PerturbationEmbedding | None = None
+        #: Training perturbations left out because they have no vector (last fit).
+        self.dropped_perturbations: list[str] = []
 
     # -- perturbation features -----------------------------------------------------------
     @property
@@ -201,17 +203,24 @@ class LatentAdditive(NeuralModel):
                     profiles.group_means, self.params.perturbation_embedding_dim
                 )
             embedding = perturbation_embedding(source, adata=train, gene_embedding=gene_vectors)
+            # as linear_embedding: cells of a perturbation without a vector cannot be
+            # encoded and are left out of training (listed in dropped_perturbations)
+            cell_known = embedding.known(train.obs[self.keys.perturbation_key], self.keys)
+            self.dropped_perturbations = sorted(
+                pd.unique(train.obs.loc[~cell_known, self.keys.perturbation_key].astype(str))
+            )
+            if cell_known.any() and not cell_known.all():
+                train = train[cell_known]
             labels = pd.unique(train.obs[self.keys.perturbation_key].astype(str))
             known = embedding.known(labels, self.keys)
             if val is not None:
                 # validation cells whose perturbation has no vector cannot be scored
                 known_val = embedding.known(val.obs[self.keys.perturbation_key], self.keys)
                 val = val[known_val] if known_val.any() else None
-            if not known.all():
-                missing = [str(x) for x in labels[~known]]
+            if not known.all() or not any(self.keys.components(str(x)) for x in labels):
                 raise NotApplicableError(
-                    f"model '{self.name}': training perturbation(s) {', '.join(missing[:5])} "
-                    f"have no vector in the {embedding.source} embedding"
+                    f"model '{self.name}': no training perturbation has a vector in the "
+                    f"{embedding.source} embedding"
                 )
             self.pert_embedding = embedding
         super()._fit(train, val, context)
