@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from delta_helpers import training_delta
 from pertbench.data import PerturbationKeys, make_split
 from pertbench.errors import ModelError
 from pertbench.models import PerturbationModel, build_counterfactuals, create_model
@@ -42,20 +43,10 @@ def test_no_change_returns_the_control_cells(data):
 
 def test_perturbation_mean_by_hand(data):
     adata, split = data
-    obs = adata.obs
-    train = (split == "train").to_numpy()
     model = PerturbationMean().fit(adata, split, progress=False)
 
     def delta(label, cov):
-        cells = (
-            train & (obs["condition"] == label).to_numpy() & (obs["cell_type"] == cov).to_numpy()
-        )
-        ctrl = (
-            train
-            & (obs["condition"] == "control").to_numpy()
-            & (obs["cell_type"] == cov).to_numpy()
-        )
-        return _mean(adata, cells) - _mean(adata, ctrl)
+        return training_delta(adata, split, label, cov)
 
     # P0 is held out in C2: its delta is the mean over C0 and C1 (equal weights)
     expected_p0 = (delta("P0", "C0") + delta("P0", "C1")) / 2
@@ -150,18 +141,9 @@ def test_additive_within_uses_the_covariates_own_singles_and_notes_fallbacks(mak
     in_c2 = (obs["cell_type"] == "C2").to_numpy()
     split[in_c2 & obs["condition"].isin(["P0+P1"]).to_numpy()] = "test"
     split[in_c2 & (obs["condition"] == "P1").to_numpy()] = ""  # P1 not measured in C2
-    train = (split == "train").to_numpy()
 
     def delta(label, cov):
-        cells = (
-            train & (obs["condition"] == label).to_numpy() & (obs["cell_type"] == cov).to_numpy()
-        )
-        ctrl = (
-            train
-            & (obs["condition"] == "control").to_numpy()
-            & (obs["cell_type"] == cov).to_numpy()
-        )
-        return _mean(adata, cells) - _mean(adata, ctrl)
+        return training_delta(adata, split, label, cov)
 
     model = create_model("additive_within").fit(adata, split, progress=False)
     cf = build_counterfactuals(adata, _requests([("C2", "P0+P1"), ("C0", "P0+P1")]), KEYS)

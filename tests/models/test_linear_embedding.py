@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from delta_helpers import training_delta
 from pertbench.data import PerturbationKeys, make_split
 from pertbench.errors import UnseenPerturbationError
 from pertbench.models import PerturbationModel, create_model
@@ -118,20 +119,6 @@ def test_nearest_perturbation_picks_the_nearest_training_perturbation(make_toy, 
     table.to_csv(tmp_path / "emb.csv")
     split = make_split(adata.obs_names, "train")
     split[(adata.obs["condition"] == "P2").to_numpy()] = "test"  # P2 unseen everywhere
-    obs, X = adata.obs, adata.X.toarray()
-    train = split.to_numpy() == "train"
-
-    def within_delta(label, cov):
-        cells = (
-            train & (obs["condition"] == label).to_numpy() & (obs["cell_type"] == cov).to_numpy()
-        )
-        ctrl = (
-            train
-            & (obs["condition"] == "control").to_numpy()
-            & (obs["cell_type"] == cov).to_numpy()
-        )
-        return X[cells].mean(axis=0) - X[ctrl].mean(axis=0)
-
     # P2 = (5, 0.6): Euclidean nearest is P0 (4.04 vs 5.0), cosine nearest is P1
     for metric, neighbour in (("euclidean", "P0"), ("cosine", "P1")):
         model = create_model(
@@ -143,7 +130,7 @@ def test_nearest_perturbation_picks_the_nearest_training_perturbation(make_toy, 
         for cov in ("C0", "C1"):
             rows = (pred.obs["cell_type"] == cov).to_numpy()
             ctrl = pred.obs.loc[rows, "control_obs_name"]
-            expected = adata[ctrl].X.toarray() + within_delta(neighbour, cov)
+            expected = adata[ctrl].X.toarray() + training_delta(adata, split, neighbour, cov)
             np.testing.assert_allclose(pred.X[rows], expected, rtol=1e-5, atol=1e-5)
 
 

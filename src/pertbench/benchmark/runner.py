@@ -204,27 +204,7 @@ def collect_results(jobs: Mapping[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame
         done = directory / paths.DONE_FILE
         record = json.loads(done.read_text()) if done.is_file() else None
         if record is not None and record.get("status") == SKIPPED:
-            reason = record.get("reason", "")
-            row = {
-                **job.labels(),
-                "split": job.on,
-                "metric": "",
-                "value": math.nan,
-                "status": SKIPPED,
-                "error": reason,
-                "model_name": job.model,
-                "tuned": job.tuning_dir is not None,
-            }
-            frames.append(pd.DataFrame([row]))
-            failures.append(
-                {
-                    **job.labels(),
-                    "stage": "cell",
-                    "status": SKIPPED,
-                    "error_type": record.get("error_type", ""),
-                    "error": reason,
-                }
-            )
+            _add_unscored(frames, failures, job, SKIPPED, record.get("reason", ""), record)
             continue
         if record is not None:
             frame = _read_metrics(directory / paths.METRICS_FILE)
@@ -249,26 +229,7 @@ def collect_results(jobs: Mapping[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame
             error, error_type = record.get("error", ""), record.get("error_type", "")
         else:
             error, error_type = "did not run", ""
-        row = {
-            **job.labels(),
-            "split": job.on,
-            "metric": "",
-            "value": math.nan,
-            "status": "failed",
-            "error": error,
-            "model_name": job.model,
-            "tuned": job.tuning_dir is not None,
-        }
-        frames.append(pd.DataFrame([row]))
-        failures.append(
-            {
-                **job.labels(),
-                "stage": "cell",
-                "status": "failed",
-                "error_type": error_type,
-                "error": error,
-            }
-        )
+        _add_unscored(frames, failures, job, "failed", error, {"error_type": error_type})
     results = (
         pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=RESULT_COLUMNS)
     )
@@ -283,6 +244,31 @@ def collect_results(jobs: Mapping[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame
     )
     failures_frame = pd.DataFrame(failures, columns=FAILURE_COLUMNS)
     return results.reset_index(drop=True), failures_frame
+
+
+def _add_unscored(frames: list, failures: list, job: CellJob, status: str, error: str, record):
+    """A cell without metrics (failed, or skipped as not applicable): one results row
+    with the status and the message, and its row in the failures table."""
+    row = {
+        **job.labels(),
+        "split": job.on,
+        "metric": "",
+        "value": math.nan,
+        "status": status,
+        "error": error,
+        "model_name": job.model,
+        "tuned": job.tuning_dir is not None,
+    }
+    frames.append(pd.DataFrame([row]))
+    failures.append(
+        {
+            **job.labels(),
+            "stage": "cell",
+            "status": status,
+            "error_type": record.get("error_type", ""),
+            "error": error,
+        }
+    )
 
 
 def run_benchmark(
