@@ -39,6 +39,16 @@ class UnknownCategoryError(ModelError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class NotApplicableError(ModelError):
+    """The model does not apply to this data or task (a benchmark records the cell as
+    ``skipped`` with the message as its reason, instead of failing)."""
+
+
+class UnseenPerturbationError(UnknownCategoryError, NotApplicableError):
+    """A model is asked for a perturbation it cannot encode (absent from its training data,
+    or without a known embedding)."""
+
+
 class EvaluationError(PertbenchError, ValueError):
     """Predictions and truth cannot be compared (missing gene or group, NaN, ...)."""
 

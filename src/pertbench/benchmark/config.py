@@ -11,6 +11,8 @@ A config is a YAML mapping::
     tasks:                         # name -> a split of some datasets
       transfer: {task: transfer, datasets: [sim], options: {heldout_fraction: 0.3}}
       combos: {task: combo, datasets: [norman]}
+      new: {task: unseen, datasets: [sim], options: {fraction: 0.3}}
+      context: {task: fewshot, datasets: [sim], options: {target: CT0, n_shots: 3}}
       mine: {task: custom, datasets: [screen], split: splits/screen.csv}
     scenarios:                     # optional variants of every task's split
       imbalance: {entropy: [0.9, 0.7]}
@@ -37,9 +39,9 @@ from pathlib import Path
 from typing import Any
 
 from pertbench.data.keys import PerturbationKeys
+from pertbench.data.splits import TASKS
 from pertbench.errors import ConfigError, InputFileError, PertbenchError
 
-TASKS = ("transfer", "combo", "combo_inverse", "celltype", "custom")
 SCENARIO_KINDS = {
     # kind -> (the key listing its levels, what one level means)
     "imbalance": ("entropy", "target normalised entropy of perturbations over covariates"),

@@ -34,6 +34,7 @@ from pertbench.benchmark.jobs import (
     CEILING_FILE,
     CEILING_SOURCE,
     METRIC_COLUMNS,
+    SKIPPED,
     TIMING_COLUMNS,
     CellJob,
     JobOutcome,
@@ -45,6 +46,17 @@ from pertbench.errors import ConfigError
 from pertbench.utils.io import write_csv_atomic, write_parquet_atomic, write_text_atomic
 
 RESULT_COLUMNS = [*METRIC_COLUMNS, "status", "error", "model_name", "tuned", *TIMING_COLUMNS]
+FAILURE_COLUMNS = [
+    "dataset",
+    "task",
+    "scenario",
+    "model",
+    "seed",
+    "stage",
+    "status",
+    "error_type",
+    "error",
+]
 
 
 @dataclass
@@ -156,13 +168,24 @@ def _read_metrics(path: Path) -> pd.DataFrame:
 
 
 def collect_results(jobs: Mapping[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The tidy results table (one row per cell x metric) and the failures table."""
+    """The tidy results table (one row per cell x metric) and the failures table.
+
+    The failures table also lists the cells (and tuning jobs) skipped because their model
+    does not apply to the task (``status`` ``skipped``, the reason in ``error``); their
+    results row has status ``skipped`` and the reason in ``error``.
+    """
     frames, failures = [], []
     for job in jobs.values():
         if isinstance(job, TuneJob):
             error_file = job.directory / paths.ERROR_FILE
+            done_file = job.directory / paths.DONE_FILE
+            record = None
             if error_file.is_file():
                 record = json.loads(error_file.read_text())
+            elif done_file.is_file():
+                record = json.loads(done_file.read_text())
+                record = record if record.get("status") == SKIPPED else None
+            if record is not None:
                 failures.append(
                     {
                         "dataset": job.dataset,
@@ -171,15 +194,19 @@ def collect_results(jobs: Mapping[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame
                         "model": job.model_label,
                         "seed": math.nan,
                         "stage": "tune",
+                        "status": record.get("status", "failed"),
                         "error_type": record.get("error_type", ""),
-                        "error": record.get("error", ""),
+                        "error": record.get("error", record.get("reason", "")),
                     }
                 )
             continue
         directory = job.directory
         done = directory / paths.DONE_FILE
-        if done.is_file():
-            record = json.loads(done.read_text())
+        record = json.loads(done.read_text()) if done.is_file() else None
+        if record is not None and record.get("status") == SKIPPED:
+            _add_unscored(frames, failures, job, SKIPPED, record.get("reason", ""), record)
+            continue
+        if record is not None:
             frame = _read_metrics(directory / paths.METRICS_FILE)
             frame["status"] = "ok"
             frame["error"] = ""
@@ -202,18 +229,7 @@ def collect_results(jobs: Mapping[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame
             error, error_type = record.get("error", ""), record.get("error_type", "")
         else:
             error, error_type = "did not run", ""
-        row = {
-            **job.labels(),
-            "split": job.on,
-            "metric": "",
-            "value": math.nan,
-            "status": "failed",
-            "error": error,
-            "model_name": job.model,
-            "tuned": job.tuning_dir is not None,
-        }
-        frames.append(pd.DataFrame([row]))
-        failures.append({**job.labels(), "stage": "cell", "error_type": error_type, "error": error})
+        _add_unscored(frames, failures, job, "failed", error, {"error_type": error_type})
     results = (
         pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=RESULT_COLUMNS)
     )
@@ -226,11 +242,33 @@ def collect_results(jobs: Mapping[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame
     results = results.sort_values(
         ["dataset", "task", "scenario", "model", "seed", "split", "metric"], kind="stable"
     )
-    failures_frame = pd.DataFrame(
-        failures,
-        columns=["dataset", "task", "scenario", "model", "seed", "stage", "error_type", "error"],
-    )
+    failures_frame = pd.DataFrame(failures, columns=FAILURE_COLUMNS)
     return results.reset_index(drop=True), failures_frame
+
+
+def _add_unscored(frames: list, failures: list, job: CellJob, status: str, error: str, record):
+    """A cell without metrics (failed, or skipped as not applicable): one results row
+    with the status and the message, and its row in the failures table."""
+    row = {
+        **job.labels(),
+        "split": job.on,
+        "metric": "",
+        "value": math.nan,
+        "status": status,
+        "error": error,
+        "model_name": job.model,
+        "tuned": job.tuning_dir is not None,
+    }
+    frames.append(pd.DataFrame([row]))
+    failures.append(
+        {
+            **job.labels(),
+            "stage": "cell",
+            "status": status,
+            "error_type": record.get("error_type", ""),
+            "error": error,
+        }
+    )
 
 
 def run_benchmark(
@@ -322,10 +360,18 @@ def run_benchmark(
         write_parquet_atomic(out / paths.RESULTS_PARQUET, results)
         write_csv_atomic(out / paths.RESULTS_CSV, results)
         write_csv_atomic(out / paths.FAILURES_CSV, failures)
-        n_failed = int((failures["stage"] == "cell").sum()) if len(failures) else 0
+        cell_rows = failures[failures["stage"] == "cell"]
+        n_failed = int((cell_rows["status"] != SKIPPED).sum())
+        n_not_applicable = int((cell_rows["status"] == SKIPPED).sum())
         log(
             f"{len(results)} result rows from {len(jobs)} jobs in {time.perf_counter() - start:.1f} s"
             + (f"; {n_failed} cell(s) failed (see {out / paths.FAILURES_CSV})" if n_failed else "")
+            + (
+                f"; {n_not_applicable} cell(s) skipped: model not applicable (reasons in "
+                f"{out / paths.FAILURES_CSV})"
+                if n_not_applicable
+                else ""
+            )
         )
         report_path = crate_path = None
         if report:

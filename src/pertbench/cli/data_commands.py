@@ -236,13 +236,46 @@ def register(app: typer.Typer) -> None:
         out: OutFile,
         task: Annotated[
             str,
-            typer.Option(help="transfer, combo, combo_inverse, celltype or custom."),
+            typer.Option(
+                help="transfer, combo, combo_inverse, celltype, unseen, fewshot or custom."
+            ),
         ] = "transfer",
         fraction: Annotated[
             float | None,
             typer.Option(
                 help="Share held out: per covariate (transfer, default 0.3), of eligible "
-                "combinations (combo, 0.7) or singles (combo_inverse, 0.3)."
+                "combinations (combo, 0.7), singles (combo_inverse, 0.3) or singles held "
+                "out in every covariate (unseen, 0.3)."
+            ),
+        ] = None,
+        combo_fraction: Annotated[
+            float | None,
+            typer.Option(
+                help="unseen: share of the other combinations held out (default --fraction)."
+            ),
+        ] = None,
+        heldout_perturbations: Annotated[
+            str | None,
+            typer.Option(
+                help="unseen: comma-separated perturbations to hold out (instead of a draw)."
+            ),
+        ] = None,
+        candidates: Annotated[
+            str | None,
+            typer.Option(help="unseen: comma-separated singles to draw the held-out ones from."),
+        ] = None,
+        target: Annotated[
+            str | None,
+            typer.Option(help="fewshot: the target covariate (e.g. A172)."),
+        ] = None,
+        n_shots: Annotated[
+            int | None,
+            typer.Option(help="fewshot: perturbations of the target kept in train (default 3)."),
+        ] = None,
+        shots: Annotated[
+            str | None,
+            typer.Option(
+                help="fewshot: comma-separated perturbations of the target kept in train."
             ),
         ] = None,
         heldout_covariates: Annotated[
@@ -291,6 +324,22 @@ def register(app: typer.Typer) -> None:
             )
         elif heldout_covariates is not None:
             raise ConfigError("--heldout-covariates only applies to --task transfer")
+        task_only = {
+            "unseen": {
+                "combo_fraction": combo_fraction,
+                "heldout_perturbations": _csv_list(heldout_perturbations),
+                "candidates": _csv_list(candidates),
+            },
+            "fewshot": {"target": target, "n_shots": n_shots, "shots": _csv_list(shots)},
+        }
+        for owner, values in task_only.items():
+            given = {k: v for k, v in values.items() if v is not None}
+            if given and task != owner:
+                flags = ", ".join("--" + k.replace("_", "-") for k in given)
+                raise ConfigError(f"{flags} only apply to --task {owner}")
+            options.update(given if task == owner else {})
+        if task == "fewshot" and target is None:
+            raise ConfigError("--task fewshot needs --target COVARIATE (e.g. --target A172)")
         if task == "celltype":
             if not heldout:
                 raise ConfigError("--task celltype needs --heldout VALUE (e.g. --heldout CD4T)")
@@ -300,7 +349,7 @@ def register(app: typer.Typer) -> None:
                 raise ConfigError("--task custom needs --split-file FILE.csv")
             options["path"] = split_file
         if fraction is not None:
-            if task in ("celltype", "custom"):
+            if task in ("celltype", "custom", "fewshot"):
                 raise ConfigError(f"--fraction does not apply to --task {task}")
             options["fraction"] = fraction
         if val_fraction is not None:

@@ -98,15 +98,16 @@ def model_listing() -> list[dict[str, Any]]:
     import dataclasses
 
     from pertbench.errors import PertbenchError
-    from pertbench.models.registry import MODEL_PATHS, available_models, get_model_class
+    from pertbench.models.registry import available_models, get_model_class, registered_models
 
     listing = []
+    registry = registered_models()
     for name in available_models():
         try:
             cls = get_model_class(name)
         except (PertbenchError, ImportError):  # an optional extra that does not import
             continue
-        if MODEL_PATHS.get(name, "").split(":")[-1] != cls.__name__:
+        if registry.get(name, "").split(":")[-1] != cls.__name__:
             continue
         params = []
         for field in dataclasses.fields(cls.Params):
@@ -268,6 +269,14 @@ def register(app: typer.Typer) -> None:
         seed: Annotated[
             int | None, typer.Option("--seed", help="Prediction seed (default: the training seed).")
         ] = None,
+        model_class: Annotated[
+            str | None,
+            typer.Option(
+                "--model-class",
+                help="package.module:ClassName of a model that is not registered (a run "
+                "folder never imports the code it names).",
+            ),
+        ] = None,
         device: DeviceOpt = "auto",
     ) -> None:
         """Predict every held-out group of the split from its covariates' control cells.
@@ -286,7 +295,7 @@ def register(app: typer.Typer) -> None:
             raise InputFileError(
                 f"run folder '{run_dir}' does not exist; train with 'pertbench train'"
             )
-        estimator = PerturbationModel.load(run_dir, device=device)
+        estimator = PerturbationModel.load(run_dir, device=device, model_class=model_class)
         split_path = split if split is not None else run_dir / SPLIT_FILE
         if not split_path.is_file():
             raise InputFileError(f"no split file '{split_path}'; pass --split SPLIT.csv")
