@@ -17,7 +17,7 @@ import pandas as pd
 
 from pertbench.data.groups import Grouping, group_cells
 from pertbench.data.keys import PerturbationKeys
-from pertbench.errors import ConfigError, InputFileError, SplitError
+from pertbench.errors import ConfigError, InputFileError, SplitError, shown
 from pertbench.utils.io import write_csv_atomic
 
 SPLIT_NAMES = ("train", "val", "test")
@@ -43,11 +43,11 @@ def check_split_values(split: pd.Series) -> None:
     bad = pd.unique(split[~split.isin(allowed)].astype(str))
     if len(bad):
         raise SplitError(
-            f"split values must be train, val, test or empty; found {', '.join(map(repr, bad[:5]))}"
+            f"split values must be train, val, test or empty; found {', '.join(map(shown, bad[:5]))}"
         )
     if not split.index.is_unique:
         dup = split.index[split.index.duplicated()][:3]
-        raise SplitError(f"split lists obs names more than once: {', '.join(map(str, dup))}")
+        raise SplitError(f"split lists obs names more than once: {', '.join(map(shown, dup))}")
 
 
 def write_split(split: pd.Series, path: str | os.PathLike) -> Path:
@@ -80,8 +80,10 @@ def read_split(path: str | os.PathLike, obs_names: pd.Index | None = None) -> pd
     except Exception as exc:  # malformed CSV of any kind
         raise InputFileError(f"cannot read split file '{path}': {exc}") from exc
     if list(frame.columns[:2]) != list(SPLIT_COLUMNS):
+        # The first line is not quoted: the path may point at any file (never echo it).
         raise SplitError(
-            f"split file '{path}' must have the header 'obs_name,split', found '{','.join(frame.columns)}'"
+            f"split file '{path}' does not start with the header 'obs_name,split'; is it a "
+            "split CSV from 'pertbench split'?"
         )
     split = pd.Series(
         frame["split"].str.strip().to_numpy(dtype=object),
@@ -95,7 +97,7 @@ def read_split(path: str | os.PathLike, obs_names: pd.Index | None = None) -> pd
         if len(unknown):
             raise SplitError(
                 f"split file '{path}' names {len(unknown)} cell(s) not in the data "
-                f"(e.g. {unknown[0]!r}); was it made for another dataset?"
+                f"(e.g. {shown(unknown[0])}); was it made for another dataset?"
             )
         split = split.reindex(obs_names, fill_value=LEFT_OUT)
         split.index.name = "obs_name"
