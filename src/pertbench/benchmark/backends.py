@@ -109,6 +109,13 @@ class LocalBackend:
 
     def deaths(self) -> list[str]:
         """How the pool's dead workers ended, e.g. ``pid 123 killed by signal 9``."""
+        from multiprocessing.connection import wait
+
+        # A worker's pipe closes a moment before the kernel reports its exit status.
+        ended = set(wait([p.sentinel for p in self._processes.values()], timeout=0))
+        for process in self._processes.values():
+            if process.sentinel in ended:
+                process.join(timeout=2)
         out = []
         for pid, process in sorted(self._processes.items()):
             code = process.exitcode

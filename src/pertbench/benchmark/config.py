@@ -586,7 +586,9 @@ def _parse_scenarios(raw: Any, tasks: Mapping[str, TaskSpec]) -> tuple[ScenarioS
         names = _name_list(spec.get("tasks"), f"{where}.tasks")
         for t in names:
             if t not in tasks:
-                raise _fail(f"{where}.tasks", f"unknown task {shown(t)}; defined: {', '.join(tasks)}")
+                raise _fail(
+                    f"{where}.tasks", f"unknown task {shown(t)}; defined: {', '.join(tasks)}"
+                )
         options = spec.get("options") or {}
         if not isinstance(options, Mapping):
             raise _fail(f"{where}.options", "expected a mapping")

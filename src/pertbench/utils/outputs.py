@@ -259,9 +259,7 @@ def results_folder(
         shutil.rmtree(backup, ignore_errors=True)
 
 
-def merge_table(
-    path: str | os.PathLike, new: pd.DataFrame, *, key: Sequence[str]
-) -> pd.DataFrame:
+def merge_table(path: str | os.PathLike, new: pd.DataFrame, *, key: Sequence[str]) -> pd.DataFrame:
     """``new`` merged into the table at ``path``: rows with the same ``key`` are replaced,
     other earlier rows are kept (in their order, before the new ones). Nothing is written.
 
