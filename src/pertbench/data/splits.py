@@ -533,10 +533,35 @@ def split_transfer(
             break
     for c in candidates:
         if quota[c] > 0:
+            # Name the rule that stopped each remaining perturbation of this covariate.
+            reasons = {"support": 0, "capped": 0, "train": 0}
+            for g in non_control[(cov[non_control] == c) & ~is_held[non_control]]:
+                p = int(pert[g])
+                if len(by_pert[p]) - 1 < min_train_covariates:
+                    reasons["support"] += 1
+                elif held_count[p] >= max_heldout_covariates:
+                    reasons["capped"] += 1
+                else:
+                    reasons["train"] += 1
+            causes = []
+            if reasons["capped"]:
+                causes.append(
+                    f"{reasons['capped']} already held out in {max_heldout_covariates} other "
+                    f"covariate(s) (max_heldout_covariates={max_heldout_covariates})"
+                )
+            if reasons["support"]:
+                causes.append(
+                    f"{reasons['support']} not measured in {min_train_covariates} other "
+                    f"covariate(s) (min_train_covariates={min_train_covariates})"
+                )
+            if reasons["train"]:
+                causes.append(
+                    f"{reasons['train']} would keep fewer than {min_train_covariates} training "
+                    f"covariate(s) (min_train_covariates={min_train_covariates})"
+                )
             b.notes.append(
                 f"covariate {b.cov_label(c)}: held out {target[c] - quota[c]} of the "
-                f"{target[c]} perturbations asked for (the others are not measured in "
-                f"{min_train_covariates} other covariate(s))"
+                f"{target[c]} perturbations asked for; of the others, " + "; ".join(causes)
             )
     b.role[non_control] = "train"
     b.assign_heldout(np.flatnonzero(is_held), val_fraction, rng_valtest)
