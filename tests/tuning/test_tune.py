@@ -93,6 +93,28 @@ def test_tune_linear_end_to_end(tmp_path, toy_files):
         assert importances["note"].iloc[0]
 
 
+def test_search_space_is_sized_for_the_data_and_epochs_are_recorded(tmp_path, toy_files, capsys):
+    from pertbench.cli.main import main
+
+    # 30 genes: widths stop at max(64, 2 x 30) = 64, i.e. at the lowest width of the model's
+    # range (256); depths at 3 hidden layers
+    data, split = toy_files
+    out = tmp_path / "la"
+    args = ["tune", str(data), "--model", "latent_additive", "--split", str(split)]
+    args += ["--out", str(out), "--n-trials", "1", "--epochs", "1", "--stability-seeds", "0"]
+    assert main([*args, "--device", "cpu", "--set", "batch_size=64", "--pruner", "none"]) == 0
+    err = capsys.readouterr().err
+    assert "search space sized for 30 genes and " in err
+    assert "training cells on cpu: n_layers <= 3, encoder_width <= 256" in err
+    assert "trial 0: epoch 1/1 val_loss " in err  # progress inside a trial
+    trials = pd.read_csv(out / "trials.csv")
+    assert (trials["params_encoder_width"] == 256).all() and (trials["params_n_layers"] <= 3).all()
+    best = json.loads((out / "best_params.json").read_text())
+    # --epochs (alias of --max-epochs) 1: what the trials were trained with, not the default 100
+    assert best["max_epochs"] == 1 and best["all_params"]["max_epochs"] == 1
+    assert best["epochs_trained"] == 1
+
+
 def test_same_seed_same_trials_and_resume_adds_only_new_trials(tmp_path, toy_files):
     data, split = toy_files
 

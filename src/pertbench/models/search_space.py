@@ -114,7 +114,8 @@ def space_limits(*, n_genes: int, n_train_cells: int, device: str) -> dict[str, 
     """Largest width and depth worth searching for this data on this device.
 
     The rule (docs/benchmark.md): a hidden layer wider than twice the number of genes adds
-    parameters, not information, so widths stop at ``2 x n_genes`` (and at 1,024 on a CPU);
+    parameters, not information, so widths stop at ``2 x n_genes`` (and at 1,024 on a CPU;
+    at least 64, and never below the lowest width of the model's own range);
     more than 3 hidden layers only pays off with at least 50,000 training cells on a GPU.
     PerturBench's own ranges (widths up to 5,376, 7 layers) were chosen for GPU runs on
     screens of 10^5+ cells.
@@ -127,7 +128,8 @@ def space_limits(*, n_genes: int, n_train_cells: int, device: str) -> dict[str, 
 
 
 def _cap_entry(spec: Mapping[str, Any], cap: int) -> dict[str, Any] | None:
-    """``spec`` with values above ``cap`` removed; ``None`` if nothing was above it."""
+    """``spec`` without its values above ``cap`` (never below its own lowest value);
+    ``None`` if nothing was above it."""
     if spec["type"] == "categorical":
         numeric = [c for c in spec["choices"] if isinstance(c, (int, float))]
         if len(numeric) != len(spec["choices"]) or max(numeric) <= cap:
@@ -145,6 +147,10 @@ def _cap_entry(spec: Mapping[str, Any], cap: int) -> dict[str, Any] | None:
         return {**spec, "high": high}
     # The grid is too coarse below the cap: search the remaining range on a log scale.
     return {"type": spec["type"], "low": low, "high": cap, "log": True}
+
+
+def _largest(spec: Mapping[str, Any]) -> Any:
+    return max(spec["choices"]) if spec["type"] == "categorical" else spec["high"]
 
 
 def size_space(
@@ -171,7 +177,8 @@ def size_space(
     Returns
     -------
     (space, changes)
-        The sized space and one line per changed parameter (``"encoder_width <= 1000"``).
+        The sized space and one entry per changed parameter (``"encoder_width <= 1000"``:
+        its new largest value; a range never shrinks below its own lowest value).
     """
     limits = space_limits(n_genes=n_genes, n_train_cells=n_train_cells, device=device)
     sized: dict[str, dict[str, Any]] = {}
@@ -185,5 +192,5 @@ def size_space(
         capped = _cap_entry(spec, cap) if cap is not None else None
         sized[name] = capped if capped is not None else dict(spec)
         if capped is not None:
-            changes.append(f"{name} <= {cap}")
+            changes.append(f"{name} <= {_largest(capped)}")
     return sized, changes
