@@ -27,7 +27,12 @@ def test_categorical_widths_and_depths_of_other_models():
     space, changes = size_space(CPA.search_space, n_genes=500, n_train_cells=4000, device="cpu")
     assert space["n_layers_pert_emb"]["high"] == 3 and space["adv_classifier_n_layers"]["high"] == 3
     assert space["hidden_dim"]["high"] == 1000
-    assert space["adv_classifier_hidden_dim"] == {"type": "int", "low": 128, "high": 1000, "log": True}
+    assert space["adv_classifier_hidden_dim"] == {
+        "type": "int",
+        "low": 128,
+        "high": 1000,
+        "log": True,
+    }
     assert len(changes) == 5
 
 
