@@ -110,6 +110,34 @@ def _d(root: Path) -> list[str]:
     return [str(root / "data.h5ad")]
 
 
+def _tune(root: Path, *, data="data.h5ad", split="split.csv", out="new_tune", model="linear"):
+    """A ``pertbench tune`` command line on files of the test folder."""
+    return [
+        "tune",
+        str(root / data),
+        "--model",
+        model,
+        "--split",
+        str(root / split),
+        "--out",
+        str(root / out),
+    ]
+
+
+def _train(root: Path, *, data="data.h5ad", out="new_run"):
+    """A ``pertbench train`` command line on files of the test folder."""
+    return [
+        "train",
+        str(root / data),
+        "--model",
+        "linear",
+        "--split",
+        str(root / "split.csv"),
+        "--out",
+        str(root / out),
+    ]
+
+
 # Each case: the command line (built from the test folder) and words the error must contain.
 CASES: dict[str, tuple[Callable[[Path], list[str]], str]] = {
     # -- the output policy: nothing existing is replaced, inputs never -------------------
@@ -170,16 +198,7 @@ CASES: dict[str, tuple[Callable[[Path], list[str]], str]] = {
         "already exists; pass --overwrite",
     ),
     "train --out exists": (
-        lambda r: [
-            "train",
-            *_d(r),
-            "--model",
-            "linear",
-            "--split",
-            str(r / "split.csv"),
-            "--out",
-            str(r / "folder"),
-        ],
+        lambda r: _train(r, out="folder"),
         "already exists and is not empty; pass --overwrite",
     ),
     "predict --out exists": (
@@ -199,16 +218,7 @@ CASES: dict[str, tuple[Callable[[Path], list[str]], str]] = {
         "is a file; give the path of a folder",
     ),
     "tune --out is a file": (
-        lambda r: [
-            "tune",
-            *_d(r),
-            "--model",
-            "linear",
-            "--split",
-            str(r / "split.csv"),
-            "--out",
-            str(r / "afile"),
-        ],
+        lambda r: _tune(r, out="afile"),
         "is a file; give the path of a folder",
     ),
     "benchmark --out is a file": (
@@ -228,20 +238,7 @@ CASES: dict[str, tuple[Callable[[Path], list[str]], str]] = {
         "is also an input",
     ),
     "tune resumed with other settings": (
-        lambda r: [
-            "tune",
-            *_d(r),
-            "--model",
-            SLEEPY,
-            "--split",
-            str(r / "split.csv"),
-            "--out",
-            str(r / "study"),
-            "--n-trials",
-            "1",
-            "--seed",
-            "2",
-        ],
+        lambda r: [*_tune(r, out="study", model=SLEEPY), "--n-trials", "1", "--seed", "2"],
         "was run with a different seed; resume with the same settings, pass --overwrite",
     ),
     # -- bad data ----------------------------------------------------------------------------
@@ -254,29 +251,11 @@ CASES: dict[str, tuple[Callable[[Path], list[str]], str]] = {
         "the data have no cells",
     ),
     "train on a dataset with no cells": (
-        lambda r: [
-            "train",
-            str(r / "no_cells.h5ad"),
-            "--model",
-            "linear",
-            "--split",
-            str(r / "split.csv"),
-            "--out",
-            str(r / "new_run"),
-        ],
+        lambda r: _train(r, data="no_cells.h5ad"),
         "the data have no cells",
     ),
     "tune on a dataset with no cells": (
-        lambda r: [
-            "tune",
-            str(r / "no_cells.h5ad"),
-            "--model",
-            "linear",
-            "--split",
-            str(r / "split.csv"),
-            "--out",
-            str(r / "new_tune"),
-        ],
+        lambda r: _tune(r, data="no_cells.h5ad"),
         "the data have no cells",
     ),
     "evaluate against a dataset with no cells": (
@@ -329,16 +308,7 @@ CASES: dict[str, tuple[Callable[[Path], list[str]], str]] = {
         "does not start with the header 'obs_name,split'",
     ),
     "tune --split is any file": (
-        lambda r: [
-            "tune",
-            *_d(r),
-            "--model",
-            "linear",
-            "--split",
-            str(r / "secret.txt"),
-            "--out",
-            str(r / "new_tune"),
-        ],
+        lambda r: _tune(r, split="secret.txt"),
         "does not start with the header 'obs_name,split'",
     ),
     "benchmark config is any file": (
@@ -350,33 +320,11 @@ CASES: dict[str, tuple[Callable[[Path], list[str]], str]] = {
         "does not start with the header 'obs_name,split'",
     ),
     "tune --space is any file": (
-        lambda r: [
-            "tune",
-            *_d(r),
-            "--model",
-            "linear",
-            "--split",
-            str(r / "split.csv"),
-            "--out",
-            str(r / "new_tune"),
-            "--space",
-            str(r / "secret.txt"),
-        ],
+        lambda r: [*_tune(r), "--space", str(r / "secret.txt")],
         "unknown hyperparameter <a ",
     ),
     "tune --space is not valid YAML": (
-        lambda r: [
-            "tune",
-            *_d(r),
-            "--model",
-            "linear",
-            "--split",
-            str(r / "split.csv"),
-            "--out",
-            str(r / "new_tune"),
-            "--space",
-            str(r / "bad.yaml"),
-        ],
+        lambda r: [*_tune(r), "--space", str(r / "bad.yaml")],
         "is not valid YAML (line 2)",
     ),
     # -- dataset curation ------------------------------------------------------------------
@@ -417,8 +365,7 @@ def test_read_only_output_folder(files, capsys, tmp_path):
         assert main(["split", *_d(files), "--out", str(out)]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith(f"error: cannot write to folder '{folder}'") and "\n" not in err
-    tune = ["tune", *_d(files), "--model", "linear", "--split", str(files / "split.csv")]
-    assert main([*tune, "--out", str(folder / "t")]) == 2
+    assert main(_tune(files, out=str(folder / "t"))) == 2
     assert "cannot write to folder" in capsys.readouterr().err
     assert _snapshot(files) == before
 
@@ -455,37 +402,16 @@ def test_overwrite_replaces_and_the_input_still_cannot_be_the_output(files, caps
 def test_failed_first_run_leaves_no_folder(files, capsys, tmp_path):
     """A run that fails before any result removes the folder it created (no lock files
     left to block the next run); an existing folder is left as it was."""
+    out = tmp_path / "new" / "out"
     for command in (
-        [
-            "tune",
-            str(files / "no_cells.h5ad"),
-            "--model",
-            "linear",
-            "--split",
-            str(files / "split.csv"),
-        ],
-        ["benchmark", str(files / "not_h5ad.yaml")],
-        ["celltype-transfer", str(files / "no_cells.h5ad"), "--cell-type", "C0"],
+        _tune(files, data="no_cells.h5ad", out=str(out)),
+        ["benchmark", str(files / "not_h5ad.yaml"), "--out", str(out)],
+        ["celltype-transfer", str(files / "no_cells.h5ad"), "--cell-type", "C0", "--out", str(out)],
     ):
-        out = tmp_path / "new" / "out"
-        assert main([*command, "--out", str(out)]) == 2
+        assert main(command) == 2
         assert not out.exists(), command
-    capsys.readouterr()
     mine = tmp_path / "mine"
     mine.mkdir()
-    assert (
-        main(
-            [
-                "tune",
-                str(files / "no_cells.h5ad"),
-                "--model",
-                "linear",
-                "--split",
-                str(files / "split.csv"),
-                "--out",
-                str(mine),
-            ]
-        )
-        == 2
-    )
+    assert main(_tune(files, data="no_cells.h5ad", out=str(mine))) == 2
     assert mine.is_dir()
+    capsys.readouterr()

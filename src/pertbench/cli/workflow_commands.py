@@ -146,6 +146,13 @@ def _summary(
         echo(table[["model", "cell_type", *cols]].round(4).to_string(index=False))
 
 
+def _shared(out: Path, keys, stimulated, options, resume) -> dict:
+    """Keyword arguments every workflow function takes from the command line."""
+    return dict(
+        out_dir=out, keys=keys, stimulated=stimulated, options=options, resume=resume, log=echo
+    )
+
+
 def _run_celltype_transfer(data, keys, options, out, cell_type, stimulated, imbalance, resume):
     """Read the data and run the held-out cell-type workflow (with --imbalance: both scenarios)."""
     import time
@@ -155,31 +162,13 @@ def _run_celltype_transfer(data, keys, options, out, cell_type, stimulated, imba
 
     adata = read_data(data, keys)
     start = time.perf_counter()
+    shared = _shared(out, keys, stimulated, options, resume)
     if imbalance is None:
-        table = celltype_transfer(
-            adata,
-            out_dir=out,
-            keys=keys,
-            cell_types=cell_type,
-            stimulated=stimulated,
-            options=options,
-            resume=resume,
-            log=echo,
-        )
+        table = celltype_transfer(adata, cell_types=cell_type, **shared)
         _summary(table)
         echo(f"wrote {out / 'metrics.csv'} ({time.perf_counter() - start:.1f}s)")
     else:
-        comparison = imbalance_experiment(
-            adata,
-            out_dir=out,
-            fraction=imbalance,
-            keys=keys,
-            cell_types=cell_type,
-            stimulated=stimulated,
-            options=options,
-            resume=resume,
-            log=echo,
-        )
+        comparison = imbalance_experiment(adata, fraction=imbalance, cell_types=cell_type, **shared)
         cols = [c for c in comparison.columns if c.startswith(("r2_", "edistance_"))]
         echo(comparison[["model", "cell_type", *cols]].round(4).to_string(index=False))
         echo(f"wrote {out / 'imbalance_comparison.csv'} ({time.perf_counter() - start:.1f}s)")
@@ -301,15 +290,10 @@ def register(app: typer.Typer) -> None:
         with _workflow_output(out, data, overwrite):
             _, importance = sensitivity_experiment(
                 read_data(data, keys),
-                out_dir=out,
                 model=model,
                 grid=parsed,
-                keys=keys,
                 cell_types=cell_type,
-                stimulated=stimulated,
-                options=options,
-                resume=resume,
-                log=echo,
+                **_shared(out, keys, stimulated, options, resume),
             )
         echo(importance.round(3).to_string(index=False))
         echo(f"wrote {out / 'sensitivity_importance.csv'}")
@@ -368,15 +352,10 @@ def register(app: typer.Typer) -> None:
         with _workflow_output(out, data, overwrite):
             table = cross_study_transfer(
                 read_data(data, keys),
-                out_dir=out,
                 study_key=study_key,
                 train_study=train_study,
                 test_study=test_study,
-                keys=keys,
-                stimulated=stimulated,
-                options=options,
-                resume=resume,
-                log=echo,
+                **_shared(out, keys, stimulated, options, resume),
             )
         _summary(table)
         echo(f"wrote {out / 'metrics.csv'}")
