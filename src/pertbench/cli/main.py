@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import importlib
+import signal
 import sys
 import traceback
 import warnings
@@ -107,7 +108,6 @@ def _warnings_as_lines() -> Iterator[None]:
     one line per problem on stderr.
     """
     seen: set[str] = set()
-    previous = warnings.showwarning
 
     def show(message, category, filename, lineno, file=None, line=None) -> None:
         text = one_line(message) or category.__name__
@@ -120,17 +120,33 @@ def _warnings_as_lines() -> Iterator[None]:
         seen.add(text)
         typer.echo(f"warning: {text}", err=True)
 
-    warnings.showwarning = show
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("default")
-            warnings.showwarning = show
-            yield
-    finally:
-        warnings.showwarning = previous
+    with warnings.catch_warnings():  # restores the filters and the printer afterwards
+        warnings.showwarning = show
+        yield
 
 
 _LIBRARIES = ("anndata", "scanpy", "torch", "optuna", "pandas", "numpy", "scipy", "sklearn")
+EXIT_TERMINATED = 128 + signal.SIGTERM
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt(received: list[int]) -> Iterator[None]:
+    """Turn SIGTERM into KeyboardInterrupt, so a terminated command cleans up as after
+    Ctrl-C (worker pools stopped, a tuning trial queued again, an empty new folder removed)."""
+
+    def handler(signum, frame) -> None:
+        received.append(signum)
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (an embedding application): leave it alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,12 +160,16 @@ def main(argv: list[str] | None = None) -> int:
     if debug:  # accepted anywhere on the command line
         argv = [a for a in argv if a != "--debug"]
     app = build_app()
+    terminated: list[int] = []
     try:
         # standalone mode: the CLI framework handles --help, usage errors (exit 2) and
         # Ctrl-C itself and exits through SystemExit; our own errors propagate to here.
-        with _warnings_as_lines():
+        with _warnings_as_lines(), _sigterm_as_interrupt(terminated):
             app(args=argv, prog_name="pertbench", standalone_mode=True)
     except SystemExit as exc:
+        if terminated:
+            typer.echo("terminated", err=True)
+            return EXIT_TERMINATED
         code = exc.code
         if code is None:
             return 0
