@@ -88,6 +88,13 @@ def files(tmp_path_factory, make_toy_module):
     logged.obs["cell_line"] = "K562"
     logged.X = logged.X.log1p()
     logged.write_h5ad(root / "log_values.h5ad")
+    # a dataset already in the cache, curated from data.h5ad (the scGen layout of kang18)
+    make_toy_module(n_covariates=2, n_perturbations=2, seed=1).write_h5ad(root / "other.h5ad")
+    fetch = ["datasets", "fetch", "kang18", "--from-file", str(data)]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PERTBENCH_CACHE", str(root / "cache"))
+        assert main(fetch) == 0
+        assert main(fetch) == 0  # the same file again: the cached curation is reused
     return root
 
 
@@ -331,6 +338,10 @@ CASES: dict[str, tuple[Callable[[Path], list[str]], str]] = {
     "datasets fetch norman19 from a file without cell_line": (
         lambda r: ["datasets", "fetch", "norman19", "--from-file", str(r / "no_cell_line.h5ad")],
         "norman19: the raw file lacks obs column(s) cell_line",
+    ),
+    "datasets fetch over a cached dataset from another file": (
+        lambda r: ["datasets", "fetch", "kang18", "--from-file", str(r / "other.h5ad")],
+        "kang18 is already cached (",
     ),
     "datasets fetch norman19 from log-normalised values": (
         lambda r: ["datasets", "fetch", "norman19", "--from-file", str(r / "log_values.h5ad")],

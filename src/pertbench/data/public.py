@@ -43,7 +43,13 @@ from pertbench.data.loading import (
     scan_values,
     validate_adata,
 )
-from pertbench.errors import ConfigError, DataValidationError, InputFileError, NetworkError
+from pertbench.errors import (
+    ConfigError,
+    DataValidationError,
+    InputFileError,
+    NetworkError,
+    OutputError,
+)
 from pertbench.utils.io import write_h5ad_atomic, write_json_atomic
 
 CACHE_ENV = "PERTBENCH_CACHE"
@@ -578,6 +584,18 @@ def _read_raw(path: Path, *, unpack_dir: Path) -> ad.AnnData:
     return read_h5ad(path, validate=False, on_counts="allow")
 
 
+def _cached_source_digest(path: Path) -> str | None:
+    """The sha256 of the source file a cached curated dataset was made from (if recorded)."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as handle:
+            value = handle["uns/pertbench_dataset/source_sha256"][()]
+    except (OSError, KeyError):
+        return None
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 def fetch(
     name: str,
     *,
@@ -590,9 +608,11 @@ def fetch(
     """Download (or take ``from_file``), curate and cache dataset ``name``.
 
     Returns the path of the curated ``<cache>/<name>.h5ad``. An existing curated file is
-    reused unless ``force``. A file that does not look like the source (columns, raw
-    counts) is refused with one line and nothing is cached: neither the curated file nor,
-    for a first download, its checksum.
+    reused unless ``force`` (with ``from_file``: when it was curated from a file with the
+    same checksum; another file is refused without ``force``, so a cached dataset is never
+    replaced silently). A file that does not look like the source (columns, raw counts) is
+    refused with one line and nothing is cached: neither the curated file nor, for a first
+    download, its checksum.
     """
     info = dataset_info(name)
     cache = Path(cache) if cache is not None else cache_dir()
@@ -604,6 +624,14 @@ def fetch(
         raw = Path(from_file)
         if not raw.is_file():
             raise InputFileError(f"file '{raw}' does not exist; check the --from-file path")
+        source_digest = sha256_of(raw)
+        if out.is_file() and not force:
+            if _cached_source_digest(out) == source_digest:
+                return out
+            raise OutputError(
+                f"{info.name} is already cached ({out}), curated from another file; pass "
+                f"--overwrite to replace it with the curation of '{raw}'"
+            )
         unpack_dir = cache / "raw" / "from_file"
     else:
         raw = cache / "raw" / info.filename
@@ -615,7 +643,7 @@ def fetch(
                     f"cannot download {info.name} ({exc}); download {info.url} by hand and run "
                     f"'pertbench datasets fetch {info.name} --from-file FILE'"
                 ) from exc
-        digest = _verify(cache, info.filename, raw, info.sha256)
+        digest = source_digest = _verify(cache, info.filename, raw, info.sha256)
         unpack_dir = raw.parent
     try:
         adata = _read_raw(raw, unpack_dir=unpack_dir)
@@ -624,6 +652,7 @@ def fetch(
             shutil.rmtree(unpack_dir, ignore_errors=True)
     curated = info.curate(adata)
     curated.uns["pertbench_dataset"]["source"] = str(raw.name)
+    curated.uns["pertbench_dataset"]["source_sha256"] = source_digest
     write_h5ad_atomic(out, curated, compression="gzip")
     if digest is not None and not info.sha256:
         _record(cache, info.filename, digest)
