@@ -423,6 +423,7 @@ def test_failed_first_run_leaves_no_folder(files, capsys, tmp_path):
         assert not out.exists(), command
     mine = tmp_path / "mine"
     mine.mkdir()
+    (mine / "notes.txt").write_text("mine\n")
     assert main(_tune(files, data="no_cells.h5ad", out=str(mine))) == 2
-    assert mine.is_dir()
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]  # no lock file left
     capsys.readouterr()

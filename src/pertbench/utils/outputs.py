@@ -18,7 +18,8 @@ Three kinds of output exist, and each command checks its ``--out`` with one call
     ``sensitivity``, ``cross-study``). An existing folder is resumed; ``overwrite=True``
     starts afresh, setting the earlier contents aside until the new run succeeds
     (:func:`results_folder`). A folder this run created is removed again when the run fails
-    before it produced any result, so a failed first attempt never blocks the next one.
+    before it produced any result (from an existing folder, only what the run added), so a
+    failed first attempt never blocks the next one.
 
 For every kind, an output equal to an input, or inside an input folder, is refused, as is an
 output whose folder cannot be written (probed by creating a file: permission bits say
@@ -233,8 +234,9 @@ def results_folder(
         Start afresh: earlier contents are moved to a hidden sibling, deleted when the run
         succeeds and put back when it fails.
     has_results
-        Whether the folder holds anything worth keeping; a folder created by this run is
-        removed when the run fails and this says ``False`` (default: the folder is empty).
+        Whether the folder holds anything worth keeping. When the run fails and this says
+        ``False``, a folder created by the run is removed, and from a folder that existed
+        before only what the run added (default: the folder is not empty).
     """
     out = Path(out)
     has_results = has_results or (lambda folder: any(folder.iterdir()))
@@ -246,6 +248,7 @@ def results_folder(
         os.replace(out, backup)
         created = True
     out.mkdir(parents=True, exist_ok=True)
+    existing = set() if created else set(os.listdir(out))
     try:
         yield out
     except BaseException:
@@ -254,6 +257,14 @@ def results_folder(
             os.replace(backup, out)
         elif created and out.is_dir() and not has_results(out):
             shutil.rmtree(out, ignore_errors=True)
+        elif out.is_dir() and not has_results(out):
+            # A folder the user had: take back only what this run added (lock files...).
+            for name in set(os.listdir(out)) - existing:
+                path = out / name
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
         raise
     if backup is not None:
         shutil.rmtree(backup, ignore_errors=True)
