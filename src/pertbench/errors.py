@@ -7,9 +7,15 @@ stderr and exits with status 2 (the traceback only appears with ``--debug``).
 
 from __future__ import annotations
 
+import re
+
 
 class PertbenchError(Exception):
     """Base class of all errors caused by user input or environment, not by a bug."""
+
+
+class PertbenchWarning(UserWarning):
+    """Base class of pertbench's own warnings (printed by the CLI as one ``warning:`` line)."""
 
 
 class InputFileError(PertbenchError, FileNotFoundError):
@@ -53,12 +59,32 @@ class EvaluationError(PertbenchError, ValueError):
     """Predictions and truth cannot be compared (missing gene or group, NaN, ...)."""
 
 
+class OutputError(PertbenchError):
+    """An output cannot be written where asked (it exists, it is an input, not writable)."""
+
+
 class MissingDependencyError(PertbenchError, ImportError):
     """An optional extra is not installed."""
 
 
 class NetworkError(PertbenchError, ConnectionError):
     """A download failed (for example, no internet access)."""
+
+
+_PRINTABLE_NAME = re.compile(r"[A-Za-z0-9_.+\-/ ]{1,60}")
+
+
+def shown(value: object) -> str:
+    """``value`` quoted for a message when it looks like a name, else only its length.
+
+    Messages about a file a user pointed at (a config, a split, a search space) must never
+    print the file's contents: whatever is quoted from it passes through here, so a wrong
+    path such as ``/etc/shadow`` leaks nothing while a typo like ``n_trial`` is still shown.
+    """
+    text = str(value)
+    if _PRINTABLE_NAME.fullmatch(text):
+        return repr(text)
+    return f"<a {len(text)}-character value that is not a name>"
 
 
 def require(module: str, extra: str, purpose: str):

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -15,7 +17,16 @@ import pandas as pd
 import pytest
 import yaml
 
-from bench_helpers import PYTHON, SIMULATED, SLEEPY, small_config, small_run, subprocess_env
+from bench_helpers import (
+    PYTHON,
+    SIMULATED,
+    SLEEPY,
+    descendants,
+    small_config,
+    small_run,
+    still_running,
+    subprocess_env,
+)
 from pertbench.benchmark import paths
 from pertbench.benchmark.config import load_config, parse_config
 from pertbench.benchmark.jobs import TIMING_COLUMNS
@@ -417,3 +428,40 @@ def test_real_norman_combo_benchmark(tmp_path, norman_path):
     assert abs(pearson["no_change"]) < 0.3 and pearson["perturbation_mean"] > 0.5
     entry = read_manifest(result.out_dir)["datasets"]["norman"]
     assert entry["sha256"] == paths.sha256_file(norman_path) and entry["n_obs"] == 5961
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_sigkilled_benchmark_leaves_no_worker_running(tmp_path):
+    slow = {"model": SLEEPY, "params": {"sleep": 0.5, "epochs": 20}}  # 10 s per cell
+    config_file = _write_config(
+        tmp_path / "config.yaml", sleepy_config(models={"slow": slow}, seeds=[0])
+    )
+    out = tmp_path / "out"
+    cmd = [PYTHON, "-m", "pertbench", "benchmark", str(config_file), "--out", str(out)]
+    proc = subprocess.Popen(
+        [*cmd, "--workers", "2", "--no-report"],
+        env=subprocess_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    try:
+        # Wait until both workers run a cell (the slow model's cell and a baseline's).
+        deadline = time.time() + 120
+        workers: dict[int, str] = {}
+        while time.time() < deadline:
+            time.sleep(0.2)
+            assert proc.poll() is None, proc.stderr.read()[-2000:]
+            workers = descendants(proc.pid)
+            if len(workers) >= 3 and (out / "cells").is_dir():  # 2 workers + resource tracker
+                break
+        assert len(workers) >= 3, f"the benchmark never started its workers: {workers}"
+        os.kill(proc.pid, signal.SIGKILL)  # the main process only: nobody tells the workers
+        proc.wait(10)
+        time.sleep(5)
+        assert still_running(workers) == [], "processes outlived the killed benchmark"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        if proc.poll() is None:
+            proc.wait(10)

@@ -44,6 +44,7 @@ from pertbench.benchmark.jobs import (
 from pertbench.benchmark.materialize import materialize, split_key
 from pertbench.errors import ConfigError
 from pertbench.utils.io import write_csv_atomic, write_parquet_atomic, write_text_atomic
+from pertbench.utils.outputs import check_output, results_folder
 
 RESULT_COLUMNS = [*METRIC_COLUMNS, "status", "error", "model_name", "tuned", *TIMING_COLUMNS]
 FAILURE_COLUMNS = [
@@ -95,7 +96,8 @@ def prepare_out_dir(config: BenchmarkConfig, out: Path, *, resume: bool) -> None
     if config_file.is_file():
         if not resume:
             raise ConfigError(
-                f"'{out}' already holds a benchmark; pass --resume to continue it or choose a new --out"
+                f"'{out}' already holds a benchmark; pass --resume to continue it, --overwrite "
+                "to start afresh, or choose a new --out"
             )
         previous = yaml.safe_load(config_file.read_text(encoding="utf-8"))
         current = config.to_dict()
@@ -280,6 +282,7 @@ def run_benchmark(
     ray_address: str | None = None,
     resume: bool = False,
     report: bool = True,
+    overwrite: bool = False,
     log: Callable[[str], None] | None = None,
 ) -> BenchmarkResult:
     """Run (or resume) a benchmark.
@@ -300,6 +303,9 @@ def run_benchmark(
         Continue a run in ``out`` (the config must be the same).
     report
         Write ``report.html`` and the RO-Crate metadata at the end.
+    overwrite
+        Start afresh in ``out``: an earlier benchmark there is set aside and deleted once
+        this run finished (put back if it fails).
     log
         Receives progress lines (default: stderr).
     """
@@ -309,7 +315,31 @@ def run_benchmark(
     elif not isinstance(config, BenchmarkConfig):
         config = load_config(config)
     out = Path(out).resolve()
-    prepare_out_dir(config, out, resume=resume)
+    check_output(out, kind="resumable", overwrite=overwrite)
+    if resume and overwrite:
+        raise ConfigError("give either resume (continue) or overwrite (start afresh), not both")
+    if overwrite and out.is_dir():
+        with _run_lock(out):  # refuse to set aside a benchmark that is running
+            pass
+    with results_folder(out, overwrite=overwrite, has_results=_has_finished_jobs):
+        prepare_out_dir(config, out, resume=resume)
+        return _run(config, out, workers, backend, ray_address, report, log)
+
+
+def _has_finished_jobs(out: Path) -> bool:
+    """Whether a benchmark folder holds a finished tuning job or cell (worth resuming)."""
+    return any(out.rglob(paths.DONE_FILE))
+
+
+def _run(
+    config: BenchmarkConfig,
+    out: Path,
+    workers: int,
+    backend: str,
+    ray_address: str | None,
+    report: bool,
+    log: Callable[[str], None],
+) -> BenchmarkResult:
     start = time.perf_counter()
     with _run_lock(out):
         write_text_atomic(out / paths.CONFIG_FILE, dump_config(config))
@@ -354,7 +384,7 @@ def run_benchmark(
         log(
             f"running {n_total - skipped_before} job(s) with {workers} worker(s) ({runner.name} backend)"
         )
-        execute(jobs, deps, run_job, runner, on_result=on_result, on_crash=on_crash)
+        execute(jobs, deps, run_job, runner, on_result=on_result, on_crash=on_crash, log=log)
 
         results, failures = collect_results(jobs)
         write_parquet_atomic(out / paths.RESULTS_PARQUET, results)

@@ -13,10 +13,12 @@ from pertbench.cli.common import (
     DelimiterOpt,
     DoseKeyOpt,
     ExistingFile,
+    OverwriteOpt,
     PerturbationKeyOpt,
     SeedOpt,
     echo,
     make_keys,
+    read_data,
 )
 
 OutFile = Annotated[Path, typer.Option("--out", "-o", help="Output file (written atomically).")]
@@ -28,20 +30,6 @@ OnCountsOpt = Annotated[
         "error, or allow.",
     ),
 ]
-
-
-def _load(path: Path, keys, on_counts: str = "normalize"):
-    import warnings
-
-    from pertbench.data.loading import DataWarning, read_h5ad
-
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", DataWarning)
-        adata = read_h5ad(path, keys=keys, on_counts=on_counts)
-    for w in caught:
-        if issubclass(w.category, DataWarning):
-            typer.echo(f"warning: {w.message}", err=True)
-    return adata
 
 
 def _csv_list(value: str | None) -> list[str] | None:
@@ -144,11 +132,15 @@ def register(app: typer.Typer) -> None:
             typer.Option(help="Write chunk by chunk to disk (constant memory, for huge data)."),
         ] = False,
         seed: SeedOpt = 0,
+        overwrite: OverwriteOpt = False,
     ) -> None:
         """Simulate count data with known per-group effects (see docs/data.md)."""
         from pertbench.data.simulate import simulate, simulate_to_h5ad
         from pertbench.errors import ConfigError
         from pertbench.utils.io import write_h5ad_atomic
+        from pertbench.utils.outputs import check_output
+
+        check_output(out, kind="file", overwrite=overwrite)
 
         try:
             dose_values = [float(d) for d in _csv_list(doses)] if doses else None
@@ -204,14 +196,16 @@ def register(app: typer.Typer) -> None:
         covariates: CovariatesOpt = "cell_type",
         delimiter: DelimiterOpt = "+",
         dose_key: DoseKeyOpt = None,
+        overwrite: OverwriteOpt = False,
     ) -> None:
         """Normalise counts (1e4 + log1p) and keep HVGs + top DE genes + perturbed genes."""
-        from pertbench.data.loading import read_h5ad
         from pertbench.data.preprocess import PREPROCESS_KEY, preprocess
         from pertbench.utils.io import write_h5ad_atomic
+        from pertbench.utils.outputs import check_output
 
+        check_output(out, kind="file", inputs=[data], overwrite=overwrite)
         keys = make_keys(perturbation_key, control, covariates, delimiter, dose_key)
-        adata = read_h5ad(data, keys=keys, validate=False, on_counts="allow")
+        adata = read_data(data, keys, validate=False, on_counts="allow")
         result = preprocess(
             adata,
             keys=keys,
@@ -308,13 +302,16 @@ def register(app: typer.Typer) -> None:
         delimiter: DelimiterOpt = "+",
         dose_key: DoseKeyOpt = None,
         seed: SeedOpt = 0,
+        overwrite: OverwriteOpt = False,
     ) -> None:
         """Build a task split, print its summary and unplaced groups, write obs_name,split CSV."""
         from pertbench.data.splits import make_task_split
         from pertbench.errors import ConfigError, SplitError
+        from pertbench.utils.outputs import check_output
 
+        check_output(out, kind="file", inputs=[data, split_file], overwrite=overwrite)
         keys = make_keys(perturbation_key, control, covariates, delimiter, dose_key)
-        adata = _load(data, keys)
+        adata = read_data(data, keys)
         options: dict = {}
         if task == "transfer":
             options.update(
@@ -390,13 +387,17 @@ def register(app: typer.Typer) -> None:
         covariates: CovariatesOpt = "cell_type",
         delimiter: DelimiterOpt = "+",
         seed: SeedOpt = 0,
+        overwrite: OverwriteOpt = False,
     ) -> None:
         """Subsample perturbations per covariate to a target normalised entropy; write the data."""
         from pertbench.data.scenarios import imbalance_by_entropy
         from pertbench.utils.io import write_h5ad_atomic
+        from pertbench.utils.outputs import check_output
+
+        check_output(out, kind="file", inputs=[data], overwrite=overwrite)
 
         keys = make_keys(perturbation_key, control, covariates, delimiter)
-        adata = _load(data, keys)
+        adata = read_data(data, keys)
         result = imbalance_by_entropy(
             adata,
             keys=keys,
@@ -425,13 +426,17 @@ def register(app: typer.Typer) -> None:
         covariates: CovariatesOpt = "cell_type",
         delimiter: DelimiterOpt = "+",
         seed: SeedOpt = 0,
+        overwrite: OverwriteOpt = False,
     ) -> None:
         """Keep all controls and a fraction of perturbed cells per cell type; write the data."""
         from pertbench.data.scenarios import downsample_perturbed
         from pertbench.utils.io import write_h5ad_atomic
+        from pertbench.utils.outputs import check_output
+
+        check_output(out, kind="file", inputs=[data], overwrite=overwrite)
 
         keys = make_keys(perturbation_key, control, covariates, delimiter)
-        adata = _load(data, keys)
+        adata = read_data(data, keys)
         result = downsample_perturbed(adata, keys=keys, fraction=fraction, seed=seed)
         write_h5ad_atomic(out, result)
         info = result.uns["pertbench_scenario"]
@@ -458,12 +463,15 @@ def register(app: typer.Typer) -> None:
         covariates: CovariatesOpt = "cell_type",
         delimiter: DelimiterOpt = "+",
         seed: SeedOpt = 0,
+        overwrite: OverwriteOpt = False,
     ) -> None:
         """Nested training sets with more covariates, same val/test; one split CSV per level."""
         from pertbench.data.scenarios import data_scaling_splits
+        from pertbench.utils.outputs import check_output, new_folder
 
+        check_output(out_dir, kind="folder", inputs=[data], overwrite=overwrite, option="--out-dir")
         keys = make_keys(perturbation_key, control, covariates, delimiter)
-        adata = _load(data, keys)
+        adata = read_data(data, keys)
         levels = data_scaling_splits(
             adata,
             keys=keys,
@@ -472,8 +480,11 @@ def register(app: typer.Typer) -> None:
             fraction=fraction,
             seed=seed,
         )
+        with new_folder(out_dir) as tmp:
+            for name, result in levels.items():
+                result.write(tmp / f"{name}.csv")
         for name, result in levels.items():
-            path = result.write(out_dir / f"{name}.csv")
+            path = out_dir / f"{name}.csv"
             p = result.params
             echo(
                 f"{path}: {p['n_train_cells']:,} training cells from "
@@ -514,7 +525,14 @@ def register(app: typer.Typer) -> None:
             Path | None,
             typer.Option("--from-file", help="Curate this raw file instead of downloading."),
         ] = None,
-        force: Annotated[bool, typer.Option(help="Download and curate again.")] = False,
+        force: Annotated[
+            bool,
+            typer.Option(
+                "--force",
+                "--overwrite",
+                help="Download and curate again, replacing the cached copy.",
+            ),
+        ] = False,
         progress: Annotated[bool, typer.Option(help="Show a download progress bar.")] = True,
     ) -> None:
         """Download (or take --from-file), curate to the data contract and cache a dataset."""

@@ -12,6 +12,7 @@ from pertbench.cli.common import (
     CovariatesOpt,
     DelimiterOpt,
     DoseKeyOpt,
+    OverwriteOpt,
     PerturbationKeyOpt,
     SeedOpt,
     echo,
@@ -124,6 +125,7 @@ def register(app: typer.Typer) -> None:
         delimiter: DelimiterOpt = "+",
         dose_key: DoseKeyOpt = None,
         seed: SeedOpt = 0,
+        overwrite: OverwriteOpt = False,
     ) -> None:
         """Score predicted cells against observed cells (any model, pertbench's or not).
 
@@ -132,7 +134,9 @@ def register(app: typer.Typer) -> None:
         from the truth.
         """
         from pertbench.metrics.evaluator import Evaluator
+        from pertbench.utils.outputs import check_output, new_folder
 
+        check_output(out, kind="folder", inputs=[pred, truth, split], overwrite=overwrite)
         keys = make_keys(perturbation_key, control, covariates, delimiter, dose_key)
         evaluator = Evaluator(
             truth,
@@ -153,7 +157,9 @@ def register(app: typer.Typer) -> None:
             n_jobs=n_jobs,
         )
         result = evaluator.run()
-        folder = result.write(out)
+        with new_folder(out) as tmp:
+            result.write(tmp)
+        folder = out
         echo(
             f"evaluated {result.settings['n_groups']} group(s) over {result.settings['n_genes']} genes"
         )

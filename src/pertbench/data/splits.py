@@ -17,7 +17,7 @@ import pandas as pd
 
 from pertbench.data.groups import Grouping, group_cells
 from pertbench.data.keys import PerturbationKeys
-from pertbench.errors import ConfigError, InputFileError, SplitError
+from pertbench.errors import ConfigError, InputFileError, SplitError, shown
 from pertbench.utils.io import write_csv_atomic
 
 SPLIT_NAMES = ("train", "val", "test")
@@ -43,11 +43,11 @@ def check_split_values(split: pd.Series) -> None:
     bad = pd.unique(split[~split.isin(allowed)].astype(str))
     if len(bad):
         raise SplitError(
-            f"split values must be train, val, test or empty; found {', '.join(map(repr, bad[:5]))}"
+            f"split values must be train, val, test or empty; found {', '.join(map(shown, bad[:5]))}"
         )
     if not split.index.is_unique:
         dup = split.index[split.index.duplicated()][:3]
-        raise SplitError(f"split lists obs names more than once: {', '.join(map(str, dup))}")
+        raise SplitError(f"split lists obs names more than once: {', '.join(map(shown, dup))}")
 
 
 def write_split(split: pd.Series, path: str | os.PathLike) -> Path:
@@ -80,8 +80,10 @@ def read_split(path: str | os.PathLike, obs_names: pd.Index | None = None) -> pd
     except Exception as exc:  # malformed CSV of any kind
         raise InputFileError(f"cannot read split file '{path}': {exc}") from exc
     if list(frame.columns[:2]) != list(SPLIT_COLUMNS):
+        # The first line is not quoted: the path may point at any file (never echo it).
         raise SplitError(
-            f"split file '{path}' must have the header 'obs_name,split', found '{','.join(frame.columns)}'"
+            f"split file '{path}' does not start with the header 'obs_name,split'; is it a "
+            "split CSV from 'pertbench split'?"
         )
     split = pd.Series(
         frame["split"].str.strip().to_numpy(dtype=object),
@@ -95,7 +97,7 @@ def read_split(path: str | os.PathLike, obs_names: pd.Index | None = None) -> pd
         if len(unknown):
             raise SplitError(
                 f"split file '{path}' names {len(unknown)} cell(s) not in the data "
-                f"(e.g. {unknown[0]!r}); was it made for another dataset?"
+                f"(e.g. {shown(unknown[0])}); was it made for another dataset?"
             )
         split = split.reindex(obs_names, fill_value=LEFT_OUT)
         split.index.name = "obs_name"
@@ -572,10 +574,35 @@ def split_transfer(
             break
     for c in candidates:
         if quota[c] > 0:
+            # Name the rule that stopped each remaining perturbation of this covariate.
+            reasons = {"support": 0, "capped": 0, "train": 0}
+            for g in non_control[(cov[non_control] == c) & ~is_held[non_control]]:
+                p = int(pert[g])
+                if len(by_pert[p]) - 1 < min_train_covariates:
+                    reasons["support"] += 1
+                elif held_count[p] >= max_heldout_covariates:
+                    reasons["capped"] += 1
+                else:
+                    reasons["train"] += 1
+            causes = []
+            if reasons["capped"]:
+                causes.append(
+                    f"{reasons['capped']} already held out in {max_heldout_covariates} other "
+                    f"covariate(s) (max_heldout_covariates={max_heldout_covariates})"
+                )
+            if reasons["support"]:
+                causes.append(
+                    f"{reasons['support']} not measured in {min_train_covariates} other "
+                    f"covariate(s) (min_train_covariates={min_train_covariates})"
+                )
+            if reasons["train"]:
+                causes.append(
+                    f"{reasons['train']} would keep fewer than {min_train_covariates} training "
+                    f"covariate(s) (min_train_covariates={min_train_covariates})"
+                )
             b.notes.append(
                 f"covariate {b.cov_label(c)}: held out {target[c] - quota[c]} of the "
-                f"{target[c]} perturbations asked for (the others are not measured in "
-                f"{min_train_covariates} other covariate(s))"
+                f"{target[c]} perturbations asked for; of the others, " + "; ".join(causes)
             )
     b.role[non_control] = "train"
     b.assign_heldout(np.flatnonzero(is_held), val_fraction, rng_valtest)
