@@ -3,8 +3,9 @@
 ``Evaluator(truth, pred, ...).run()`` computes, for every (covariates, perturbation)
 group present in both, the selected metrics (see :mod:`pertbench.metrics.catalog`),
 their means over groups with bootstrap 95% intervals, and optionally the calibration
-references: the three analytic baselines fitted on the training split, the split-half
-noise ceiling and normalised scores.
+references: the three analytic baselines fitted on the training split, the noise ceiling
+(the expected score of a perfect model, :mod:`pertbench.metrics.ceiling`) and normalised
+scores.
 
 Which cells are compared:
 
@@ -24,7 +25,7 @@ Which cells are compared:
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,7 @@ from pertbench.errors import (
     ModelError,
 )
 from pertbench.metrics import calibration as cal
+from pertbench.metrics import ceiling as ceil
 from pertbench.metrics.aggregations import aggregate, group_stats
 from pertbench.metrics.catalog import MetricSpec, resolve_metrics
 from pertbench.metrics.de import direction_agreement, jaccard_top_k, overlap_top_k, wilcoxon_scores
@@ -62,6 +64,8 @@ from pertbench.utils.io import write_csv_atomic, write_json_atomic
 
 BASELINES = ("no_change", "perturbation_mean", "covariate_mean")
 CEILING = "ceiling"
+#: Split-half agreement of the observed cells: a reference, never the ceiling.
+REPLICATE_AGREEMENT = "replicate_agreement"
 NORMALIZED = "normalized"
 SUMMARY_FILE = "summary.csv"
 PER_GROUP_FILE = "per_group.csv"
@@ -250,11 +254,19 @@ class Evaluator:
     baselines
         ``True`` for all three baselines, a list of names, or ``False``.
     ceiling
-        Also score the split-half noise ceiling.
+        Also estimate the noise ceiling: the expected score of a perfect model (one
+        predicting each group's population profile) against the observed cells
+        (:mod:`pertbench.metrics.ceiling`).
+    ceiling_replicates
+        Bootstrap replicates (and posterior draws) per group for the ceiling.
+    replicate_agreement
+        Also score one random half of each group's observed cells against the other
+        half (reference ``replicate_agreement``: how two half-size replicates of the
+        experiment agree; not a ceiling and not used for normalised scores).
     skip_missing
         Skip (and report) groups missing on one side instead of failing.
     seed
-        Seeds every random choice (bootstrap, subsampling, ceiling halves).
+        Seeds every random choice (bootstrap, subsampling, ceiling replicates, halves).
     top_k, fdr
         DE metric settings: top-k genes and the significance level.
     n_pcs, max_cells
@@ -287,6 +299,8 @@ class Evaluator:
         on: str = "test",
         baselines: bool | list[str] | tuple[str, ...] = False,
         ceiling: bool = False,
+        ceiling_replicates: int = ceil.DEFAULT_REPLICATES,
+        replicate_agreement: bool = False,
         skip_missing: bool = False,
         seed: int = 0,
         top_k: int = 100,
@@ -322,6 +336,10 @@ class Evaluator:
                 )
             self.baselines = [b for b in BASELINES if b in names]
         self.ceiling = bool(ceiling)
+        if int(ceiling_replicates) < 1:
+            raise ConfigError(f"ceiling_replicates must be at least 1, got {ceiling_replicates}")
+        self.ceiling_replicates = int(ceiling_replicates)
+        self.replicate_agreement = bool(replicate_agreement)
         self.skip_missing = bool(skip_missing)
         self.seed = int(seed)
         if int(top_k) < 1:
@@ -343,7 +361,7 @@ class Evaluator:
         self.model_name = str(model_name)
         # scoring the no_change model with the no_change baseline is legitimate: keep the
         # tables unambiguous by labelling the model's rows and column distinctly
-        taken = {*self.baselines, CEILING, NORMALIZED}
+        taken = {*self.baselines, CEILING, REPLICATE_AGREEMENT, NORMALIZED}
         self.model_label = (
             f"{self.model_name} (model)" if self.model_name in taken else self.model_name
         )
@@ -376,6 +394,8 @@ class Evaluator:
                 references[name] = self._score(ctx, truth_side, side, label=name)
         if self.ceiling:
             references[CEILING] = self._ceiling_scores(ctx, truth_X, truth_side)
+        if self.replicate_agreement:
+            references[REPLICATE_AGREEMENT] = self._replicate_agreement(ctx, truth_X, truth_side)
 
         return self._result(ctx, specs, model_scores, references, skipped)
 
@@ -884,16 +904,135 @@ class Evaluator:
         return self._side(ctx, predicted.X, codes.astype(np.int64))
 
     def _ceiling_scores(self, ctx: _Context, truth_X, truth_side: _Side) -> _Scores:
+        """Expected scores of a perfect model (rules in :mod:`pertbench.metrics.ceiling`):
+        bootstrap replicates of the observed groups (and replicates of those), scored like
+        predictions, then each family's rule."""
+        n = truth_side.n
+        few = int(((n > 0) & (n < ceil.MIN_CELLS)).sum())
+        if few:
+            self.notes.append(
+                f"the ceiling is undefined (NaN) for {few} group(s) with fewer than "
+                f"{ceil.MIN_CELLS} observed cells (one cell says nothing about its sampling noise)"
+            )
+        fit = [s for s in ctx.specs if s.family == "fit"]
+        ranks = [s for s in ctx.specs if s.family == "rank" and not s.per_covariate]
+        on_sides = [s for s in ctx.specs if s.name in ceil.ON_SIDES]
+        profiled = list(dict.fromkeys(s.aggregation for s in fit + ranks))
+        rep_ctx = replace(ctx, specs=on_sides, need_de="logp" in profiled)
+        accumulators = {agg: ceil.FitCeiling(ctx.n_groups, agg) for agg in profiled}
+        side_scores: dict[str, tuple[list, list]] = {s.name: ([], []) for s in on_sides}
+        own: dict[str, list[np.ndarray]] = {s.name: [] for s in ranks}
+        noise = {agg: np.zeros(ctx.n_groups) for agg in profiled}  # for the rank ceilings
+        twice = np.sqrt(2.0) * ceil.inflation(n)  # an independent replicate: two noise draws
+        rng = np.random.default_rng([self.seed, 0xCE11])
+        observed = ceil.observed_rows(truth_side.codes, ctx.n_groups)
+        for replicate_index in range(self.ceiling_replicates):
+            rows, codes = ceil.bootstrap_rows(truth_side.codes, ctx.n_groups, rng=rng)
+            inner, inner_codes = ceil.bootstrap_rows(codes, ctx.n_groups, rng=rng)
+            boot = self._side(rep_ctx, truth_X[rows], codes)
+            boot2 = self._side(rep_ctx, truth_X[rows[inner]], inner_codes)
+            first = ceil.weight_balance(rows, observed, codes, ctx.n_groups)
+            second = ceil.weight_balance(rows[inner], rows, inner_codes, ctx.n_groups)
+            for agg in profiled:
+                t_prof, b_prof, at = _profiles(ctx, truth_side, boot, agg)
+                bb_prof = ceil.balanced(b_prof, _profiles(ctx, boot, boot2, agg)[1], second[at])
+                parent, b_prof = b_prof, ceil.balanced(t_prof, b_prof, first[at])
+                accumulators[agg].add(at, t_prof, b_prof, parent, bb_prof)
+                replicate = t_prof + twice[at, None] * (b_prof - t_prof)
+                noise[agg][at] += np.einsum("ij,ij->i", b_prof - t_prof, b_prof - t_prof)
+                here = [s for s in ranks if s.aggregation == agg]
+                q = ceil.noise_ratios(t_prof, b_prof, ceil.inflation(n)[at]) if here else {}
+                for s in here:
+                    values = np.full(ctx.n_groups, np.nan)
+                    if s.base in ceil.SIMILARITIES:
+                        values[at] = q[ceil.SIMILARITIES[s.base]]
+                    else:
+                        values[at] = ceil.row_distances(replicate, t_prof, s.base)
+                    own[s.name].append(values)
+            if on_sides and replicate_index < ceil.SIDE_REPLICATES:
+                scored = (
+                    self._score(rep_ctx, truth_side, boot, label=CEILING),
+                    self._score(rep_ctx, boot, boot2, label=CEILING),
+                )
+                for s in on_sides:
+                    unit = "per_covariate" if s.per_covariate else "per_group"
+                    for level, scores in enumerate(scored):
+                        side_scores[s.name][level].append(getattr(scores, unit)[s.name].to_numpy())
+        columns: dict[str, np.ndarray] = {}
+        for agg, accumulator in accumulators.items():
+            here = [s for s in fit if s.aggregation == agg]
+            values = accumulator.ceilings([s.base for s in here])
+            columns.update({s.name: values[s.base] for s in here})
+        for s in on_sides:
+            columns[s.name] = ceil.iterated(*(np.array(v) for v in side_scores[s.name]))
+        where = np.full(ctx.n_groups, -1)
+        where[truth_side.present] = np.arange(int(truth_side.present.sum()))
+        for agg in dict.fromkeys(s.aggregation for s in ranks):
+            t_prof = _profiles(ctx, truth_side, truth_side, agg)[0]
+            energy = noise[agg] * ceil.inflation(n) ** 2 / self.ceiling_replicates
+            for s in (s for s in ranks if s.aggregation == agg):
+                columns[s.name] = np.full(ctx.n_groups, np.nan)
+                own_all = np.array(own[s.name])
+                for c in range(len(ctx.covariates)):
+                    members = ctx.groups_of(c)
+                    members = members[truth_side.present[members]]
+                    similarity = s.base in ceil.SIMILARITIES
+                    columns[s.name][members] = ceil.replicate_rank_scores(
+                        t_prof[where[members]],
+                        s.base,
+                        own_distances=None if similarity else own_all[:, members],
+                        noise=energy[members],
+                        ratios=own_all[:, members] if similarity else None,
+                    )
+        de = [s.name for s in ctx.specs if s.family == "de"]
+        usable = np.flatnonzero(n >= ceil.MIN_CELLS)
+        if de:
+            t_delta = truth_side.mean[usable] - ctx.control_mean[ctx.cov_of_group[usable]]
+            n_ctrl = np.array([ctx.control_rows[c].size for c in ctx.cov_of_group[usable]])
+            values = ceil.de_ceiling(
+                truth_side.z[usable],
+                truth_side.fdr[usable],
+                t_delta,
+                ceil.own_noise_sd(n[usable], n_ctrl),
+                de,
+                top_k=ctx.top_k,
+                fdr=ctx.fdr,
+                n_draws=self.ceiling_replicates,
+                rng=np.random.default_rng([self.seed, 0xDE]),
+            )
+            for name in de:
+                columns[name] = np.full(ctx.n_groups, np.nan)
+                columns[name][usable] = values[name]
+        for s in ctx.specs:
+            if s.name in ceil.ZERO_CEILING:
+                columns[s.name] = np.where(n >= ceil.MIN_CELLS, 0.0, np.nan)
+        n_per_cov = [
+            int(truth_side.present[ctx.groups_of(c)].sum()) for c in range(len(ctx.covariates))
+        ]
+        return _Scores(
+            per_group=pd.DataFrame(
+                {s.name: columns[s.name] for s in ctx.specs if not s.per_covariate}
+            ),
+            per_covariate=pd.DataFrame(
+                {
+                    "n_perturbations": n_per_cov,
+                    **{s.name: columns[s.name] for s in ctx.specs if s.per_covariate},
+                }
+            ),
+        )
+
+    def _replicate_agreement(self, ctx: _Context, truth_X, truth_side: _Side) -> _Scores:
+        """One random half of each group's observed cells scored against the other half."""
         half_a, half_b = cal.split_halves(truth_side.codes, ctx.n_groups, seed=self.seed)
         too_small = int((truth_side.n < 2).sum())
         if too_small:
             self.notes.append(
-                f"the ceiling is undefined (NaN) for {too_small} group(s) with fewer than 2 "
-                "observed cells (they cannot be split in halves)"
+                f"replicate agreement is undefined (NaN) for {too_small} group(s) with fewer "
+                "than 2 observed cells (they cannot be split in halves)"
             )
         side_b = self._side(ctx, truth_X, half_b)
         side_a = self._side(ctx, truth_X, half_a)
-        return self._score(ctx, side_b, side_a, label=CEILING)
+        return self._score(ctx, side_b, side_a, label=REPLICATE_AGREEMENT)
 
     # -- assembling ----------------------------------------------------------------------
     def _result(
@@ -975,6 +1114,8 @@ class Evaluator:
             else ("given" if self.split_arg is not None else None),
             "baselines": list(self.baselines),
             "ceiling": self.ceiling,
+            "ceiling_replicates": self.ceiling_replicates,
+            "replicate_agreement": self.replicate_agreement,
             "normalize_by": self.normalize_by,
             "seed": self.seed,
             "top_k": self.top_k,
@@ -1087,6 +1228,26 @@ def _take_columns(X, idx: np.ndarray, n_cols: int):
     if sp.issparse(X):
         return sp.csr_matrix(X)[:, idx]
     return np.asarray(X)[:, idx]
+
+
+def _profiles(ctx: _Context, truth: _Side, other: _Side, aggregation: str):
+    """One aggregation of ``truth`` and ``other`` over the groups both have cells for.
+
+    Returns the two (groups x genes) profiles and the indices of those groups.
+    """
+    at = np.flatnonzero(truth.present & other.present)
+    ctrl = ctx.control_mean[ctx.cov_of_group[at]]
+    profiles = [
+        aggregate(
+            side.mean[at],
+            side.var[at],
+            ctrl,
+            aggregations=(aggregation,),
+            de_scores=None if side.z is None else side.z[at],
+        )[aggregation]
+        for side in (truth, other)
+    ]
+    return profiles[0], profiles[1], at
 
 
 def _predictable(model, requests: pd.DataFrame, keys: PerturbationKeys) -> np.ndarray:
