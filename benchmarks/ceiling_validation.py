@@ -55,37 +55,13 @@ def truth_and_oracles(n_cells: int, effect: float, *, n_genes: int, seed: int):
     """Observed truth (n cells per group + 2n controls) and, with the same effects, the
     oracle (N further cells per group), its first half (N/2 cells) and an independent
     replicate of the measured size (n further cells)."""
-    from pertbench.data import PerturbationKeys, group_cells
-    from pertbench.data.simulate import simulate
+    from pertbench.data.oracle import first_cells, simulate_with_oracle
 
     n_oracle = oracle_cells(n_cells)
-    adata = simulate(
-        **SIMULATION,
-        n_genes=n_genes,
-        n_cells_per_group=n_cells + n_oracle,
-        n_control_cells=2 * n_cells,
-        effect_scale=effect,
-        seed=seed,
+    truth, oracle = simulate_with_oracle(
+        n_cells, n_oracle, **SIMULATION, n_genes=n_genes, effect_scale=effect, seed=seed
     )
-    del adata.uns["simulation"], adata.layers["counts"]
-    grouping = group_cells(adata.obs, PerturbationKeys())
-    codes = grouping.group_codes
-    order = np.argsort(codes, kind="stable")
-    starts = np.concatenate([[0], np.cumsum(np.bincount(codes))[:-1]])
-    position = np.empty(codes.size, dtype=np.int64)
-    position[order] = np.arange(codes.size) - starts[codes[order]]
-    perturbed = ~grouping.is_control
-    beyond = perturbed & (position >= n_cells)
-
-    def cells(mask):
-        return adata[mask].copy()
-
-    return (
-        cells(~perturbed | (position < n_cells)),
-        cells(beyond),
-        cells(beyond & (position < n_cells + n_oracle // 2)),
-        cells(beyond & (position < 2 * n_cells)),
-    )
+    return truth, oracle, first_cells(oracle, n_oracle // 2), first_cells(oracle, n_cells)
 
 
 def calibrated(truth, pred, metrics, *, seed: int, references: bool) -> pd.DataFrame:

@@ -8,8 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pertbench.data import PerturbationKeys, group_cells
-from pertbench.data.simulate import simulate
+from pertbench.data.oracle import first_cells, simulate_with_oracle
 from pertbench.metrics import Evaluator, catalogue
 from pertbench.metrics import ceiling as ceil
 from pertbench.metrics.calibration import normalized_score
@@ -135,36 +134,11 @@ def test_de_ceiling_recovers_a_perfect_ranking_of_sparse_effects():
     assert 0.2 < estimate.mean() < 0.9
 
 
-def _split_simulation(n_cells: int, n_oracle: int, *, seed: int = 0):
-    """Truth (n cells per group, 2n controls) and oracle cells (n_oracle further cells
-    per group and their first half) drawn with the same true effects."""
-    adata = simulate(
-        n_covariates=2,
-        n_perturbations=10,
-        n_combinations=0,
-        n_genes=200,
-        n_cells_per_group=n_cells + n_oracle,
-        n_control_cells=2 * n_cells,
-        seed=seed,
-    )
-    del adata.uns["simulation"], adata.layers["counts"]
-    grouping = group_cells(adata.obs, PerturbationKeys())
-    codes = grouping.group_codes
-    order = np.argsort(codes, kind="stable")
-    starts = np.concatenate([[0], np.cumsum(np.bincount(codes))[:-1]])
-    position = np.empty(codes.size, dtype=np.int64)
-    position[order] = np.arange(codes.size) - starts[codes[order]]
-    perturbed = ~grouping.is_control
-    oracle = perturbed & (position >= n_cells)
-    return (
-        adata[~perturbed | (position < n_cells)].copy(),
-        adata[oracle].copy(),
-        adata[oracle & (position < n_cells + n_oracle // 2)].copy(),
-    )
-
-
 def test_oracle_scores_one_on_every_fit_aggregation():
-    truth, oracle, half = _split_simulation(50, 600)
+    truth, oracle = simulate_with_oracle(
+        50, 600, n_covariates=2, n_perturbations=10, n_combinations=0, n_genes=200, seed=0
+    )
+    half = first_cells(oracle, 300)
     options = {"metrics": "fit", "model_name": "oracle", **FAST}
     calib = (
         Evaluator(truth, oracle, baselines=["no_change"], ceiling=True, **options)

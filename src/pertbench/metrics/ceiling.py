@@ -7,30 +7,33 @@ truth, the score such a model would get. ``docs/metrics.md`` ("Noise ceiling") g
 derivations and the validation against the simulator's known truth
 (``benchmarks/ceiling_validation.py``).
 
-The estimator is built from bootstrap replicates of each group (``n`` cells drawn with
-replacement from its own ``n`` cells), which the evaluator scores through its ordinary
-scoring path, plus a rule per metric family:
+Everything starts from bootstrap replicates of each group: ``b``, its ``n`` cells drawn
+with replacement (:func:`bootstrap_rows`, as row indices into the observed cells), and
+``bb``, ``b``'s cells drawn again. ``b - t`` has about the distribution of the observed
+profile's sampling error ``t - mu``, which is what a perfect model's error is. Two
+corrections make that precise for the small groups of single-cell data:
 
-- **Replicate sides** (:func:`bootstrap_rows`, :func:`inflate`): a replicate's statistics
-  (mean, variance, Wilcoxon z) differ from the observed ones by about one draw of the
-  observed statistic's sampling error; the bootstrap's plug-in variance is ``(n-1)/n``
-  of the true one, so deviations are scaled by ``sqrt(n/(n-1))``.
-- **Fit metrics** (:func:`fit_ceiling`): error metrics (rmse, mse, mae) and r2 depend on
-  ``p - t`` only, which for the replicate has the distribution of the perfect model's
-  error: no further correction. Correlations (cosine, pearson) do not: a replicate adds
-  noise to the observed profile (corr = 1/sqrt(1 + q), q = noise / observed signal)
-  while the perfect model's profile is the observed one minus its noise
-  (corr = sqrt(1 - q)); q is read off each replicate's score. Spearman goes through the
-  Gaussian-copula link rho = 2 sin(pi rho_s / 6). The ``logp`` aggregation has no
-  population value (it grows without bound with the number of cells), so its ceiling is
-  that of an independent replicate of the measured size (see :data:`INDEPENDENT`).
-- **Rank metrics** (:func:`replicate_rank_scores`): the perfect model mis-ranks a
-  perturbation when the truth's noise brings it closer to another perturbation's
-  profile. Its noise must be independent of the prediction's: each observed profile
-  ``t_i`` stands for the prediction of perturbation ``i`` against the observed ``t_j``
-  (independent cells), and the own distance ``D[j, j]`` is that of an independent
-  replicate of ``j`` of the same size (two noise draws, sqrt(2) x a replicate's
-  deviation). This is replicate-vs-replicate agreement at the measured size.
+- the iterated bootstrap (Hall and Martin 1988): the bootstrap's own bias, estimated one
+  level down by ``bb`` against ``b``, is removed: ``2 L(b, t) - L(bb, b)``;
+- weight balancing (:func:`weight_balance`): the resampling multiplicities make every
+  gene's deviation of one replicate larger or smaller together; each deviation is
+  rescaled to the expected weight spread (a control variate), which keeps its expected
+  square and removes most of the Monte-Carlo noise.
+
+Rule per family:
+
+- **Fit metrics** (:class:`FitCeiling`): rmse and mae are scored on the replicates,
+  iterated. mse, r2, cosine, pearson and spearman follow from the iterated noise energy
+  S of the profile (centred for pearson, of centred ranks for spearman): mse = S / G,
+  r2 = 1 - S / SST, similarity = sqrt(1 - S / |t|^2) (a perfect profile is the observed
+  one minus its noise). ``logp`` has no population value (it grows without bound with
+  the number of cells), so its ceiling is that of an independent replicate of the
+  measured size (:data:`INDEPENDENT`).
+- **Rank metrics** (:func:`replicate_rank_scores`): a perfect model mis-ranks a
+  perturbation when the truth's noise brings it closer to another perturbation. The
+  observed profile ``t_i`` plays the prediction of ``i`` against the observed ``t_j``
+  (their noises are independent), compared with where an independent replicate of ``j``
+  would be found, matched to the pair's noise.
 - **DE metrics** (:func:`de_ceiling`): a perfect model ranks genes by their population
   effect. The truth's z-scores are modelled as z = zeta + noise (the group's own share
   of the Wilcoxon variance; the controls' share is common to both sides); the
@@ -39,7 +42,8 @@ scoring path, plus a rule per metric family:
   perfect prediction.
 - **Distribution metrics**: edistance and MMD are unbiased U-statistics, so a model
   drawing cells from the population scores exactly 0 in expectation
-  (:data:`ZERO_CEILING`); ``mean_var_kde`` is scored on replicate sides like a fit metric.
+  (:data:`ZERO_CEILING`); ``mean_var_kde`` and ``matrix_distance`` are scored on whole
+  replicate sides, iterated (:data:`ON_SIDES`).
 
 Groups with fewer than :data:`MIN_CELLS` observed cells have no ceiling (NaN, noted by
 the evaluator): one cell says nothing about its own sampling noise.
@@ -163,7 +167,8 @@ def balanced(observed: np.ndarray, replicate: np.ndarray, factor: np.ndarray) ->
 
 
 def inflation(n_cells: np.ndarray) -> np.ndarray:
-    """sqrt(n / (n - 1)) per group: the bootstrap's deviations are this much too small.
+    """sqrt(n / (n - 1)) per group: a single bootstrap's deviations are this much too
+    small (used where the iterated bootstrap is not: rank metrics).
 
     A mean of ``n`` draws from the empirical distribution varies by (n-1)/n s^2 / n
     instead of s^2 / n (s^2 the unbiased variance). NaN below :data:`MIN_CELLS`.

@@ -694,7 +694,6 @@ class Evaluator:
                 f"combination has fewer than 2 evaluated perturbations: {', '.join(single[:10])}"
             )
         aggregates = {}
-        ctrl = ctx.control_mean[ctx.cov_of_group[rows]]
         # one aggregation at a time: only two (groups x genes) profiles are alive at once
         for agg in ctx.aggregations:
             fit_here = [s for s in fit_specs if s.aggregation == agg]
@@ -703,20 +702,7 @@ class Evaluator:
             matrix_here = want_matrix and agg == "logfc"
             if not (fit_here or rank_here or keep or matrix_here):
                 continue
-            t_prof = aggregate(
-                truth.mean[rows],
-                truth.var[rows],
-                ctrl,
-                aggregations=(agg,),
-                de_scores=None if truth.z is None else truth.z[rows],
-            )[agg]
-            p_prof = aggregate(
-                pred.mean[rows],
-                pred.var[rows],
-                ctrl,
-                aggregations=(agg,),
-                de_scores=None if pred.z is None else pred.z[rows],
-            )[agg]
+            t_prof, p_prof, _ = _profiles(ctx, truth, pred, agg)
             p_ranks = t_ranks = None
             if any(s.base == "spearman" for s in fit_here + rank_here):
                 p_ranks, t_ranks = rank_rows(p_prof), rank_rows(t_prof)  # shared by both
