@@ -139,6 +139,12 @@ def test_oracle_scores_one_on_every_fit_aggregation():
         50, 600, n_covariates=2, n_perturbations=10, n_combinations=0, n_genes=200, seed=0
     )
     half = first_cells(oracle, 300)
+    perturbed = truth.obs["condition"] != "control"
+    assert set(
+        truth.obs.loc[perturbed].groupby(["cell_type", "condition"], observed=True).size()
+    ) == {50}
+    assert set(half.obs.groupby(["cell_type", "condition"], observed=True).size()) == {300}
+    assert oracle.n_obs == 2 * half.n_obs and not set(oracle.obs_names) & set(truth.obs_names)
     options = {"metrics": "fit", "model_name": "oracle", **FAST}
     calib = (
         Evaluator(truth, oracle, baselines=["no_change"], ceiling=True, **options)

@@ -393,6 +393,73 @@ def replicate_rank_scores(
     return _nanmean_rows(np.where(missing, np.nan, ranks))
 
 
+class RankCeiling:
+    """Accumulates the rank-metric ceilings over replicates (:func:`replicate_rank_scores`).
+
+    Parameters
+    ----------
+    metrics
+        (name, base metric, aggregation) of each rank metric.
+    n_cells
+        (n_groups,) observed cells per group.
+    cov_of_group
+        (n_groups,) covariate combination of each group (ranks are within one).
+    """
+
+    def __init__(self, metrics, n_cells: np.ndarray, cov_of_group: np.ndarray) -> None:
+        self.metrics = list(metrics)
+        self.factor = inflation(n_cells)
+        self.cov_of_group = np.asarray(cov_of_group)
+        n_groups = self.factor.size
+        self.aggregations = list(dict.fromkeys(agg for _, _, agg in self.metrics))
+        self.own: dict[str, list[np.ndarray]] = {name: [] for name, _, _ in self.metrics}
+        self.noise = {agg: np.zeros(n_groups) for agg in self.aggregations}
+        self.count = dict.fromkeys(self.aggregations, 0)
+
+    def add(self, aggregation: str, at: np.ndarray, t: np.ndarray, b: np.ndarray) -> None:
+        """One replicate ``b`` of the observed profiles ``t`` (rows: groups ``at``)."""
+        here = [(name, base) for name, base, agg in self.metrics if agg == aggregation]
+        if not here:
+            return
+        factor = self.factor[at]
+        self.noise[aggregation][at] += _energy(b - t)
+        self.count[aggregation] += 1
+        twice = t + np.sqrt(2.0) * factor[:, None] * (b - t)  # two noise draws around t
+        ratios = noise_ratios(t, b, factor)
+        for name, base in here:
+            values = np.full(self.factor.size, np.nan)
+            if base in SIMILARITIES:
+                values[at] = ratios[SIMILARITIES[base]]
+            else:
+                values[at] = row_distances(twice, t, base)
+            self.own[name].append(values)
+
+    def ceilings(self, aggregation: str, at: np.ndarray, t: np.ndarray) -> dict[str, np.ndarray]:
+        """Rank ceiling per group of each metric of ``aggregation``; ``t``: the observed
+        profiles of every group with cells (rows: groups ``at``)."""
+        count = max(self.count[aggregation], 1)
+        energy = self.noise[aggregation] * self.factor**2 / count
+        out = {}
+        for name, base, agg in self.metrics:
+            if agg != aggregation:
+                continue
+            own = np.array(self.own[name])
+            values = np.full(self.factor.size, np.nan)
+            for c in np.unique(self.cov_of_group[at]):
+                rows = np.flatnonzero(self.cov_of_group[at] == c)
+                members = at[rows]
+                similarity = base in SIMILARITIES
+                values[members] = replicate_rank_scores(
+                    t[rows],
+                    base,
+                    own_distances=None if similarity else own[:, members],
+                    noise=energy[members],
+                    ratios=own[:, members] if similarity else None,
+                )
+            out[name] = values
+        return out
+
+
 # ---------------------------------------------------------------------------------------
 # DE metrics
 # ---------------------------------------------------------------------------------------

@@ -907,9 +907,9 @@ class Evaluator:
         rep_ctx = replace(ctx, specs=on_sides, need_de="logp" in profiled)
         accumulators = {agg: ceil.FitCeiling(ctx.n_groups, agg) for agg in profiled}
         side_scores: dict[str, tuple[list, list]] = {s.name: ([], []) for s in on_sides}
-        own: dict[str, list[np.ndarray]] = {s.name: [] for s in ranks}
-        noise = {agg: np.zeros(ctx.n_groups) for agg in profiled}  # for the rank ceilings
-        twice = np.sqrt(2.0) * ceil.inflation(n)  # an independent replicate: two noise draws
+        rank_ceiling = ceil.RankCeiling(
+            [(s.name, s.base, s.aggregation) for s in ranks], n, ctx.cov_of_group
+        )
         rng = np.random.default_rng([self.seed, 0xCE11])
         observed = ceil.observed_rows(truth_side.codes, ctx.n_groups)
         for replicate_index in range(self.ceiling_replicates):
@@ -924,17 +924,7 @@ class Evaluator:
                 bb_prof = ceil.balanced(b_prof, _profiles(ctx, boot, boot2, agg)[1], second[at])
                 parent, b_prof = b_prof, ceil.balanced(t_prof, b_prof, first[at])
                 accumulators[agg].add(at, t_prof, b_prof, parent, bb_prof)
-                replicate = t_prof + twice[at, None] * (b_prof - t_prof)
-                noise[agg][at] += np.einsum("ij,ij->i", b_prof - t_prof, b_prof - t_prof)
-                here = [s for s in ranks if s.aggregation == agg]
-                q = ceil.noise_ratios(t_prof, b_prof, ceil.inflation(n)[at]) if here else {}
-                for s in here:
-                    values = np.full(ctx.n_groups, np.nan)
-                    if s.base in ceil.SIMILARITIES:
-                        values[at] = q[ceil.SIMILARITIES[s.base]]
-                    else:
-                        values[at] = ceil.row_distances(replicate, t_prof, s.base)
-                    own[s.name].append(values)
+                rank_ceiling.add(agg, at, t_prof, b_prof)
             if on_sides and replicate_index < ceil.SIDE_REPLICATES:
                 scored = (
                     self._score(rep_ctx, truth_side, boot, label=CEILING),
@@ -951,25 +941,9 @@ class Evaluator:
             columns.update({s.name: values[s.base] for s in here})
         for s in on_sides:
             columns[s.name] = ceil.iterated(*(np.array(v) for v in side_scores[s.name]))
-        where = np.full(ctx.n_groups, -1)
-        where[truth_side.present] = np.arange(int(truth_side.present.sum()))
-        for agg in dict.fromkeys(s.aggregation for s in ranks):
-            t_prof = _profiles(ctx, truth_side, truth_side, agg)[0]
-            energy = noise[agg] * ceil.inflation(n) ** 2 / self.ceiling_replicates
-            for s in (s for s in ranks if s.aggregation == agg):
-                columns[s.name] = np.full(ctx.n_groups, np.nan)
-                own_all = np.array(own[s.name])
-                for c in range(len(ctx.covariates)):
-                    members = ctx.groups_of(c)
-                    members = members[truth_side.present[members]]
-                    similarity = s.base in ceil.SIMILARITIES
-                    columns[s.name][members] = ceil.replicate_rank_scores(
-                        t_prof[where[members]],
-                        s.base,
-                        own_distances=None if similarity else own_all[:, members],
-                        noise=energy[members],
-                        ratios=own_all[:, members] if similarity else None,
-                    )
+        for agg in rank_ceiling.aggregations:
+            t_prof, _, at = _profiles(ctx, truth_side, truth_side, agg)
+            columns.update(rank_ceiling.ceilings(agg, at, t_prof))
         de = [s.name for s in ctx.specs if s.family == "de"]
         usable = np.flatnonzero(n >= ceil.MIN_CELLS)
         if de:
