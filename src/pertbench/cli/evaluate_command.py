@@ -75,8 +75,16 @@ def register(app: typer.Typer) -> None:
             bool,
             typer.Option(
                 "--ceiling",
-                help="Also score the split-half noise ceiling; with --baselines this gives "
-                "normalised scores.",
+                help="Also estimate the noise ceiling (the expected score of a perfect model "
+                "given the measurement noise); with --baselines this gives normalised scores.",
+            ),
+        ] = False,
+        replicate_agreement: Annotated[
+            bool,
+            typer.Option(
+                "--replicate-agreement",
+                help="Also score one half of each group's cells against the other half "
+                "(reference replicate_agreement; not the ceiling).",
             ),
         ] = False,
         split: Annotated[
@@ -147,6 +155,7 @@ def register(app: typer.Typer) -> None:
             on=on,
             baselines=baselines,
             ceiling=ceiling,
+            replicate_agreement=replicate_agreement,
             skip_missing=skip_missing,
             seed=seed,
             top_k=top_k,

@@ -341,7 +341,8 @@ def write_report(out: str | os.PathLike, *, title: str | None = None) -> Path:
     page.add(
         '<p class="note">Mean over seeds ± sd across seeds; below it, the 95% bootstrap interval over '
         "perturbations (averaged over seeds). Normalised: (model − no_change) / (ceiling − no_change): "
-        "0 = no better than predicting no change, 1 = as good as a replicate of the experiment. "
+        "0 = no better than predicting no change, 1 = as good as a perfect model can look given the "
+        "measurement noise (the noise ceiling). "
         "Best model per metric in bold; ↓ lower is better, ↑ higher is better.</p>"
     )
     page.add(_summary_table(summary, metrics, models))
