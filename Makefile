@@ -12,7 +12,7 @@ WORKERS ?= 2
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[test,postgres,ray]"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[test,notebooks,postgres,ray]"
 	touch $(STAMP)
 
 env: $(STAMP)

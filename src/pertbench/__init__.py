@@ -17,4 +17,17 @@ except PackageNotFoundError:  # running from a source tree without installation
 from pertbench.data.keys import PerturbationKeys
 from pertbench.errors import PertbenchError
 
+#: Sub-packages reachable as attributes (``import pertbench as pb; pb.models.create_model``),
+#: imported on first use so ``import pertbench`` (and ``pertbench --help``) stays light.
+SUBPACKAGES = ("benchmark", "data", "metrics", "models", "pl", "report", "tuning", "workflows")
+
+
+def __getattr__(name: str):
+    if name in SUBPACKAGES:
+        import importlib
+
+        return importlib.import_module(f"pertbench.{name}")
+    raise AttributeError(f"module 'pertbench' has no attribute {name!r}")
+
+
 __all__ = ["PertbenchError", "PerturbationKeys", "__version__"]

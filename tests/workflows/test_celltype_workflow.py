@@ -84,6 +84,30 @@ def test_no_change_row_matches_direct_metrics(finished_run, toy):
         assert row[key] == pytest.approx(expected[key], rel=1e-9, abs=1e-12)
 
 
+def test_metrics_recompute_from_saved_predictions(finished_run, toy):
+    """Plain r2/mse/pearson of gene means, from the saved predicted cells and the truth."""
+    import anndata as ad
+    from sklearn.metrics import r2_score
+
+    out, table, _ = finished_run
+    obs = toy.obs
+    for cell_type in ("C0", "C1"):
+        truth = toy[((obs.cell_type == cell_type) & (obs.condition == "stimulated")).to_numpy()]
+        truth_mean = np.asarray(truth.X.mean(axis=0)).ravel()
+        n_controls = int(((obs.cell_type == cell_type) & (obs.condition == "control")).sum())
+        for model in ("scgen", "scpram", "no_change", "perturbation_mean"):
+            pred = ad.read_h5ad(out / "runs" / cell_type / f"{model}_pred.h5ad")
+            assert pred.n_obs == n_controls and list(pred.var_names) == list(toy.var_names)
+            pred_mean = np.asarray(pred.X.mean(axis=0), dtype=np.float64).ravel()
+            row = table[(table.model == model) & (table.cell_type == cell_type)].iloc[0]
+            assert row["r2"] == pytest.approx(r2_score(truth_mean, pred_mean), rel=1e-5)
+            assert row["mse"] == pytest.approx(np.mean((truth_mean - pred_mean) ** 2), rel=1e-5)
+            assert row["pearson"] == pytest.approx(
+                np.corrcoef(truth_mean, pred_mean)[0, 1], rel=1e-5
+            )
+            assert "r2_boot" in row and row["r2_boot"] != row["r2"]  # the bootstrap variant
+
+
 def test_rerun_keeps_finished_results_and_recomputes_on_change(finished_run, toy):
     out, table, _ = finished_run
     result_file = out / "runs" / "C0" / "scgen.json"
@@ -103,7 +127,7 @@ def test_rerun_keeps_finished_results_and_recomputes_on_change(finished_run, toy
     trained = [line for line in lines if "training and scoring" in line]
     assert trained == ["C0 / scgen: training and scoring"]
     stored = json.loads(result_file.read_text())["settings"]["params"]
-    assert stored["n_latent"] == 3 and stored["kl_weight"] == 5e-5  # defaults recorded too
+    assert stored["n_latent"] == 3 and stored["kl_weight"] == 5e-3  # defaults recorded too
 
 
 def test_reruns_into_the_same_folder_add_rows_instead_of_replacing_them(toy, tmp_path):

@@ -12,7 +12,12 @@ Outputs in ``out_dir``:
 - ``metrics.csv``: one row per (model, cell type) with the metrics, cell counts, epochs
   and training/prediction time; rewritten atomically after every result. Rows of earlier
   runs into the same folder (other cell types or models) are kept: a rerun merges its rows
-  in, replacing only those of the same (model, cell type).
+  in, replacing only those of the same (model, cell type). ``r2``, ``mse`` and ``pearson``
+  are the plain values of the gene means; the tutorial's bootstrap variants are
+  ``r2_boot``, ``mse_boot`` and ``pearson_boot``.
+- ``runs/<cell type>/<model>_pred.h5ad``: the predicted cells (one per control cell of
+  the held-out type), so every number of ``metrics.csv`` can be recomputed from it and
+  the input data.
 - ``runs/<cell type>/<model>_history.csv``: per-epoch training/validation losses.
 - ``runs/<cell type>/<model>.json``: one finished result each. A rerun skips a result
   whose settings fingerprint (data, keys, model parameters, epochs, seed, ...) matches,
@@ -40,7 +45,12 @@ import scipy.sparse as sp
 
 from pertbench.data.keys import PerturbationKeys
 from pertbench.errors import ConfigError, DataValidationError
-from pertbench.utils.io import atomic_path, write_csv_atomic, write_json_atomic
+from pertbench.utils.io import (
+    atomic_path,
+    write_csv_atomic,
+    write_h5ad_atomic,
+    write_json_atomic,
+)
 from pertbench.utils.outputs import merge_table
 
 DEFAULT_MODELS = ("scgen", "scpram")
@@ -48,7 +58,9 @@ DEFAULT_BASELINES = ("no_change", "perturbation_mean")
 METRICS_FILE = "metrics.csv"
 #: Columns that identify one row of ``metrics.csv`` (a rerun replaces rows with these values).
 METRICS_KEY = ("model", "cell_type")
-RESULT_VERSION = 1
+#: Version 2: plain ``r2``/``mse``/``pearson`` beside ``*_boot`` and saved predictions
+#: (results of version 1 carry bootstrap values under the plain names and are recomputed).
+RESULT_VERSION = 2
 FIGURE_KINDS = ("pca", "mean_regression", "edistance", "de_dotplot", "de_violin")
 N_FIGURE_GENES = 10
 
@@ -259,6 +271,8 @@ def celltype_transfer(
             }
             path = out_dir / "runs" / safe_name(cell_type) / f"{safe_name(name)}.json"
             done = _load_result(path, settings) if resume else None
+            if done is not None and not (path.parent / prediction_file_name(name)).is_file():
+                done = None  # its predicted cells are gone: recompute so they exist again
             if done is not None:
                 log(f"{cell_type} / {name}: kept the finished result")
                 rows.append(done["row"])
@@ -399,12 +413,13 @@ class _HeldOutTask:
         metrics = tutorial_metrics(
             self.truth, pred, self.controls, n_bootstrap=options.n_bootstrap, seed=options.seed
         )
+        run_dir = out_dir / "runs" / safe_name(self.cell_type)
+        # The predicted cells, written before the result that cites them, so a finished
+        # result always has the file its numbers can be recomputed from.
+        write_h5ad_atomic(run_dir / prediction_file_name(name), pred)
         history = getattr(model, "history", None)
         if history is not None:  # per-epoch losses, to judge convergence and early stopping
-            write_csv_atomic(
-                out_dir / "runs" / safe_name(self.cell_type) / f"{safe_name(name)}_history.csv",
-                history,
-            )
+            write_csv_atomic(run_dir / f"{safe_name(name)}_history.csv", history)
         row: dict[str, Any] = {
             "model": name,
             "cell_type": self.cell_type,
@@ -458,6 +473,11 @@ class _HeldOutTask:
             )
         for kind, fig in figs.items():
             save_figure(fig, folder / f"{safe_name(name)}_{kind}.png")
+
+
+def prediction_file_name(model: str) -> str:
+    """File name of a model's predicted cells inside ``runs/<cell type>/``."""
+    return f"{safe_name(model)}_pred.h5ad"
 
 
 def attention_by_type(model, keys: PerturbationKeys) -> pd.DataFrame | None:
