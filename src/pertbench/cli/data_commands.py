@@ -44,6 +44,19 @@ def _load(path: Path, keys, on_counts: str = "normalize"):
     return adata
 
 
+def _load_obs(path: Path, keys):
+    """A dataset for commands that use only obs: a large file (the out-of-core rule of
+    ``pertbench train``) is validated chunk by chunk and only its obs and var are kept."""
+    import anndata as ad
+
+    from pertbench.data.ondisk import open_h5ad, prefer_out_of_core
+
+    if not prefer_out_of_core(path):
+        return _load(path, keys)
+    with open_h5ad(path, keys=keys, expect="any") as data:
+        return ad.AnnData(obs=data.obs, var=data.var)
+
+
 def _csv_list(value: str | None) -> list[str] | None:
     if value is None:
         return None
@@ -281,7 +294,7 @@ def register(app: typer.Typer) -> None:
         from pertbench.errors import ConfigError, SplitError
 
         keys = make_keys(perturbation_key, control, covariates, delimiter, dose_key)
-        adata = _load(data, keys)
+        adata = _load_obs(data, keys)
         options: dict = {}
         if task == "transfer":
             options.update(

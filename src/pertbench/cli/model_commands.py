@@ -44,6 +44,26 @@ def _load_data(path: Path, keys):
     return adata
 
 
+OutOfCoreOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--out-of-core/--in-memory",
+        help="Read the data by blocks of rows from disk, or load it whole. Default: out of "
+        "core when X and the layers would take 1 GiB or more in memory.",
+        show_default=False,
+    ),
+]
+
+
+def _open_data(path: Path, keys, out_of_core: bool | None):
+    """The dataset, loaded (in memory) or opened by rows (out of core, see --out-of-core)."""
+    from pertbench.data.ondisk import open_h5ad, prefer_out_of_core
+
+    if out_of_core is None:
+        out_of_core = prefer_out_of_core(path)
+    return open_h5ad(path, keys=keys) if out_of_core else _load_data(path, keys)
+
+
 def _versions() -> dict[str, str]:
     import platform
     from importlib.metadata import PackageNotFoundError, version
@@ -173,20 +193,32 @@ def register(app: typer.Typer) -> None:
         covariates: CovariatesOpt = "cell_type",
         delimiter: DelimiterOpt = "+",
         dose_key: DoseKeyOpt = None,
+        out_of_core: OutOfCoreOpt = None,
+        block_size: Annotated[
+            int, typer.Option("--block-size", help="Out of core: consecutive cells per block.")
+        ] = 1024,
+        buffer_blocks: Annotated[
+            int,
+            typer.Option("--buffer-blocks", help="Out of core: blocks read and shuffled together."),
+        ] = 64,
     ) -> None:
         """Train a model on the train cells of a split (early stopping on val) into a run folder."""
         import dataclasses
 
+        from pertbench.data.ondisk import OnDiskData
         from pertbench.data.splits import read_split, write_split
         from pertbench.models.base import _jsonable
+        from pertbench.models.blocks import BlockSampling
         from pertbench.models.registry import create_model
         from pertbench.utils.io import write_json_atomic
 
         keys = make_keys(perturbation_key, control, covariates, delimiter, dose_key)
         # Validate the model name and hyperparameters before reading any data.
         estimator = create_model(model, keys=keys, **parse_set_options(set_))
+        sampling = BlockSampling(block_size=block_size, buffer_blocks=buffer_blocks)
         _check_run_dir(out, overwrite)
-        adata = _load_data(data, keys)
+        adata = _open_data(data, keys, out_of_core)
+        on_disk = isinstance(adata, OnDiskData)
         split_series = read_split(split, adata.obs_names)
         started = _now()
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -202,6 +234,7 @@ def register(app: typer.Typer) -> None:
                 max_epochs=epochs,
                 progress=progress,
                 log_dir=tmp,
+                sampling=sampling,
             )
             estimator.save(tmp)
             if estimator.history is not None and not (tmp / LOG_FILE).exists():
@@ -222,6 +255,11 @@ def register(app: typer.Typer) -> None:
                 "data": str(Path(data).resolve()),
                 "split": str(Path(split).resolve()),
                 "n_cells": {s: int(counts.get(s, 0)) for s in ("train", "val", "test")},
+                "data_loading": (
+                    {"out_of_core": True, **dataclasses.asdict(sampling)}
+                    if on_disk
+                    else {"out_of_core": False}
+                ),
                 "epochs_trained": len(history) if history is not None else 0,
                 "best_epoch": (
                     int(history.loc[history["best"], "epoch"].iloc[0])
@@ -238,6 +276,9 @@ def register(app: typer.Typer) -> None:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        finally:
+            if on_disk:
+                adata.close()
         best = run["best_epoch"]
         echo(
             f"trained {estimator.name} on {run['n_cells']['train']} cells for "
@@ -269,12 +310,21 @@ def register(app: typer.Typer) -> None:
             int | None, typer.Option("--seed", help="Prediction seed (default: the training seed).")
         ] = None,
         device: DeviceOpt = "auto",
+        out_of_core: OutOfCoreOpt = None,
+        chunk_cells: Annotated[
+            int,
+            typer.Option(
+                "--chunk-cells", help="Out of core: predicted cells made and written at a time."
+            ),
+        ] = 16_384,
     ) -> None:
         """Predict every held-out group of the split from its covariates' control cells.
 
         One predicted cell per control cell; obs carries the covariates, the perturbation
-        and the control cell's name (control_obs_name).
+        and the control cell's name (control_obs_name). Out of core, only the control
+        cells are read and the predictions are written chunk by chunk.
         """
+        from pertbench.data.ondisk import OnDiskData
         from pertbench.data.splits import read_split
         from pertbench.errors import ConfigError, InputFileError
         from pertbench.models.base import PerturbationModel
@@ -290,14 +340,34 @@ def register(app: typer.Typer) -> None:
         split_path = split if split is not None else run_dir / SPLIT_FILE
         if not split_path.is_file():
             raise InputFileError(f"no split file '{split_path}'; pass --split SPLIT.csv")
-        adata = _load_data(data, estimator.keys)
+        adata = _open_data(data, estimator.keys, out_of_core)
         split_series = read_split(split_path, adata.obs_names)
-        pred = estimator.predict_split(adata, split_series, on=on, seed=seed)
-        pred.uns["pertbench"]["run"] = str(run_dir.resolve())
-        write_h5ad_atomic(out, pred)
-        keys = estimator.keys
-        n_groups = len(pred.obs[[*keys.covariate_keys, keys.perturbation_key]].drop_duplicates())
-        echo(f"predicted {pred.n_obs} cells for {n_groups} {on} group(s) -> {out}")
+        if isinstance(adata, OnDiskData):
+            with adata:
+                plan = estimator.split_plan(adata, split_series, on=on)
+                estimator.predict_split_to_h5ad(
+                    adata,
+                    split_series,
+                    out,
+                    on=on,
+                    seed=seed,
+                    chunk_cells=chunk_cells,
+                    uns={"run": str(run_dir.resolve())},
+                )
+            n_cells, n_groups = plan.n_cells, len(plan.requests)
+        else:
+            pred = estimator.predict_split(adata, split_series, on=on, seed=seed)
+            pred.uns["pertbench"]["run"] = str(run_dir.resolve())
+            write_h5ad_atomic(out, pred)
+            n_cells, n_groups = (
+                pred.n_obs,
+                len(
+                    pred.obs[
+                        [*estimator.keys.covariate_keys, estimator.keys.perturbation_key]
+                    ].drop_duplicates()
+                ),
+            )
+        echo(f"predicted {n_cells} cells for {n_groups} {on} group(s) -> {out}")
 
     @app.command("models")
     def models_cmd(
