@@ -150,6 +150,7 @@ class DiskCells:
                 genes=self.genes,
                 embedding_key=self.embedding_key,
                 counts_layer=self.counts_layer,
+                copy=False,  # the block was just read: nobody else holds its arrays
             )
         )
         return meta

@@ -75,8 +75,10 @@ def dense_rows(X: Any, rows: np.ndarray, out: np.ndarray | None = None) -> np.nd
     return out
 
 
-def _canonical_csr(X: Any) -> sp.csr_matrix:
-    X = sp.csr_matrix(X, dtype=np.float32, copy=True)
+def _canonical_csr(X: Any, *, copy: bool = True) -> sp.csr_matrix:
+    """CSR float32 with sorted, summed indices; a copy unless ``copy=False`` (for a matrix
+    this code owns, e.g. one just read from disk)."""
+    X = sp.csr_matrix(X, dtype=np.float32, copy=copy)
     X.sum_duplicates()
     X.sort_indices()
     return X
@@ -259,13 +261,15 @@ def matrix_arrays(
     genes: pd.Index,
     embedding_key: str | None = None,
     counts_layer: str | None = None,
+    copy: bool = True,
 ) -> dict[str, Any]:
     """The per-cell arrays read from the matrices of ``adata`` (see :class:`CellTable`):
     ``x`` (expression of ``genes``, canonical CSR float32) and optionally ``emb``,
-    ``counts`` and ``library``."""
+    ``counts`` and ``library``. ``copy=False`` may reuse (and canonicalise in place) the
+    arrays of ``adata``'s matrices: only for an AnnData made from freshly read blocks."""
     from pertbench.models.base import align_genes
 
-    arrays: dict[str, Any] = {"x": _canonical_csr(align_genes(adata, genes))}
+    arrays: dict[str, Any] = {"x": _canonical_csr(align_genes(adata, genes), copy=copy)}
     if embedding_key is not None:
         arrays["emb"] = embedding_matrix(adata, embedding_key)
     if counts_layer is not None:
