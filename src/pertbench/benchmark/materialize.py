@@ -69,11 +69,13 @@ def materialize(
     loaded: dict[str, ad.AnnData] = {}
 
     def dataset(name: str) -> ad.AnnData:
+        # Splits and scenarios need cell metadata only: this process never loads X (it is
+        # validated chunk by chunk); jobs carry the file's path and every worker reads it.
         if name not in loaded:
-            from pertbench.tuning.fitting import load_dataset
+            from pertbench.data.ondisk import read_obs
 
-            loaded.clear()  # keep one dataset in memory at a time
-            loaded[name] = load_dataset(
+            loaded.clear()  # keep one dataset's metadata at a time
+            loaded[name] = read_obs(
                 manifest["datasets"][name]["path"], keys=config.datasets[name].keys
             )
         return loaded[name]

@@ -47,14 +47,9 @@ def _load(path: Path, keys, on_counts: str = "normalize"):
 def _load_obs(path: Path, keys):
     """A dataset for commands that use only obs: a large file (the out-of-core rule of
     ``pertbench train``) is validated chunk by chunk and only its obs and var are kept."""
-    import anndata as ad
+    from pertbench.data.ondisk import prefer_out_of_core, read_obs
 
-    from pertbench.data.ondisk import open_h5ad, prefer_out_of_core
-
-    if not prefer_out_of_core(path):
-        return _load(path, keys)
-    with open_h5ad(path, keys=keys, expect="any") as data:
-        return ad.AnnData(obs=data.obs, var=data.var)
+    return read_obs(path, keys=keys) if prefer_out_of_core(path) else _load(path, keys)
 
 
 def _csv_list(value: str | None) -> list[str] | None:

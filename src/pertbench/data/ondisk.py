@@ -108,6 +108,13 @@ class OnDiskMatrix:
         return np.dtype(self.source.dtype)
 
     @property
+    def nnz(self) -> int:
+        """Stored values (CSR: the non-zeros; dense: every entry)."""
+        if self.format == "dense":
+            return int(np.prod(self.shape))
+        return int(self.source.nnz if self.in_memory else self.source["data"].shape[0])
+
+    @property
     def nbytes(self) -> int:
         """Bytes the whole matrix would take in memory."""
         if self.format == "dense":
@@ -346,6 +353,16 @@ def open_h5ad(
             out.close()
             raise
     return out
+
+
+def read_obs(
+    path: str | os.PathLike, *, keys: PerturbationKeys | None = None, validate: bool = True
+) -> ad.AnnData:
+    """The cells and genes of an ``.h5ad`` file as an AnnData without X, for what needs
+    only metadata (splits, scenarios): X is never loaded, only scanned chunk by chunk when
+    ``validate`` (raw counts accepted)."""
+    with open_h5ad(path, keys=keys, validate=validate, expect="any") as data:
+        return ad.AnnData(obs=data.obs, var=data.var)
 
 
 def _open_file(path: Path) -> OnDiskData:
