@@ -64,10 +64,14 @@ def _rss_of(pid: int) -> int:
         return 0
 
 
-def run_stage(stage: str, cells: int, command: list[str], *, kill_bytes: int) -> StageResult:
+def run_stage(
+    stage: str, cells: int, command: list[str], *, kill_bytes: int, env: dict[str, str]
+) -> StageResult:
     """Run one stage in a child process; its own peak RSS comes from ``os.wait4``."""
     start = time.perf_counter()
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
     killed = threading.Event()
 
     def watch() -> None:
@@ -194,6 +198,12 @@ def main() -> int:
     parser.add_argument("--perturbations", type=int, default=100)
     parser.add_argument("--covariates", type=int, default=3)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="Math-library threads per stage (OMP/MKL/OpenBLAS; default: the libraries' own).",
+    )
     parser.add_argument("--limit-gb", type=float, default=6.0, help="Peak RSS target per stage.")
     parser.add_argument("--kill-gb", type=float, default=8.0, help="Kill a stage above this RSS.")
     parser.add_argument("--stages", default=",".join(STAGES), help="Stop after the last listed.")
@@ -205,6 +215,10 @@ def main() -> int:
     sizes = [int(s) for s in args.sizes.split(",")]
     wanted = [s for s in STAGES if s in args.stages.split(",")]
     root = Path(args.work_dir or tempfile.mkdtemp(prefix="pipeline_scale_"))
+    env = dict(os.environ)
+    if args.threads:
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+            env[var] = str(args.threads)
     print(
         f"load average before: {' '.join(f'{v:.2f}' for v in os.getloadavg())} "
         f"({os.cpu_count()} CPUs)"
@@ -217,7 +231,9 @@ def main() -> int:
         work.mkdir(parents=True)
         commands = stage_commands(work, design, args)
         for stage in wanted:
-            result = run_stage(stage, cells, commands[stage], kill_bytes=int(args.kill_gb * GB))
+            result = run_stage(
+                stage, cells, commands[stage], kill_bytes=int(args.kill_gb * GB), env=env
+            )
             results.append(result)
             print(
                 f"{cells:>9,} cells  {stage:<9} {result.seconds:8.1f} s  peak RSS "
