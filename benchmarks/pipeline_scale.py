@@ -116,27 +116,11 @@ def stage_commands(work: Path, design: dict, args: argparse.Namespace) -> dict[s
     cli = [sys.executable, "-m", "pertbench"]
     data, split = work / "data.h5ad", work / "split.csv"
     run, pred, evaluation = work / "run", work / "pred.h5ad", work / "evaluation"
-    simulate = [
-        *cli,
-        "simulate",
-        "--out",
-        str(data),
-        "--stream",
-        "--n-covariates",
-        str(design["n_covariates"]),
-        "--n-perturbations",
-        str(design["n_perturbations"]),
-        "--n-combinations",
-        str(design["n_combinations"]),
-        "--n-cells-per-group",
-        str(design["n_cells_per_group"]),
-        "--n-control-cells",
-        str(design["n_control_cells"]),
-        "--n-genes",
-        str(design["n_genes"]),
-        "--seed",
-        "0",
-    ]
+    simulate = [*cli, "simulate", "--out", str(data), "--stream"]
+    for name in ("n_covariates", "n_perturbations", "n_combinations", "n_cells_per_group"):
+        simulate += [f"--{name.replace('_', '-')}", str(design[name])]
+    simulate += ["--n-control-cells", str(design["n_control_cells"])]
+    simulate += ["--n-genes", str(design["n_genes"]), "--seed", "0"]
     return {
         "simulate": simulate,
         "split": [*cli, "split", str(data), "--task", "transfer", "--out", str(split)],

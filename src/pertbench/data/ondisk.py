@@ -259,22 +259,12 @@ class OnDiskData:
         return list(self._obsm)
 
     def layer(self, name: str) -> OnDiskMatrix:
-        if name not in self._layers:
-            available = ", ".join(self._layers) or "none"
-            raise DataValidationError(
-                f"the data have no layer '{name}' (available: {available}); add it or change "
-                "the setting that names it"
-            )
-        return OnDiskMatrix(self._layers[name], name=f"layers/{name}")
+        return _member(self._layers, name, "layers", "add it or change the setting that names it")
 
     def obsm(self, key: str) -> OnDiskMatrix:
-        if key not in self._obsm:
-            available = ", ".join(self._obsm) or "none"
-            raise DataValidationError(
-                f"obsm has no embedding '{key}' (available: {available}); compute it first or "
-                "drop the embedding_key setting"
-            )
-        return OnDiskMatrix(self._obsm[key], name=f"obsm/{key}")
+        return _member(
+            self._obsm, key, "obsm", "compute it first or drop the embedding_key setting"
+        )
 
     def matrices_nbytes(self) -> int:
         """Bytes X and every layer would take in memory (what an in-memory read loads)."""
@@ -489,6 +479,13 @@ def prefer_out_of_core(path: str | os.PathLike, *, threshold: int | None = None)
     threshold = OUT_OF_CORE_BYTES if threshold is None else int(threshold)
     with open_h5ad(path, validate=False) as data:
         return data.matrices_nbytes() >= threshold
+
+
+def _member(store: dict[str, Any], key: str, where: str, fix: str) -> OnDiskMatrix:
+    if key not in store:
+        available = ", ".join(store) or "none"
+        raise DataValidationError(f"{where} has no entry '{key}' (available: {available}); {fix}")
+    return OnDiskMatrix(store[key], name=f"{where}/{key}")
 
 
 def _attr(node: Any, name: str) -> str:

@@ -418,15 +418,24 @@ class PerturbationModel(ABC):
         """:meth:`predict_split` written to ``out`` chunk by chunk (bounded memory, atomic).
 
         Reads of the input and the predicted cells held in memory are bounded by one
-        chunk; the file is identical to writing :meth:`predict_split`'s result (see
-        :func:`pertbench.models.chunked.write_split_predictions`). ``uns`` entries are
-        added to ``uns['pertbench']``.
+        chunk of ``chunk_cells`` cells (default 16,384); the file is identical to writing
+        :meth:`predict_split`'s result (see :mod:`pertbench.models.chunked`). ``uns``
+        entries are added to ``uns['pertbench']``.
         """
-        from pertbench.models.chunked import write_split_predictions
+        from pertbench.models.chunked import write_predictions
 
+        self._require_fitted()
+        seed = self.seed if seed is None else int(seed)
         with _opened(adata, self.keys) as data:
-            return write_split_predictions(
-                self, data, split, out, on=on, seed=seed, chunk_cells=chunk_cells, uns=uns
+            plan = self.split_plan(data, split, on=on)
+            return write_predictions(
+                self,
+                data,
+                plan,
+                out,
+                seed=seed,
+                chunk_cells=chunk_cells,
+                uns={**self.prediction_uns(seed), "split": on, **(uns or {})},
             )
 
     def prediction_uns(self, seed: int) -> dict[str, Any]:

@@ -114,8 +114,9 @@ class DiskCells:
         self.embedding_key = embedding_key
         self.counts_layer = counts_layer
         self.meta = CellTable.from_obs(data.obs.iloc[self.file_rows], encoding)
-        self._embedding = data.obsm(embedding_key) if embedding_key is not None else None
-        self._counts = data.layer(counts_layer) if counts_layer is not None else None
+        # A missing embedding or counts layer is reported by matrix_arrays, as in memory.
+        self._embedding = data.obsm(embedding_key) if embedding_key in data.obsm_names else None
+        self._counts = data.layer(counts_layer) if counts_layer in data.layer_names else None
         self._var = pd.DataFrame(index=pd.Index(data.var_names.astype(str)))
 
     @property
@@ -128,8 +129,8 @@ class DiskCells:
 
     def width(self, name: str) -> int:
         """Width of the array ``name`` (``emb``: the embedding's dimensions)."""
-        if name == "emb" and self._embedding is not None:
-            return int(self._embedding.shape[1])
+        if name == "emb":
+            return int(self.data.obsm(self.embedding_key).shape[1])
         if name in ("x", "counts"):
             return len(self.genes)
         return self.meta.width(name)

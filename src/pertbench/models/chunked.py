@@ -1,6 +1,6 @@
 """Predictions of a split written chunk by chunk into an ``.h5ad`` file.
 
-:func:`write_split_predictions` (``PerturbationModel.predict_split_to_h5ad``,
+:func:`write_predictions` (behind ``PerturbationModel.predict_split_to_h5ad`` and
 ``pertbench predict --out-of-core``) predicts the rows of the counterfactual request
 (:class:`~pertbench.models.counterfactual.CounterfactualPlan`) a chunk at a time and
 writes each chunk's predicted cells into the output's ``X`` before the next is made.
@@ -32,6 +32,7 @@ from pertbench.utils.io import atomic_path
 
 if TYPE_CHECKING:
     from pertbench.models.base import PerturbationModel
+    from pertbench.models.counterfactual import CounterfactualPlan
 
 #: Predicted cells per chunk by default (16,384 x 2,000 genes of float32 = 131 MB).
 DEFAULT_CHUNK_CELLS = 16_384
@@ -49,18 +50,17 @@ def chunk_rows(model: PerturbationModel, n_cells: int, chunk_cells: int | None =
     return -(-chunk_cells // batch) * batch
 
 
-def write_split_predictions(
+def write_predictions(
     model: PerturbationModel,
     data: ad.AnnData | OnDiskData,
-    split: pd.Series,
+    plan: CounterfactualPlan,
     out: str | os.PathLike,
     *,
-    on: str = "test",
-    seed: int | None = None,
+    seed: int,
     chunk_cells: int | None = None,
     uns: dict[str, Any] | None = None,
 ) -> Path:
-    """Predict every held-out group of ``split[on]`` and write the cells chunk by chunk.
+    """Predict the rows of ``plan`` and write them into ``out`` chunk by chunk.
 
     Parameters
     ----------
@@ -69,14 +69,16 @@ def write_split_predictions(
     data
         The dataset holding the control cells: in memory or opened by rows
         (:func:`pertbench.data.ondisk.open_h5ad`).
-    split, on, seed
-        As for :meth:`~pertbench.models.base.PerturbationModel.predict_split`.
+    plan
+        The counterfactual rows (e.g. ``model.split_plan(data, split, on="test")``).
     out
         The ``.h5ad`` file to write (atomically: a temporary file renamed on success).
+    seed
+        Prediction seed.
     chunk_cells
         Predicted cells per chunk (rounded up to whole prediction batches).
     uns
-        Extra entries of ``uns['pertbench']`` (e.g. the run folder).
+        ``uns['pertbench']`` of the output.
 
     Returns
     -------
@@ -85,15 +87,12 @@ def write_split_predictions(
     """
     import h5py
 
-    model._require_fitted()
-    plan = model.split_plan(data, split, on=on)
-    seed = model.seed if seed is None else int(seed)
     n_cells, n_genes = plan.n_cells, len(model.genes)
     step = chunk_rows(model, n_cells, chunk_cells)
     header = ad.AnnData(
         obs=plan.obs(data.obs_names),
         var=pd.DataFrame(index=model.genes.copy()),
-        uns={"pertbench": {**model.prediction_uns(seed), "split": on, **(uns or {})}},
+        uns={"pertbench": dict(uns or {})},
     )
     with atomic_path(out, suffix=".h5ad") as tmp:
         header.write_h5ad(tmp)  # obs, var and uns encoded by anndata itself

@@ -117,8 +117,13 @@ def counterfactual_plan(
     max_controls: int | None = None,
     seed: int = 0,
 ) -> CounterfactualPlan:
-    """Pair each requested group with the control cells of its covariates (see
-    :func:`build_counterfactuals` for the parameters); reads only ``obs``."""
+    """Pair each requested group with the control cells of its covariates; reads only ``obs``.
+
+    ``control_split`` and ``prefer_split``: when given, controls in ``control_split ==
+    prefer_split`` are used if the covariates have any there, otherwise all of the
+    covariates' controls. ``max_controls``: subsample at most this many controls per group
+    (seeded by ``seed``).
+    """
     missing = [
         c for c in (*keys.covariate_keys, keys.perturbation_key) if c not in requests.columns
     ]
@@ -171,14 +176,7 @@ def counterfactual_plan(
 
 
 def build_counterfactuals(
-    adata: ad.AnnData,
-    requests: pd.DataFrame,
-    keys: PerturbationKeys,
-    *,
-    control_split: pd.Series | None = None,
-    prefer_split: str | None = None,
-    max_controls: int | None = None,
-    seed: int = 0,
+    adata: ad.AnnData, requests: pd.DataFrame, keys: PerturbationKeys, **options: Any
 ) -> ad.AnnData:
     """Pair each requested (covariates, perturbation) with the control cells of those covariates.
 
@@ -189,11 +187,11 @@ def build_counterfactuals(
         :class:`~pertbench.data.ondisk.OnDiskData`).
     requests
         One row per prediction group: the covariate columns and the perturbation column.
-    control_split, prefer_split
-        When given, controls in ``control_split == prefer_split`` are used if the
-        covariates have any there; otherwise all of the covariates' controls.
-    max_controls
-        Subsample at most this many controls per group (seeded).
+    **options
+        Of :func:`counterfactual_plan`: ``control_split``, ``prefer_split`` (when given,
+        controls in ``control_split == prefer_split`` are used if the covariates have any
+        there; otherwise all of the covariates' controls), ``max_controls`` (subsample at
+        most this many controls per group) and its ``seed``.
 
     Returns
     -------
@@ -201,13 +199,4 @@ def build_counterfactuals(
         One row per (request, control cell): the control's expression and obsm, obs with the
         covariates, the requested perturbation and ``control_obs_name``.
     """
-    plan = counterfactual_plan(
-        adata.obs,
-        requests,
-        keys,
-        control_split=control_split,
-        prefer_split=prefer_split,
-        max_controls=max_controls,
-        seed=seed,
-    )
-    return plan.cells(adata)
+    return counterfactual_plan(adata.obs, requests, keys, **options).cells(adata)
