@@ -18,10 +18,15 @@ against log(cells) (1 = linear). Target: every stage below ``--limit-gb`` (6 GB)
 cells and time growing at most linearly; the exit status is 1 when a stage misses the
 memory target or fails.
 
+``--threads N`` sets the math-library threads of every stage (OMP/MKL/OpenBLAS). On a
+machine shared with other work, one thread can be several times faster than two (BLAS
+threads spin-wait for each other when the cores are taken); say which was used.
+
 Usage::
 
     python benchmarks/pipeline_scale.py                        # 1e5, 3e5, 1e6 cells
     python benchmarks/pipeline_scale.py --sizes 20000,60000    # quick check
+    python benchmarks/pipeline_scale.py --threads 1            # on a loaded machine
 """
 
 from __future__ import annotations
