@@ -7,6 +7,8 @@
   per test session and shared by the benchmark and report tests.
 - :func:`subprocess_env`: environment for ``pertbench`` subprocesses that sees this
   checkout's sources and these helpers.
+- :func:`descendants` / :func:`still_running`: the processes a command started, read from
+  ``/proc`` (Linux), to check that none outlives it.
 """
 
 from __future__ import annotations
@@ -150,3 +152,41 @@ def subprocess_env(**extra: str) -> dict[str, str]:
 
 
 PYTHON = sys.executable
+
+
+def _proc_stat(pid: int) -> list[str] | None:
+    """Fields of ``/proc/<pid>/stat`` after the command name (state first), or None."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return text[text.rindex(")") + 2 :].split()
+
+
+def descendants(pid: int) -> dict[int, str]:
+    """Every live descendant of ``pid`` -> its start time (to tell a reused pid apart)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            fields = _proc_stat(int(entry.name))
+            if fields is not None:
+                children.setdefault(int(fields[1]), []).append(int(entry.name))
+    out: dict[int, str] = {}
+    todo = list(children.get(pid, []))
+    while todo:
+        child = todo.pop()
+        fields = _proc_stat(child)
+        if fields is not None and fields[0] != "Z":
+            out[child] = fields[19]
+            todo.extend(children.get(child, []))
+    return out
+
+
+def still_running(processes: dict[int, str]) -> list[int]:
+    """The pids of ``processes`` (from :func:`descendants`) that are still alive (not zombies)."""
+    alive = []
+    for pid, started in processes.items():
+        fields = _proc_stat(pid)
+        if fields is not None and fields[0] != "Z" and fields[19] == started:
+            alive.append(pid)
+    return alive

@@ -7,9 +7,15 @@ stderr and exits with status 2 (the traceback only appears with ``--debug``).
 
 from __future__ import annotations
 
+import re
+
 
 class PertbenchError(Exception):
     """Base class of all errors caused by user input or environment, not by a bug."""
+
+
+class PertbenchWarning(UserWarning):
+    """Base class of pertbench's own warnings (printed by the CLI as one ``warning:`` line)."""
 
 
 class InputFileError(PertbenchError, FileNotFoundError):
@@ -39,8 +45,22 @@ class UnknownCategoryError(ModelError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class NotApplicableError(ModelError):
+    """The model does not apply to this data or task (a benchmark records the cell as
+    ``skipped`` with the message as its reason, instead of failing)."""
+
+
+class UnseenPerturbationError(UnknownCategoryError, NotApplicableError):
+    """A model is asked for a perturbation it cannot encode (absent from its training data,
+    or without a known embedding)."""
+
+
 class EvaluationError(PertbenchError, ValueError):
     """Predictions and truth cannot be compared (missing gene or group, NaN, ...)."""
+
+
+class OutputError(PertbenchError):
+    """An output cannot be written where asked (it exists, it is an input, not writable)."""
 
 
 class MissingDependencyError(PertbenchError, ImportError):
@@ -49,6 +69,22 @@ class MissingDependencyError(PertbenchError, ImportError):
 
 class NetworkError(PertbenchError, ConnectionError):
     """A download failed (for example, no internet access)."""
+
+
+_PRINTABLE_NAME = re.compile(r"[A-Za-z0-9_.+\-/ ]{1,60}")
+
+
+def shown(value: object) -> str:
+    """``value`` quoted for a message when it looks like a name, else only its length.
+
+    Messages about a file a user pointed at (a config, a split, a search space) must never
+    print the file's contents: whatever is quoted from it passes through here, so a wrong
+    path such as ``/etc/shadow`` leaks nothing while a typo like ``n_trial`` is still shown.
+    """
+    text = str(value)
+    if _PRINTABLE_NAME.fullmatch(text):
+        return repr(text)
+    return f"<a {len(text)}-character value that is not a name>"
 
 
 def require(module: str, extra: str, purpose: str):

@@ -35,7 +35,7 @@ def crash_job(job):
     return record_job(job)
 
 
-def _run(backend, fn, jobs, deps):
+def _run(backend, fn, jobs, deps, log=None):
     results, crashed = {}, {}
     execute(
         jobs,
@@ -44,6 +44,7 @@ def _run(backend, fn, jobs, deps):
         backend,
         on_result=lambda jid, out: results.__setitem__(jid, out),
         on_crash=lambda jid, msg: crashed.setdefault(jid, msg),
+        log=log,
     )
     return results, crashed
 
@@ -71,8 +72,15 @@ def test_dependencies_run_first(tmp_path, workers):
 
 def test_dead_worker_is_recorded_and_others_finish(tmp_path):
     jobs = {name: (tmp_path, name, 0.0) for name in ("ok1", "crash", "ok2", "ok3")}
-    results, crashed = _run(LocalBackend(2), crash_job, jobs, {})
+    lines: list[str] = []
+    results, crashed = _run(LocalBackend(2), crash_job, jobs, {}, log=lines.append)
     assert set(crashed) == {"crash"}
+    # every death is logged with its cause and what happens to the interrupted jobs
+    deaths = [line for line in lines if line.startswith("a worker process died")]
+    assert len(deaths) == MAX_CRASHES
+    assert "exit code 3" in deaths[0] and "re-running one at a time:" in deaths[0]
+    assert "crash" in deaths[0].split("re-running one at a time:")[1]
+    assert "recorded as failed" in deaths[-1] and deaths[-1].endswith("crash")
     assert "worker process died" in crashed["crash"]
     assert {"ok1", "ok2", "ok3"} <= {r["name"] for r in results.values() if isinstance(r, dict)}
     assert MAX_CRASHES >= 2

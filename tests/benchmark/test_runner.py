@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -15,7 +17,16 @@ import pandas as pd
 import pytest
 import yaml
 
-from bench_helpers import PYTHON, SIMULATED, SLEEPY, small_config, small_run, subprocess_env
+from bench_helpers import (
+    PYTHON,
+    SIMULATED,
+    SLEEPY,
+    descendants,
+    small_config,
+    small_run,
+    still_running,
+    subprocess_env,
+)
 from pertbench.benchmark import paths
 from pertbench.benchmark.config import load_config, parse_config
 from pertbench.benchmark.jobs import TIMING_COLUMNS
@@ -25,8 +36,9 @@ from pertbench.data.groups import group_cells, group_mean
 from pertbench.data.keys import PerturbationKeys
 from pertbench.data.splits import read_split
 from pertbench.errors import ConfigError
+from pertbench.models.registry import BASELINE_MODELS
 
-BASELINES = {"no_change", "perturbation_mean", "covariate_mean"}
+BASELINES = set(BASELINE_MODELS)
 
 
 def sleepy_config(**changes):
@@ -48,9 +60,9 @@ def test_small_benchmark_results_table(tmp_path_factory):
     results = run.results
     out = run.out_dir
     cells = results[results["model"] != "ceiling"]
-    # one row per cell x metric: 2 tasks x 4 models x 2 seeds, 3 metrics each
+    # one row per cell x metric: 2 tasks x (linear + 6 baselines) x 2 seeds, 3 metrics each
     assert set(cells["model"]) == {"linear", *BASELINES}
-    assert len(cells.drop_duplicates(["task", "model", "seed"])) == 16
+    assert len(cells.drop_duplicates(["task", "model", "seed"])) == 2 * 7 * 2
     assert (cells.groupby(["task", "model", "seed"]).size() == 3).all()
     assert (results["status"] == "ok").all()
     assert set(results["metric"]) == {"rmse_average", "pearson_delta", "rmse_rank_average"}
@@ -207,7 +219,7 @@ def test_scenario_splits(tmp_path):
     for entry in manifest["splits"].values():
         assert entry["sha256"] == paths.sha256_file(entry["path"])
     jobs, _ = build_jobs(config, out, manifest, threads=None)
-    assert len(jobs) == len(names) * 5 * 2  # scenarios x (2 models + 3 baselines) x seeds
+    assert len(jobs) == len(names) * (2 + len(BASELINES)) * 2  # scenarios x models x seeds
 
 
 def test_out_dir_guards(tmp_path):
@@ -280,12 +292,13 @@ def test_killed_benchmark_resumes_to_the_same_table(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(30)
     done_before = {p: p.stat().st_mtime_ns for p in out.glob("cells/**/done.json")}
-    assert 3 <= len(done_before) < 8, "kill the run mid-way"
+    n_jobs = 2 * (1 + len(BASELINES))  # seeds x (the slow model + baselines)
+    assert 3 <= len(done_before) < n_jobs, "kill the run mid-way"
     assert not (out / paths.RESULTS_PARQUET).exists()
 
     resumed = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
-    assert f"resuming: {len(done_before)} of 8 jobs already finished" in resumed.stderr
+    assert f"resuming: {len(done_before)} of {n_jobs} jobs already finished" in resumed.stderr
     assert (
         resumed.stdout.strip().splitlines()[-1]
         == f"results: {out.resolve() / paths.RESULTS_PARQUET}"
@@ -317,7 +330,8 @@ def test_ray_backend_runs_the_grid(tmp_path):
         local.results.drop(columns=TIMING_COLUMNS),
         check_exact=True,
     )
-    assert len(list((tmp_path / "ray").glob("cells/**/done.json"))) == 10
+    n_cells = 2 * (2 + len(BASELINES))  # seeds x (shift, half + baselines)
+    assert len(list((tmp_path / "ray").glob("cells/**/done.json"))) == n_cells
 
 
 def test_cli_print_config_and_errors(tmp_path):
@@ -398,10 +412,56 @@ def test_real_norman_combo_benchmark(tmp_path, norman_path):
         parse_config(raw, base_dir=tmp_path), out=tmp_path / "n", report=False, log=_quiet
     )
     results = result.results
-    assert (results["status"] == "ok").all(), result.failures
+    # only TMSB4X of the perturbed genes is measured: the gene-embedding baselines cannot
+    # embed the held-out combinations, and their cells say so instead of failing
+    embedding = {"linear_embedding", "nearest_perturbation"}
+    skipped = results[results["status"] == "skipped"]
+    assert set(skipped["model"]) == embedding
+    assert skipped["error"].str.contains("has no perturbation embedding").all()
+    assert (results.loc[results["status"] != "skipped", "status"] == "ok").all(), result.failures
     assert set(results["model"]) == {"linear", "ceiling", *BASELINES}
+    failures = pd.read_csv(result.out_dir / paths.FAILURES_CSV)
+    assert set(failures["status"]) == {"skipped"} and set(failures["model"]) == embedding
+    results = results[results["status"] == "ok"]
     pearson = results[results["metric"] == "pearson_delta"].set_index("model")["value"]
     # the additive baseline beats doing nothing on Norman combinations (PerturBench table 4)
     assert abs(pearson["no_change"]) < 0.3 and pearson["perturbation_mean"] > 0.5
     entry = read_manifest(result.out_dir)["datasets"]["norman"]
     assert entry["sha256"] == paths.sha256_file(norman_path) and entry["n_obs"] == 5961
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_sigkilled_benchmark_leaves_no_worker_running(tmp_path):
+    slow = {"model": SLEEPY, "params": {"sleep": 0.5, "epochs": 20}}  # 10 s per cell
+    config_file = _write_config(
+        tmp_path / "config.yaml", sleepy_config(models={"slow": slow}, seeds=[0])
+    )
+    out = tmp_path / "out"
+    cmd = [PYTHON, "-m", "pertbench", "benchmark", str(config_file), "--out", str(out)]
+    proc = subprocess.Popen(
+        [*cmd, "--workers", "2", "--no-report"],
+        env=subprocess_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    try:
+        # Wait until both workers run a cell (the slow model's cell and a baseline's).
+        deadline = time.time() + 120
+        workers: dict[int, str] = {}
+        while time.time() < deadline:
+            time.sleep(0.2)
+            assert proc.poll() is None, proc.stderr.read()[-2000:]
+            workers = descendants(proc.pid)
+            if len(workers) >= 3 and (out / "cells").is_dir():  # 2 workers + resource tracker
+                break
+        assert len(workers) >= 3, f"the benchmark never started its workers: {workers}"
+        os.kill(proc.pid, signal.SIGKILL)  # the main process only: nobody tells the workers
+        proc.wait(10)
+        time.sleep(5)
+        assert still_running(workers) == [], "processes outlived the killed benchmark"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        if proc.poll() is None:
+            proc.wait(10)

@@ -249,7 +249,7 @@ def test_bad_dose(toy_adata):
         validate_adata(toy_adata, keys=PerturbationKeys(dose_key="dose"))
 
 
-def test_every_problem_listed_one_per_line(toy_adata):
+def test_every_problem_listed_on_one_line(toy_adata):
     toy_adata.var_names = ["G0", *toy_adata.var_names[:-1]]
     X = toy_adata.X.toarray()
     X[0, 0] = np.nan
@@ -258,7 +258,9 @@ def test_every_problem_listed_one_per_line(toy_adata):
     assert len(report.errors) == 2
     with pytest.raises(DataValidationError) as info:
         report.raise_if_errors()
-    assert str(info.value).splitlines() == report.errors
+    message = str(info.value)
+    assert len(message.splitlines()) == 1
+    assert message == f"2 problems: (1) {report.errors[0]}; (2) {report.errors[1]}"
 
 
 def test_small_groups_are_a_warning(make_toy):

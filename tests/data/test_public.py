@@ -173,6 +173,52 @@ def test_fetch_from_file_into_cache(tmp_path, monkeypatch):
         public.fetch("kang18", from_file=tmp_path / "missing.h5ad")
 
 
+def _norman_raw(**changes) -> ad.AnnData:
+    obs = {"perturbation": _rep(["control", "KLF1", "MAP2K6", "KLF1_MAP2K6"], 5)}
+    obs.update(changes)
+    return _raw({k: v for k, v in obs.items() if v is not None})
+
+
+def test_curation_refuses_a_file_that_is_not_the_source(tmp_path):
+    cache = tmp_path / "cache"
+    # no cell_line column: refused, never relabelled as K562
+    no_line = tmp_path / "no_line.h5ad"
+    _norman_raw().write_h5ad(no_line)
+    with pytest.raises(DataValidationError, match=r"lacks obs column.*cell_line"):
+        public.fetch("norman19", from_file=no_line, cache=cache)
+    # log-normalised values where the source has raw counts: refused
+    logged = _norman_raw(cell_line="K562")
+    logged.X = logged.X.log1p()
+    log_file = tmp_path / "logged.h5ad"
+    logged.write_h5ad(log_file)
+    with pytest.raises(DataValidationError, match=r"no layers\[.counts.\].*raw counts"):
+        public.fetch("norman19", from_file=log_file, cache=cache)
+    assert not (cache / "norman19.h5ad").exists()  # nothing refused was cached
+    # the same values with the counts beside them (a curator's normalised file) are fine
+    logged.layers["counts"] = _norman_raw(cell_line="K562").X
+    curated = public.curate("norman19", logged)
+    assert set(curated.obs["cell_type"]) == {"k562"}
+    # the line comes from the file, whatever it is
+    other = public.curate("norman19", _norman_raw(cell_line="HEK293T"))
+    assert set(other.obs["cell_type"]) == {"hek293t"}
+
+
+def test_a_refused_download_records_no_checksum(server, tmp_path, monkeypatch):
+    root, url, _ = server
+    _raw({"condition": _rep(["a", "b"], 5)}).write_h5ad(root / "wrong.h5ad")
+    info = public.REGISTRY["norman19"]
+    monkeypatch.setitem(
+        public.REGISTRY,
+        "norman19",
+        public.DatasetInfo(**{**info.__dict__, "url": f"{url}/wrong.h5ad"}),
+    )
+    cache = tmp_path / "cache"
+    with pytest.raises(DataValidationError, match="norman19: the raw file lacks"):
+        public.fetch("norman19", cache=cache)
+    assert public._load_checksums(cache) == {}
+    assert not (cache / "norman19.h5ad").exists()
+
+
 class _RangeHandler(http.server.SimpleHTTPRequestHandler):
     """Serves files with HTTP Range support (the standard handler ignores Range)."""
 

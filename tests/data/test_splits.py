@@ -83,6 +83,28 @@ def test_transfer_properties_on_toy(make_toy):
     assert (by_group == 1).all()
 
 
+def test_transfer_notes_name_the_rule_that_stopped_the_quota(make_toy):
+    # 12 perturbations measured in all 4 covariates; 0.3 asks for 4 per covariate (16), but
+    # each is held out in at most one covariate: the shortfall is max_heldout_covariates.
+    adata = make_toy(n_covariates=4, n_perturbations=12)
+    res = split_transfer(adata, keys=KEYS, fraction=0.3, seed=3)
+    assert len(res.notes) == 4
+    for note in res.notes:
+        assert "held out 3 of the 4 perturbations asked for" in note
+        assert "9 already held out in 1 other covariate(s) (max_heldout_covariates=1)" in note
+        assert "min_train_covariates" not in note
+    # requiring 3 training covariates leaves 4 - 3 = 1 covariate to hold each one out in;
+    # (the same shortfall); requiring 4 leaves no covariate to hold anything out in
+    res = split_transfer(
+        adata, keys=KEYS, fraction=0.3, seed=3, max_heldout_covariates=2, min_train_covariates=3
+    )
+    assert all("would keep fewer than 3 training covariate(s)" in n for n in res.notes)
+    res = split_transfer(adata, keys=KEYS, fraction=0.3, seed=3, min_train_covariates=4)
+    per_covariate = [n for n in res.notes if n.startswith("covariate ")]
+    assert len(per_covariate) == 4
+    assert all("12 not measured in 4 other covariate(s)" in n for n in per_covariate)
+
+
 def test_transfer_reproducible_and_seed_dependent(make_toy):
     adata = make_toy(n_covariates=3, n_perturbations=12)
     a = split_transfer(adata, seed=11).split

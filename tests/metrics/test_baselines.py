@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from delta_helpers import training_delta
 from pertbench.data import PerturbationKeys, make_split
 from pertbench.errors import ModelError
 from pertbench.models import PerturbationModel, build_counterfactuals, create_model
@@ -42,20 +43,10 @@ def test_no_change_returns_the_control_cells(data):
 
 def test_perturbation_mean_by_hand(data):
     adata, split = data
-    obs = adata.obs
-    train = (split == "train").to_numpy()
     model = PerturbationMean().fit(adata, split, progress=False)
 
     def delta(label, cov):
-        cells = (
-            train & (obs["condition"] == label).to_numpy() & (obs["cell_type"] == cov).to_numpy()
-        )
-        ctrl = (
-            train
-            & (obs["condition"] == "control").to_numpy()
-            & (obs["cell_type"] == cov).to_numpy()
-        )
-        return _mean(adata, cells) - _mean(adata, ctrl)
+        return training_delta(adata, split, label, cov)
 
     # P0 is held out in C2: its delta is the mean over C0 and C1 (equal weights)
     expected_p0 = (delta("P0", "C0") + delta("P0", "C1")) / 2
@@ -126,7 +117,9 @@ def test_covariate_without_training_perturbed_cells_uses_pooled_mean(make_toy):
     np.testing.assert_allclose(model.predict(cf).X[0], _mean(adata, perturbed), rtol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["no_change", "perturbation_mean", "covariate_mean"])
+@pytest.mark.parametrize(
+    "name", ["no_change", "perturbation_mean", "covariate_mean", "additive_within"]
+)
 def test_save_load_roundtrip_and_registry(data, tmp_path, name):
     adata, split = data
     model = create_model(name)
@@ -139,3 +132,38 @@ def test_save_load_roundtrip_and_registry(data, tmp_path, name):
     again = loaded.predict_split(adata, split, on="test")
     np.testing.assert_array_equal(pred.X, again.X)
     assert pred.n_obs == again.n_obs > 0
+
+
+def test_additive_within_uses_the_covariates_own_singles_and_notes_fallbacks(make_toy):
+    adata = make_toy(n_covariates=3, n_perturbations=3, n_genes=20, combos=((0, 1),))
+    obs = adata.obs
+    split = make_split(adata.obs_names, "train")
+    in_c2 = (obs["cell_type"] == "C2").to_numpy()
+    split[in_c2 & obs["condition"].isin(["P0+P1"]).to_numpy()] = "test"
+    split[in_c2 & (obs["condition"] == "P1").to_numpy()] = ""  # P1 not measured in C2
+
+    def delta(label, cov):
+        return training_delta(adata, split, label, cov)
+
+    model = create_model("additive_within").fit(adata, split, progress=False)
+    cf = build_counterfactuals(adata, _requests([("C2", "P0+P1"), ("C0", "P0+P1")]), KEYS)
+    pred = model.predict(cf)
+    ctrl_x = cf.obs["cell_type"].to_numpy()
+    x = cf.X.toarray()
+    in_two = ctrl_x == "C2"
+    # C2: P0 measured there; P1 falls back to its mean over C0 and C1
+    fallback_p1 = (delta("P1", "C0") + delta("P1", "C1")) / 2
+    np.testing.assert_allclose(
+        pred.X[in_two], x[in_two] + delta("P0", "C2") + fallback_p1, rtol=1e-5, atol=1e-5
+    )
+    # C0: both singles measured in C0 (not their cross-covariate means)
+    np.testing.assert_allclose(
+        pred.X[~in_two], x[~in_two] + delta("P0", "C0") + delta("P1", "C0"), rtol=1e-5, atol=1e-5
+    )
+    assert model.fallbacks[["cell_type", "condition", "single"]].values.tolist() == [
+        ["C2", "P0+P1", "P1"]
+    ]
+    assert "P1 in C2" in pred.uns["pertbench"]["notes"][0]
+    # the cross-covariate perturbation_mean differs from it in C0
+    cross = PerturbationMean().fit(adata, split, progress=False).predict(cf)
+    assert np.abs(cross.X[~in_two] - pred.X[~in_two]).max() > 1e-3

@@ -53,6 +53,7 @@ def test_cli_evaluate_writes_the_tables(files, tmp_path, capsys):
             "--split", str(paths["split"]),
             "--baselines",
             "--ceiling",
+            "--replicate-agreement",
             "--top-k", "5",
             "--n-bootstrap", "50",
         ]
@@ -63,10 +64,18 @@ def test_cli_evaluate_writes_the_tables(files, tmp_path, capsys):
     summary = pd.read_csv(out / "summary.csv")
     assert list(summary.columns) == ["metric", "value", "ci_low", "ci_high"]
     expected = Evaluator(
-        truth, pred, split=split, baselines=True, ceiling=True, top_k=5, n_bootstrap=50
+        truth,
+        pred,
+        split=split,
+        baselines=True,
+        ceiling=True,
+        replicate_agreement=True,
+        top_k=5,
+        n_bootstrap=50,
     ).run()
     pd.testing.assert_frame_equal(summary, expected.summary, check_dtype=False, rtol=1e-10)
-    assert {"normalized/rmse_average", "no_change/rmse_average"} <= set(summary["metric"])
+    references = {"normalized/rmse_average", "no_change/rmse_average", "ceiling/rmse_average"}
+    assert references | {"replicate_agreement/rmse_average"} <= set(summary["metric"])
     for name in ("per_group.csv", "per_covariate.csv", "calibration.csv", "evaluation.json"):
         assert (out / name).is_file()
 

@@ -147,7 +147,7 @@ def test_truth_against_itself_and_a_collapsed_model(make_toy):
     ceiling = itself.calibration.set_index("metric")["ceiling"]
     for name in rank_names:
         assert itself.value(name) == 0.0, name
-        # 1 where a replicate half ranks perfectly too; above 1 where it does not
+        # 1 where the ceiling ranks perfectly too; above 1 where it does not
         if ceiling[name] == 0.0:
             assert itself.value(f"normalized/{name}") == pytest.approx(1.0), name
         else:

@@ -31,7 +31,7 @@ def test_train_predict_round_trip(files, tmp_path, capsys):
     adata, data, split = files
     run = tmp_path / "runs" / "la"
     args = ["train", str(data), "--model", "latent_additive", "--split", str(split)]
-    args += ["--out", str(run), "--epochs", "2", "--seed", "3", "--no-progress", *SMALL_LA]
+    args += ["--out", str(run), "--max-epochs", "2", "--seed", "3", "--no-progress", *SMALL_LA]
     assert main(args) == 0
     assert "trained latent_additive" in capsys.readouterr().out
     for name in ("config.json", "weights.pt", "training_log.csv", "split.csv", "run.json"):

@@ -15,6 +15,7 @@ from pertbench.benchmark import paths
 from pertbench.benchmark.config import parse_config
 from pertbench.benchmark.runner import run_benchmark
 from pertbench.errors import InputFileError
+from pertbench.models.registry import BASELINE_MODELS
 from pertbench.report import write_report
 from pertbench.report.html import SUMMARY_CSV, SUMMARY_TABLE_ID
 
@@ -91,8 +92,14 @@ def test_user_supplied_names_are_escaped(tmp_path, make_toy):
     result = run_benchmark(
         parse_config(raw, base_dir=tmp_path), out=tmp_path / "evil", log=lambda m: None
     )
-    assert (result.results["status"] == "ok").all(), result.failures
+    # the toy perturbations are not genes: the gene-embedding baselines are skipped
+    status = result.results.set_index("model")["status"]
+    assert (status.drop(["linear_embedding", "nearest_perturbation"]) == "ok").all()
+    assert (status[["linear_embedding", "nearest_perturbation"]] == "skipped").all()
     html = result.report.read_text(encoding="utf-8")
+    assert (
+        "Skipped: model not applicable" in html and "no training perturbation has a vector" in html
+    )
     assert "<script" not in html and "<b>" not in html
     assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;" in html
     assert "t&amp;&lt;x&gt;" in html
@@ -157,7 +164,8 @@ def test_report_renders_in_headless_chromium(tmp_path, run):
     assert dom.returncode == 0, dom.stderr[-2000:]
     # the rendered document holds the summary table with one row per (task, model)
     table = dom.stdout.split(f'id="{SUMMARY_TABLE_ID}"')[1].split("</table>")[0]
-    assert table.count("<tr") == 1 + 2 * 5  # header + 2 tasks x (linear, 3 baselines, ceiling)
+    n_models = 2 + len(BASELINE_MODELS)  # linear, the baselines, the ceiling
+    assert table.count("<tr") == 1 + 2 * n_models  # header + 2 tasks x models
     # a real, non-blank screenshot
     from PIL import Image
 

@@ -106,6 +106,25 @@ def test_rerun_keeps_finished_results_and_recomputes_on_change(finished_run, toy
     assert stored["n_latent"] == 3 and stored["kl_weight"] == 5e-5  # defaults recorded too
 
 
+def test_reruns_into_the_same_folder_add_rows_instead_of_replacing_them(toy, tmp_path):
+    options = tiny_options(models=(), baselines=("no_change", "perturbation_mean"))
+    first = celltype_transfer(toy, out_dir=tmp_path, cell_types="C0", options=options)
+    celltype_transfer(toy, out_dir=tmp_path, cell_types="C1", options=options)
+    table = pd.read_csv(tmp_path / "metrics.csv")
+    assert sorted(zip(table["cell_type"], table["model"], strict=True)) == [
+        ("C0", "no_change"),
+        ("C0", "perturbation_mean"),
+        ("C1", "no_change"),
+        ("C1", "perturbation_mean"),
+    ]
+    # the earlier cell type's rows are the ones the first run wrote
+    kept = table[table["cell_type"] == "C0"].reset_index(drop=True)
+    pd.testing.assert_frame_equal(kept[first.columns], first, check_dtype=False)
+    # recomputing C1 replaces its rows only
+    again = celltype_transfer(toy, out_dir=tmp_path, cell_types="C1", options=options, resume=False)
+    assert len(again) == 4 and len(pd.read_csv(tmp_path / "metrics.csv")) == 4
+
+
 def test_perturbation_mean_is_control_plus_mean_delta_of_other_types(toy):
     keys = PerturbationKeys()
     split = split_celltype(toy, keys=keys, heldout="C2", seed=0).split

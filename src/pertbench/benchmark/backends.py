@@ -4,8 +4,12 @@ Every backend runs the same top-level job function (:func:`pertbench.benchmark.j
 on picklable job specs, and :func:`execute` walks the job graph (a job starts once the jobs
 it depends on have finished). Job functions record their own Python errors; a backend only
 has to survive infrastructure failures: a local worker process that dies (killed, out of
-memory) breaks the pool, which is rebuilt and the interrupted jobs resubmitted; a job that
-takes down its worker twice is recorded as failed.
+memory) breaks the pool, which is rebuilt and the interrupted jobs resubmitted (both are
+logged); a job that takes down its worker twice is recorded as failed.
+
+Local workers never outlive the command: each one calls
+:func:`pertbench.utils.processes.die_with_parent` first, so a benchmark killed with
+``SIGKILL`` leaves no worker (nor multiprocessing resource tracker) running.
 """
 
 from __future__ import annotations
@@ -23,8 +27,11 @@ from pertbench.errors import ConfigError, require
 MAX_CRASHES = 2
 
 
-def _init_worker(threads: int) -> None:
-    """Limit math-library threads so N workers do not oversubscribe the cores."""
+def _init_worker(threads: int, parent_pid: int) -> None:
+    """Die with the parent; limit math-library threads so N workers do not oversubscribe."""
+    from pertbench.utils.processes import die_with_parent
+
+    die_with_parent(parent_pid)
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[var] = str(threads)
     import torch
@@ -76,6 +83,7 @@ class LocalBackend:
         self.capacity = self.workers
         self.threads = threads_per_worker(self.workers)
         self._pool: cf.ProcessPoolExecutor | None = None
+        self._processes: dict[int, Any] = {}  # pid -> process, kept to report deaths
 
     @property
     def pool(self) -> cf.ProcessPoolExecutor:
@@ -86,12 +94,36 @@ class LocalBackend:
                 max_workers=self.workers,
                 mp_context=multiprocessing.get_context("spawn"),
                 initializer=_init_worker,
-                initargs=(self.threads,),
+                initargs=(self.threads, os.getpid()),
             )
         return self._pool
 
     def submit(self, fn: Callable[[Any], Any], job: Any) -> cf.Future:
-        return self.pool.submit(fn, job)
+        future = self.pool.submit(fn, job)
+        self._processes.update(getattr(self._pool, "_processes", None) or {})
+        return future
+
+    def pids(self) -> list[int]:
+        """Process ids of the current workers."""
+        return sorted(self._processes)
+
+    def deaths(self) -> list[str]:
+        """How the pool's dead workers ended, e.g. ``pid 123 killed by signal 9``."""
+        from multiprocessing.connection import wait
+
+        # A worker's pipe closes a moment before the kernel reports its exit status.
+        ended = set(wait([p.sentinel for p in self._processes.values()], timeout=0))
+        for process in self._processes.values():
+            if process.sentinel in ended:
+                process.join(timeout=2)
+        out = []
+        for pid, process in sorted(self._processes.items()):
+            code = process.exitcode
+            if code is None or code == 0:
+                continue
+            how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
+            out.append(f"pid {pid} {how}")
+        return out
 
     def wait(self, handles: list[Any]) -> list[Any]:
         done, _ = cf.wait(handles, return_when=cf.FIRST_COMPLETED)
@@ -105,6 +137,7 @@ class LocalBackend:
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
         self._pool = None
+        self._processes = {}
 
     def shutdown(self) -> None:
         if self._pool is not None:
@@ -199,6 +232,7 @@ def execute(
     *,
     on_result: Callable[[str, Any], None],
     on_crash: Callable[[str, str], Any],
+    log: Callable[[str], None] | None = None,
 ) -> None:
     """Run every job once its dependencies are done.
 
@@ -222,7 +256,10 @@ def execute(
     on_crash
         Called with (job id, message) when a job cannot run at all (its worker died
         twice, or the backend failed); returns the outcome to record.
+    log
+        Receives a line when a worker process dies, naming the jobs that are re-run.
     """
+    log = log or (lambda message: None)
     waiting = {jid: set(dependencies.get(jid, ())) & set(jobs) for jid in jobs}
     finished: set[str] = set()
     running: dict[Any, str] = {}
@@ -271,17 +308,33 @@ def execute(
                     # A worker died; every job running in the pool was interrupted with it.
                     interrupted = [jid, *running.values()]
                     running.clear()
+                    deaths = backend.deaths() if hasattr(backend, "deaths") else []
                     backend.reset()
+                    rerun, given_up = [], []
                     for other in sorted(interrupted):
                         crashes[other] = crashes.get(other, 0) + 1
                         if crashes[other] >= MAX_CRASHES:
+                            given_up.append(other)
                             finish(
                                 other,
                                 None,
                                 crashed="its worker process died (killed or out of memory)",
                             )
                         else:
+                            rerun.append(other)
                             suspects.append(other)
+                    log(
+                        "a worker process died ("
+                        + (", ".join(deaths) or "cause unknown")
+                        + ")"
+                        + (f"; re-running one at a time: {', '.join(rerun)}" if rerun else "")
+                        + (
+                            f"; recorded as failed (its worker died {MAX_CRASHES} times): "
+                            f"{', '.join(given_up)}"
+                            if given_up
+                            else ""
+                        )
+                    )
                     break
                 except Exception as exc:  # a Ray task error or a bug in the job function
                     message = f"{type(exc).__name__}: {exc}".splitlines()[0]

@@ -11,6 +11,8 @@ A config is a YAML mapping::
     tasks:                         # name -> a split of some datasets
       transfer: {task: transfer, datasets: [sim], options: {heldout_fraction: 0.3}}
       combos: {task: combo, datasets: [norman]}
+      new: {task: unseen, datasets: [sim], options: {fraction: 0.3}}
+      context: {task: fewshot, datasets: [sim], options: {target: CT0, n_shots: 3}}
       mine: {task: custom, datasets: [screen], split: splits/screen.csv}
     scenarios:                     # optional variants of every task's split
       imbalance: {entropy: [0.9, 0.7]}
@@ -37,9 +39,9 @@ from pathlib import Path
 from typing import Any
 
 from pertbench.data.keys import PerturbationKeys
-from pertbench.errors import ConfigError, InputFileError, PertbenchError
+from pertbench.data.splits import TASKS
+from pertbench.errors import ConfigError, InputFileError, PertbenchError, shown
 
-TASKS = ("transfer", "combo", "combo_inverse", "celltype", "custom")
 SCENARIO_KINDS = {
     # kind -> (the key listing its levels, what one level means)
     "imbalance": ("entropy", "target normalised entropy of perturbations over covariates"),
@@ -85,7 +87,7 @@ def _check_keys(mapping: Any, allowed: set[str], where: str) -> dict[str, Any]:
             hint = (
                 f"did you mean '{close[0]}'?" if close else f"allowed: {', '.join(sorted(allowed))}"
             )
-            raise _fail(where, f"unknown key '{key}'; {hint}")
+            raise _fail(where, f"unknown key {shown(key)}; {hint}")
     return dict(mapping)
 
 
@@ -101,7 +103,7 @@ def _name_list(value: Any, where: str) -> list[str]:
 
 def _int(value: Any, where: str, *, minimum: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise _fail(where, f"expected an integer, got {value!r}")
+        raise _fail(where, f"expected an integer, got {shown(value)}")
     if minimum is not None and value < minimum:
         raise _fail(where, f"must be at least {minimum}, got {value}")
     return int(value)
@@ -112,7 +114,7 @@ def _number_list(value: Any, where: str, *, low: float, high: float) -> list[flo
     out = []
     for v in values:
         if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise _fail(where, f"expected numbers, got {v!r}")
+            raise _fail(where, f"expected numbers, got {shown(v)}")
         if not low <= float(v) <= high:
             raise _fail(where, f"{v} is outside [{low}, {high}]")
         out.append(float(v))
@@ -324,7 +326,7 @@ def load_config(
     Relative paths in the config are resolved against the config file's folder (or
     ``base_dir`` for a mapping).
     """
-    import yaml
+    from pertbench.utils.io import read_yaml
 
     if isinstance(source, Mapping):
         raw = dict(source)
@@ -335,14 +337,7 @@ def load_config(
             raise InputFileError(
                 f"config file '{path}' does not exist; start from 'pertbench benchmark --default'"
             )
-        try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as exc:
-            where = getattr(exc, "problem_mark", None)
-            line = f" (line {where.line + 1})" if where is not None else ""
-            raise ConfigError(
-                f"config '{path}' is not valid YAML{line}: {getattr(exc, 'problem', exc)}"
-            ) from exc
+        raw = read_yaml(path, what="config")
         base = path.resolve().parent
         if raw is None:
             raise ConfigError(f"config '{path}' is empty; list datasets, tasks and models")
@@ -421,7 +416,7 @@ def parse_config(raw: Any, *, base_dir: Path) -> BenchmarkConfig:
             raise _fail("evaluation.metrics", str(exc)) from exc
     on = str(evaluation.get("split", "test"))
     if on not in ("val", "test"):
-        raise _fail("evaluation.split", f"must be val or test, got {on!r}")
+        raise _fail("evaluation.split", f"must be val or test, got {shown(on)}")
     save_predictions = str(evaluation.get("save_predictions", "cells"))
     if save_predictions not in SAVE_PREDICTIONS:
         raise _fail("evaluation.save_predictions", f"must be one of {', '.join(SAVE_PREDICTIONS)}")
@@ -546,7 +541,7 @@ def _parse_task(
     if task not in TASKS:
         close = difflib.get_close_matches(str(task), TASKS, n=1)
         hint = f"did you mean '{close[0]}'?" if close else f"choose one of {', '.join(TASKS)}"
-        raise _fail(f"{where}.task", f"unknown task '{task}'; {hint}")
+        raise _fail(f"{where}.task", f"unknown task {shown(task)}; {hint}")
     names = _name_list(spec.get("datasets"), f"{where}.datasets") or list(datasets)
     for ds in names:
         if ds not in datasets:
@@ -593,7 +588,9 @@ def _parse_scenarios(raw: Any, tasks: Mapping[str, TaskSpec]) -> tuple[ScenarioS
         names = _name_list(spec.get("tasks"), f"{where}.tasks")
         for t in names:
             if t not in tasks:
-                raise _fail(f"{where}.tasks", f"unknown task '{t}'; defined: {', '.join(tasks)}")
+                raise _fail(
+                    f"{where}.tasks", f"unknown task {shown(t)}; defined: {', '.join(tasks)}"
+                )
         options = spec.get("options") or {}
         if not isinstance(options, Mapping):
             raise _fail(f"{where}.options", "expected a mapping")

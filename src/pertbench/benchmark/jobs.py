@@ -41,6 +41,8 @@ METRIC_COLUMNS = [
 ]
 TIMING_COLUMNS = ["fit_seconds", "predict_seconds", "evaluate_seconds"]
 CEILING = "ceiling"
+#: Status of a cell (or tuning job) whose model does not apply to the task.
+SKIPPED = "skipped"
 CEILING_FILE = "ceiling.csv"
 #: The cell whose evaluation contributes the ceiling rows of its (dataset, task, scenario, seed).
 CEILING_SOURCE = "no_change"
@@ -126,7 +128,7 @@ class JobOutcome:
 
     id: str
     kind: str
-    status: str  # "ok" | "skipped" (already done) | "failed"
+    status: str  # "ok" | "skipped" (already done) | "not_applicable" | "failed"
     error: str = ""
     seconds: float = 0.0
 
@@ -184,8 +186,13 @@ def _run_once(
 
     Success writes ``work``'s record as the done marker, last, so a job killed midway
     is never counted as done; failure writes the error record (with ``error_labels``)
-    and leaves the other jobs running.
+    and leaves the other jobs running. A model that does not apply to the task
+    (:class:`~pertbench.errors.NotApplicableError`, e.g. a one-hot model asked for unseen
+    perturbations) is done with status ``skipped`` and the one-line reason: rerunning it
+    would give the same answer.
     """
+    from pertbench.errors import NotApplicableError
+
     start = time.perf_counter()
     marker = directory / paths.DONE_FILE
     if marker.is_file():
@@ -193,6 +200,16 @@ def _run_once(
     (directory / paths.ERROR_FILE).unlink(missing_ok=True)
     try:
         record = work()
+    except NotApplicableError as exc:
+        reason = str(exc).splitlines()[0]
+        record = {
+            **error_labels,
+            "status": SKIPPED,
+            "error_type": type(exc).__name__,
+            "reason": reason,
+        }
+        write_json_atomic(marker, record)
+        return JobOutcome(job_id, kind, "not_applicable", reason, time.perf_counter() - start)
     except Exception as exc:
         record = {**error_labels, **_error_record(exc)}
         write_json_atomic(directory / paths.ERROR_FILE, record)
@@ -229,6 +246,7 @@ def _run_tune(job: TuneJob) -> dict[str, Any]:
     )
     keys = PerturbationKeys.from_dict(job.keys)
     adata = _dataset(job.data_path, keys)
+    _check_applicable(job, adata, keys, job.split_path, on=("val",))
     tune(
         adata,
         job.split_path,
@@ -238,6 +256,18 @@ def _run_tune(job: TuneJob) -> dict[str, Any]:
         log=lambda msg: None,
     )
     return {"status": "ok", "seconds": round(time.perf_counter() - start, 3)}
+
+
+def _check_applicable(job: CellJob | TuneJob, adata: Any, keys: Any, split: Any, *, on) -> None:
+    """Skip a model that cannot predict the task's held-out perturbations before training."""
+    from pertbench.data.splits import read_split
+    from pertbench.models.registry import create_model
+    from pertbench.tuning.fitting import check_applicable
+
+    if not isinstance(split, pd.Series):
+        split = read_split(split, adata.obs_names)
+    model = create_model(job.model, keys=keys, **dict(job.params))
+    check_applicable(model, adata, split, keys=keys, on=on)
 
 
 def run_cell_job(job: CellJob) -> JobOutcome:
@@ -256,6 +286,7 @@ def _run_cell(job: CellJob, directory: Path) -> dict[str, Any]:
     keys = PerturbationKeys.from_dict(job.keys)
     adata = _dataset(job.data_path, keys)
     split = read_split(job.split_path, adata.obs_names)
+    _check_applicable(job, adata, keys, split, on=(job.on,))
     params = dict(job.params)
     if job.tuning_dir is not None:
         best_file = Path(job.tuning_dir) / "best_params.json"

@@ -10,7 +10,6 @@ the checksums) and refuses to continue if an input file changed underneath it.
 from __future__ import annotations
 
 import json
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ from pertbench.benchmark.config import (
     TaskSpec,
 )
 from pertbench.data.keys import PerturbationKeys
-from pertbench.errors import ConfigError, SplitError
+from pertbench.errors import ConfigError, InputFileError, SplitError
 from pertbench.utils.io import write_h5ad_atomic, write_json_atomic
 
 
@@ -146,6 +145,7 @@ def _materialize_dataset(
             path = Path(public.fetch(spec.registry, from_file=spec.from_file))
             info = public.dataset_info(spec.registry)
             source = {"registry": info.name, "url": info.url, "citation": info.citation}
+        _shape(spec.name, path)  # a file that is not an .h5ad is refused before anything runs
         checksum = paths.sha256_file(path)
         if previous is not None and previous.get("sha256") != checksum:
             raise ConfigError(
@@ -154,14 +154,21 @@ def _materialize_dataset(
             )
         # Files are read in place, never copied; the checksum pins what was used.
         entry = {"kind": spec.kind, "path": str(path), "sha256": checksum, "source": source}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # old AnnData layouts
-        backed = ad.read_h5ad(entry["path"], backed="r")
-        entry["n_obs"], entry["n_vars"] = int(backed.n_obs), int(backed.n_vars)
-        backed.file.close()
+    entry["n_obs"], entry["n_vars"] = _shape(spec.name, Path(entry["path"]))
     entry["bytes"] = Path(entry["path"]).stat().st_size
     entry["keys"] = spec.keys.to_dict()
     return entry
+
+
+def _shape(name: str, path: Path) -> tuple[int, int]:
+    """(cells, genes) of an .h5ad, read from its metadata (no matrix is loaded); one-line
+    error if it is not one."""
+    from pertbench.data.ondisk import h5ad_shape
+
+    try:
+        return h5ad_shape(path)
+    except InputFileError as exc:
+        raise InputFileError(f"dataset '{name}': {exc}") from exc
 
 
 def _reuse_split(entry: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -34,6 +34,7 @@ from pertbench.benchmark.jobs import (
     CEILING_FILE,
     CEILING_SOURCE,
     METRIC_COLUMNS,
+    SKIPPED,
     TIMING_COLUMNS,
     CellJob,
     JobOutcome,
@@ -43,8 +44,20 @@ from pertbench.benchmark.jobs import (
 from pertbench.benchmark.materialize import materialize, split_key
 from pertbench.errors import ConfigError
 from pertbench.utils.io import write_csv_atomic, write_parquet_atomic, write_text_atomic
+from pertbench.utils.outputs import check_output, results_folder
 
 RESULT_COLUMNS = [*METRIC_COLUMNS, "status", "error", "model_name", "tuned", *TIMING_COLUMNS]
+FAILURE_COLUMNS = [
+    "dataset",
+    "task",
+    "scenario",
+    "model",
+    "seed",
+    "stage",
+    "status",
+    "error_type",
+    "error",
+]
 
 
 @dataclass
@@ -83,7 +96,8 @@ def prepare_out_dir(config: BenchmarkConfig, out: Path, *, resume: bool) -> None
     if config_file.is_file():
         if not resume:
             raise ConfigError(
-                f"'{out}' already holds a benchmark; pass --resume to continue it or choose a new --out"
+                f"'{out}' already holds a benchmark; pass --resume to continue it, --overwrite "
+                "to start afresh, or choose a new --out"
             )
         previous = yaml.safe_load(config_file.read_text(encoding="utf-8"))
         current = config.to_dict()
@@ -156,13 +170,24 @@ def _read_metrics(path: Path) -> pd.DataFrame:
 
 
 def collect_results(jobs: Mapping[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The tidy results table (one row per cell x metric) and the failures table."""
+    """The tidy results table (one row per cell x metric) and the failures table.
+
+    The failures table also lists the cells (and tuning jobs) skipped because their model
+    does not apply to the task (``status`` ``skipped``, the reason in ``error``); their
+    results row has status ``skipped`` and the reason in ``error``.
+    """
     frames, failures = [], []
     for job in jobs.values():
         if isinstance(job, TuneJob):
             error_file = job.directory / paths.ERROR_FILE
+            done_file = job.directory / paths.DONE_FILE
+            record = None
             if error_file.is_file():
                 record = json.loads(error_file.read_text())
+            elif done_file.is_file():
+                record = json.loads(done_file.read_text())
+                record = record if record.get("status") == SKIPPED else None
+            if record is not None:
                 failures.append(
                     {
                         "dataset": job.dataset,
@@ -171,15 +196,19 @@ def collect_results(jobs: Mapping[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame
                         "model": job.model_label,
                         "seed": math.nan,
                         "stage": "tune",
+                        "status": record.get("status", "failed"),
                         "error_type": record.get("error_type", ""),
-                        "error": record.get("error", ""),
+                        "error": record.get("error", record.get("reason", "")),
                     }
                 )
             continue
         directory = job.directory
         done = directory / paths.DONE_FILE
-        if done.is_file():
-            record = json.loads(done.read_text())
+        record = json.loads(done.read_text()) if done.is_file() else None
+        if record is not None and record.get("status") == SKIPPED:
+            _add_unscored(frames, failures, job, SKIPPED, record.get("reason", ""), record)
+            continue
+        if record is not None:
             frame = _read_metrics(directory / paths.METRICS_FILE)
             frame["status"] = "ok"
             frame["error"] = ""
@@ -202,18 +231,7 @@ def collect_results(jobs: Mapping[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame
             error, error_type = record.get("error", ""), record.get("error_type", "")
         else:
             error, error_type = "did not run", ""
-        row = {
-            **job.labels(),
-            "split": job.on,
-            "metric": "",
-            "value": math.nan,
-            "status": "failed",
-            "error": error,
-            "model_name": job.model,
-            "tuned": job.tuning_dir is not None,
-        }
-        frames.append(pd.DataFrame([row]))
-        failures.append({**job.labels(), "stage": "cell", "error_type": error_type, "error": error})
+        _add_unscored(frames, failures, job, "failed", error, {"error_type": error_type})
     results = (
         pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=RESULT_COLUMNS)
     )
@@ -226,11 +244,33 @@ def collect_results(jobs: Mapping[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame
     results = results.sort_values(
         ["dataset", "task", "scenario", "model", "seed", "split", "metric"], kind="stable"
     )
-    failures_frame = pd.DataFrame(
-        failures,
-        columns=["dataset", "task", "scenario", "model", "seed", "stage", "error_type", "error"],
-    )
+    failures_frame = pd.DataFrame(failures, columns=FAILURE_COLUMNS)
     return results.reset_index(drop=True), failures_frame
+
+
+def _add_unscored(frames: list, failures: list, job: CellJob, status: str, error: str, record):
+    """A cell without metrics (failed, or skipped as not applicable): one results row
+    with the status and the message, and its row in the failures table."""
+    row = {
+        **job.labels(),
+        "split": job.on,
+        "metric": "",
+        "value": math.nan,
+        "status": status,
+        "error": error,
+        "model_name": job.model,
+        "tuned": job.tuning_dir is not None,
+    }
+    frames.append(pd.DataFrame([row]))
+    failures.append(
+        {
+            **job.labels(),
+            "stage": "cell",
+            "status": status,
+            "error_type": record.get("error_type", ""),
+            "error": error,
+        }
+    )
 
 
 def run_benchmark(
@@ -242,6 +282,7 @@ def run_benchmark(
     ray_address: str | None = None,
     resume: bool = False,
     report: bool = True,
+    overwrite: bool = False,
     log: Callable[[str], None] | None = None,
 ) -> BenchmarkResult:
     """Run (or resume) a benchmark.
@@ -262,6 +303,9 @@ def run_benchmark(
         Continue a run in ``out`` (the config must be the same).
     report
         Write ``report.html`` and the RO-Crate metadata at the end.
+    overwrite
+        Start afresh in ``out``: an earlier benchmark there is set aside and deleted once
+        this run finished (put back if it fails).
     log
         Receives progress lines (default: stderr).
     """
@@ -271,7 +315,31 @@ def run_benchmark(
     elif not isinstance(config, BenchmarkConfig):
         config = load_config(config)
     out = Path(out).resolve()
-    prepare_out_dir(config, out, resume=resume)
+    check_output(out, kind="resumable", overwrite=overwrite)
+    if resume and overwrite:
+        raise ConfigError("give either resume (continue) or overwrite (start afresh), not both")
+    if overwrite and out.is_dir():
+        with _run_lock(out):  # refuse to set aside a benchmark that is running
+            pass
+    with results_folder(out, overwrite=overwrite, has_results=_has_finished_jobs):
+        prepare_out_dir(config, out, resume=resume)
+        return _run(config, out, workers, backend, ray_address, report, log)
+
+
+def _has_finished_jobs(out: Path) -> bool:
+    """Whether a benchmark folder holds a finished tuning job or cell (worth resuming)."""
+    return any(out.rglob(paths.DONE_FILE))
+
+
+def _run(
+    config: BenchmarkConfig,
+    out: Path,
+    workers: int,
+    backend: str,
+    ray_address: str | None,
+    report: bool,
+    log: Callable[[str], None],
+) -> BenchmarkResult:
     start = time.perf_counter()
     with _run_lock(out):
         write_text_atomic(out / paths.CONFIG_FILE, dump_config(config))
@@ -316,16 +384,24 @@ def run_benchmark(
         log(
             f"running {n_total - skipped_before} job(s) with {workers} worker(s) ({runner.name} backend)"
         )
-        execute(jobs, deps, run_job, runner, on_result=on_result, on_crash=on_crash)
+        execute(jobs, deps, run_job, runner, on_result=on_result, on_crash=on_crash, log=log)
 
         results, failures = collect_results(jobs)
         write_parquet_atomic(out / paths.RESULTS_PARQUET, results)
         write_csv_atomic(out / paths.RESULTS_CSV, results)
         write_csv_atomic(out / paths.FAILURES_CSV, failures)
-        n_failed = int((failures["stage"] == "cell").sum()) if len(failures) else 0
+        cell_rows = failures[failures["stage"] == "cell"]
+        n_failed = int((cell_rows["status"] != SKIPPED).sum())
+        n_not_applicable = int((cell_rows["status"] == SKIPPED).sum())
         log(
             f"{len(results)} result rows from {len(jobs)} jobs in {time.perf_counter() - start:.1f} s"
             + (f"; {n_failed} cell(s) failed (see {out / paths.FAILURES_CSV})" if n_failed else "")
+            + (
+                f"; {n_not_applicable} cell(s) skipped: model not applicable (reasons in "
+                f"{out / paths.FAILURES_CSV})"
+                if n_not_applicable
+                else ""
+            )
         )
         report_path = crate_path = None
         if report:

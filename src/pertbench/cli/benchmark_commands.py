@@ -13,6 +13,7 @@ from pertbench.cli.common import (
     DelimiterOpt,
     DeviceOpt,
     DoseKeyOpt,
+    MaxEpochsOpt,
     PerturbationKeyOpt,
     echo,
     make_keys,
@@ -77,9 +78,7 @@ def tune_command(
             "--stability-seeds", help="Extra seeds the best configuration is retrained with."
         ),
     ] = 4,
-    max_epochs: Annotated[
-        int | None, typer.Option("--max-epochs", help="Epoch limit of every training run.")
-    ] = None,
+    max_epochs: MaxEpochsOpt = None,
     pruner: Annotated[
         str, typer.Option("--pruner", help="median, halving or none (pruning on validation loss).")
     ] = "median",
@@ -103,6 +102,13 @@ def tune_command(
         ),
     ] = None,
     device: DeviceOpt = "auto",
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite",
+            help="Start a new study in --out, replacing the one there (default: resume it).",
+        ),
+    ] = False,
     perturbation_key: PerturbationKeyOpt = "condition",
     control: ControlOpt = "control",
     covariates: CovariatesOpt = "cell_type",
@@ -113,19 +119,19 @@ def tune_command(
 
     Writes trials.csv, best_params.json, importances.csv, stability.csv and
     stability_summary.csv to --out. A killed run resumes where it stopped when started again
-    with the same arguments; several processes or machines share one study through --storage.
+    with the same arguments, with the same trials as an uninterrupted run; several processes
+    or machines share one study through --storage.
     """
     from pertbench.errors import ConfigError
     from pertbench.tuning import TuneSettings, tune
+    from pertbench.utils.io import read_yaml
+    from pertbench.utils.outputs import check_output
 
+    check_output(out, kind="resumable", inputs=[data, split, space], overwrite=overwrite)
     keys = make_keys(perturbation_key, control, covariates, delimiter, dose_key)
     search_space = None
     if space is not None:
-        import yaml
-
-        if not space.is_file():
-            raise ConfigError(f"search space file '{space}' does not exist")
-        search_space = yaml.safe_load(space.read_text(encoding="utf-8")) or {}
+        search_space = read_yaml(space, what="search space file") or {}
         if not isinstance(search_space, dict):
             raise ConfigError(
                 f"search space file '{space}' must map parameter names to distributions"
@@ -150,7 +156,7 @@ def tune_command(
         if metrics
         else None,
     )
-    result = tune(data, split, out=out, settings=settings, keys=keys)
+    result = tune(data, split, out=out, settings=settings, keys=keys, overwrite=overwrite)
     echo(f"best value: {result.best_value:.6g}")
     echo(f"best parameters: {result.best_params}")
     if len(result.stability_summary):
@@ -195,6 +201,13 @@ def benchmark_command(
             "--print-config", help="Print the validated config (canonical YAML) and exit."
         ),
     ] = False,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite",
+            help="Start the benchmark afresh in --out, replacing an earlier one there.",
+        ),
+    ] = False,
 ) -> None:
     """Run every (dataset, task, scenario, model, seed) cell of a benchmark config.
 
@@ -206,6 +219,7 @@ def benchmark_command(
     from pertbench.benchmark.config import default_config_path, dump_config, load_config
     from pertbench.benchmark.runner import run_benchmark
     from pertbench.errors import ConfigError
+    from pertbench.utils.outputs import check_output
 
     if default and config is not None:
         raise ConfigError("give either a CONFIG file or --default, not both")
@@ -217,6 +231,10 @@ def benchmark_command(
         return
     if out is None:
         raise ConfigError("--out is required: the folder the benchmark writes to")
+    if resume and overwrite:
+        raise ConfigError("give either --resume (continue) or --overwrite (start afresh), not both")
+    inputs = [config, *(spec.path for spec in parsed.datasets.values())]
+    check_output(out, kind="resumable", inputs=inputs, overwrite=overwrite)
     result = run_benchmark(
         parsed,
         out=out,
@@ -225,6 +243,7 @@ def benchmark_command(
         ray_address=ray_address,
         resume=resume,
         report=report,
+        overwrite=overwrite,
     )
     echo(f"results: {result.out_dir / 'results.parquet'}")
     if result.report is not None:

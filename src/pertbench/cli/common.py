@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -31,6 +31,21 @@ SeedOpt = Annotated[
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto (GPU when present), cpu or cuda.")]
 ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")]
 ExistingFile = Annotated[Path, typer.Argument(help="Input .h5ad file.", show_default=False)]
+OverwriteOpt = Annotated[
+    bool,
+    typer.Option(
+        "--overwrite", help="Replace an existing output (without it, existing outputs are kept)."
+    ),
+]
+MaxEpochsOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--max-epochs",
+        "--epochs",
+        help="Epoch limit of every training run (default: each model's own); early stopping "
+        "may end sooner.",
+    ),
+]
 
 
 def make_keys(
@@ -64,6 +79,24 @@ def parse_set_options(values: list[str] | None) -> dict[str, str]:
             raise ConfigError(f"--set expects key=value, got '{item}'")
         out[key] = value.strip()
     return out
+
+
+def read_data(path: Path, keys: PerturbationKeys, **options: Any):
+    """Read and validate an .h5ad (:func:`pertbench.data.read_h5ad`); data warnings are
+    printed as one ``warning:`` line each."""
+    import warnings
+
+    from pertbench.data.loading import DataWarning, read_h5ad
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", DataWarning)
+        adata = read_h5ad(path, keys=keys, **options)
+    for w in caught:
+        if issubclass(w.category, DataWarning):
+            typer.echo(f"warning: {w.message}", err=True)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return adata
 
 
 def echo(message: str) -> None:

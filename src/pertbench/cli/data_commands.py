@@ -13,10 +13,12 @@ from pertbench.cli.common import (
     DelimiterOpt,
     DoseKeyOpt,
     ExistingFile,
+    OverwriteOpt,
     PerturbationKeyOpt,
     SeedOpt,
     echo,
     make_keys,
+    read_data,
 )
 
 OutFile = Annotated[Path, typer.Option("--out", "-o", help="Output file (written atomically).")]
@@ -30,26 +32,12 @@ OnCountsOpt = Annotated[
 ]
 
 
-def _load(path: Path, keys, on_counts: str = "normalize"):
-    import warnings
-
-    from pertbench.data.loading import DataWarning, read_h5ad
-
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", DataWarning)
-        adata = read_h5ad(path, keys=keys, on_counts=on_counts)
-    for w in caught:
-        if issubclass(w.category, DataWarning):
-            typer.echo(f"warning: {w.message}", err=True)
-    return adata
-
-
 def _load_obs(path: Path, keys):
     """A dataset for commands that use only obs: a large file (the out-of-core rule of
     ``pertbench train``) is validated chunk by chunk and only its obs and var are kept."""
     from pertbench.data.ondisk import prefer_out_of_core, read_obs
 
-    return read_obs(path, keys=keys) if prefer_out_of_core(path) else _load(path, keys)
+    return read_obs(path, keys=keys) if prefer_out_of_core(path) else read_data(path, keys)
 
 
 def _csv_list(value: str | None) -> list[str] | None:
@@ -152,11 +140,15 @@ def register(app: typer.Typer) -> None:
             typer.Option(help="Write chunk by chunk to disk (constant memory, for huge data)."),
         ] = False,
         seed: SeedOpt = 0,
+        overwrite: OverwriteOpt = False,
     ) -> None:
         """Simulate count data with known per-group effects (see docs/data.md)."""
         from pertbench.data.simulate import simulate, simulate_to_h5ad
         from pertbench.errors import ConfigError
         from pertbench.utils.io import write_h5ad_atomic
+        from pertbench.utils.outputs import check_output
+
+        check_output(out, kind="file", overwrite=overwrite)
 
         try:
             dose_values = [float(d) for d in _csv_list(doses)] if doses else None
@@ -212,14 +204,16 @@ def register(app: typer.Typer) -> None:
         covariates: CovariatesOpt = "cell_type",
         delimiter: DelimiterOpt = "+",
         dose_key: DoseKeyOpt = None,
+        overwrite: OverwriteOpt = False,
     ) -> None:
         """Normalise counts (1e4 + log1p) and keep HVGs + top DE genes + perturbed genes."""
-        from pertbench.data.loading import read_h5ad
         from pertbench.data.preprocess import PREPROCESS_KEY, preprocess
         from pertbench.utils.io import write_h5ad_atomic
+        from pertbench.utils.outputs import check_output
 
+        check_output(out, kind="file", inputs=[data], overwrite=overwrite)
         keys = make_keys(perturbation_key, control, covariates, delimiter, dose_key)
-        adata = read_h5ad(data, keys=keys, validate=False, on_counts="allow")
+        adata = read_data(data, keys, validate=False, on_counts="allow")
         result = preprocess(
             adata,
             keys=keys,
@@ -244,13 +238,46 @@ def register(app: typer.Typer) -> None:
         out: OutFile,
         task: Annotated[
             str,
-            typer.Option(help="transfer, combo, combo_inverse, celltype or custom."),
+            typer.Option(
+                help="transfer, combo, combo_inverse, celltype, unseen, fewshot or custom."
+            ),
         ] = "transfer",
         fraction: Annotated[
             float | None,
             typer.Option(
                 help="Share held out: per covariate (transfer, default 0.3), of eligible "
-                "combinations (combo, 0.7) or singles (combo_inverse, 0.3)."
+                "combinations (combo, 0.7), singles (combo_inverse, 0.3) or singles held "
+                "out in every covariate (unseen, 0.3)."
+            ),
+        ] = None,
+        combo_fraction: Annotated[
+            float | None,
+            typer.Option(
+                help="unseen: share of the other combinations held out (default --fraction)."
+            ),
+        ] = None,
+        heldout_perturbations: Annotated[
+            str | None,
+            typer.Option(
+                help="unseen: comma-separated perturbations to hold out (instead of a draw)."
+            ),
+        ] = None,
+        candidates: Annotated[
+            str | None,
+            typer.Option(help="unseen: comma-separated singles to draw the held-out ones from."),
+        ] = None,
+        target: Annotated[
+            str | None,
+            typer.Option(help="fewshot: the target covariate (e.g. A172)."),
+        ] = None,
+        n_shots: Annotated[
+            int | None,
+            typer.Option(help="fewshot: perturbations of the target kept in train (default 3)."),
+        ] = None,
+        shots: Annotated[
+            str | None,
+            typer.Option(
+                help="fewshot: comma-separated perturbations of the target kept in train."
             ),
         ] = None,
         heldout_covariates: Annotated[
@@ -283,11 +310,14 @@ def register(app: typer.Typer) -> None:
         delimiter: DelimiterOpt = "+",
         dose_key: DoseKeyOpt = None,
         seed: SeedOpt = 0,
+        overwrite: OverwriteOpt = False,
     ) -> None:
         """Build a task split, print its summary and unplaced groups, write obs_name,split CSV."""
         from pertbench.data.splits import make_task_split
         from pertbench.errors import ConfigError, SplitError
+        from pertbench.utils.outputs import check_output
 
+        check_output(out, kind="file", inputs=[data, split_file], overwrite=overwrite)
         keys = make_keys(perturbation_key, control, covariates, delimiter, dose_key)
         adata = _load_obs(data, keys)
         options: dict = {}
@@ -299,6 +329,22 @@ def register(app: typer.Typer) -> None:
             )
         elif heldout_covariates is not None:
             raise ConfigError("--heldout-covariates only applies to --task transfer")
+        task_only = {
+            "unseen": {
+                "combo_fraction": combo_fraction,
+                "heldout_perturbations": _csv_list(heldout_perturbations),
+                "candidates": _csv_list(candidates),
+            },
+            "fewshot": {"target": target, "n_shots": n_shots, "shots": _csv_list(shots)},
+        }
+        for owner, values in task_only.items():
+            given = {k: v for k, v in values.items() if v is not None}
+            if given and task != owner:
+                flags = ", ".join("--" + k.replace("_", "-") for k in given)
+                raise ConfigError(f"{flags} only apply to --task {owner}")
+            options.update(given if task == owner else {})
+        if task == "fewshot" and target is None:
+            raise ConfigError("--task fewshot needs --target COVARIATE (e.g. --target A172)")
         if task == "celltype":
             if not heldout:
                 raise ConfigError("--task celltype needs --heldout VALUE (e.g. --heldout CD4T)")
@@ -308,7 +354,7 @@ def register(app: typer.Typer) -> None:
                 raise ConfigError("--task custom needs --split-file FILE.csv")
             options["path"] = split_file
         if fraction is not None:
-            if task in ("celltype", "custom"):
+            if task in ("celltype", "custom", "fewshot"):
                 raise ConfigError(f"--fraction does not apply to --task {task}")
             options["fraction"] = fraction
         if val_fraction is not None:
@@ -349,13 +395,17 @@ def register(app: typer.Typer) -> None:
         covariates: CovariatesOpt = "cell_type",
         delimiter: DelimiterOpt = "+",
         seed: SeedOpt = 0,
+        overwrite: OverwriteOpt = False,
     ) -> None:
         """Subsample perturbations per covariate to a target normalised entropy; write the data."""
         from pertbench.data.scenarios import imbalance_by_entropy
         from pertbench.utils.io import write_h5ad_atomic
+        from pertbench.utils.outputs import check_output
+
+        check_output(out, kind="file", inputs=[data], overwrite=overwrite)
 
         keys = make_keys(perturbation_key, control, covariates, delimiter)
-        adata = _load(data, keys)
+        adata = read_data(data, keys)
         result = imbalance_by_entropy(
             adata,
             keys=keys,
@@ -384,13 +434,17 @@ def register(app: typer.Typer) -> None:
         covariates: CovariatesOpt = "cell_type",
         delimiter: DelimiterOpt = "+",
         seed: SeedOpt = 0,
+        overwrite: OverwriteOpt = False,
     ) -> None:
         """Keep all controls and a fraction of perturbed cells per cell type; write the data."""
         from pertbench.data.scenarios import downsample_perturbed
         from pertbench.utils.io import write_h5ad_atomic
+        from pertbench.utils.outputs import check_output
+
+        check_output(out, kind="file", inputs=[data], overwrite=overwrite)
 
         keys = make_keys(perturbation_key, control, covariates, delimiter)
-        adata = _load(data, keys)
+        adata = read_data(data, keys)
         result = downsample_perturbed(adata, keys=keys, fraction=fraction, seed=seed)
         write_h5ad_atomic(out, result)
         info = result.uns["pertbench_scenario"]
@@ -417,12 +471,15 @@ def register(app: typer.Typer) -> None:
         covariates: CovariatesOpt = "cell_type",
         delimiter: DelimiterOpt = "+",
         seed: SeedOpt = 0,
+        overwrite: OverwriteOpt = False,
     ) -> None:
         """Nested training sets with more covariates, same val/test; one split CSV per level."""
         from pertbench.data.scenarios import data_scaling_splits
+        from pertbench.utils.outputs import check_output, new_folder
 
+        check_output(out_dir, kind="folder", inputs=[data], overwrite=overwrite, option="--out-dir")
         keys = make_keys(perturbation_key, control, covariates, delimiter)
-        adata = _load(data, keys)
+        adata = read_data(data, keys)
         levels = data_scaling_splits(
             adata,
             keys=keys,
@@ -431,8 +488,11 @@ def register(app: typer.Typer) -> None:
             fraction=fraction,
             seed=seed,
         )
+        with new_folder(out_dir) as tmp:
+            for name, result in levels.items():
+                result.write(tmp / f"{name}.csv")
         for name, result in levels.items():
-            path = result.write(out_dir / f"{name}.csv")
+            path = out_dir / f"{name}.csv"
             p = result.params
             echo(
                 f"{path}: {p['n_train_cells']:,} training cells from "
@@ -473,7 +533,14 @@ def register(app: typer.Typer) -> None:
             Path | None,
             typer.Option("--from-file", help="Curate this raw file instead of downloading."),
         ] = None,
-        force: Annotated[bool, typer.Option(help="Download and curate again.")] = False,
+        force: Annotated[
+            bool,
+            typer.Option(
+                "--force",
+                "--overwrite",
+                help="Download and curate again, replacing the cached copy.",
+            ),
+        ] = False,
         progress: Annotated[bool, typer.Option(help="Show a download progress bar.")] = True,
     ) -> None:
         """Download (or take --from-file), curate to the data contract and cache a dataset."""

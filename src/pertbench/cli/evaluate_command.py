@@ -12,6 +12,7 @@ from pertbench.cli.common import (
     CovariatesOpt,
     DelimiterOpt,
     DoseKeyOpt,
+    OverwriteOpt,
     PerturbationKeyOpt,
     SeedOpt,
     echo,
@@ -74,8 +75,16 @@ def register(app: typer.Typer) -> None:
             bool,
             typer.Option(
                 "--ceiling",
-                help="Also score the split-half noise ceiling; with --baselines this gives "
-                "normalised scores.",
+                help="Also estimate the noise ceiling (the expected score of a perfect model "
+                "given the measurement noise); with --baselines this gives normalised scores.",
+            ),
+        ] = False,
+        replicate_agreement: Annotated[
+            bool,
+            typer.Option(
+                "--replicate-agreement",
+                help="Also score one half of each group's cells against the other half "
+                "(reference replicate_agreement; not the ceiling).",
             ),
         ] = False,
         split: Annotated[
@@ -124,6 +133,7 @@ def register(app: typer.Typer) -> None:
         delimiter: DelimiterOpt = "+",
         dose_key: DoseKeyOpt = None,
         seed: SeedOpt = 0,
+        overwrite: OverwriteOpt = False,
     ) -> None:
         """Score predicted cells against observed cells (any model, pertbench's or not).
 
@@ -132,7 +142,9 @@ def register(app: typer.Typer) -> None:
         from the truth.
         """
         from pertbench.metrics.evaluator import Evaluator
+        from pertbench.utils.outputs import check_output, new_folder
 
+        check_output(out, kind="folder", inputs=[pred, truth, split], overwrite=overwrite)
         keys = make_keys(perturbation_key, control, covariates, delimiter, dose_key)
         evaluator = Evaluator(
             truth,
@@ -143,6 +155,7 @@ def register(app: typer.Typer) -> None:
             on=on,
             baselines=baselines,
             ceiling=ceiling,
+            replicate_agreement=replicate_agreement,
             skip_missing=skip_missing,
             seed=seed,
             top_k=top_k,
@@ -153,7 +166,9 @@ def register(app: typer.Typer) -> None:
             n_jobs=n_jobs,
         )
         result = evaluator.run()
-        folder = result.write(out)
+        with new_folder(out) as tmp:
+            result.write(tmp)
+        folder = out
         echo(
             f"evaluated {result.settings['n_groups']} group(s) over {result.settings['n_genes']} genes"
         )

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import os
-import shutil
+import contextlib
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -16,32 +15,20 @@ from pertbench.cli.common import (
     DeviceOpt,
     DoseKeyOpt,
     ExistingFile,
+    MaxEpochsOpt,
+    OverwriteOpt,
     PerturbationKeyOpt,
     ProgressOpt,
     SeedOpt,
     echo,
     make_keys,
     parse_set_options,
+    read_data,
 )
 
 RUN_FILE = "run.json"
 SPLIT_FILE = "split.csv"
 LOG_FILE = "training_log.csv"
-
-
-def _load_data(path: Path, keys):
-    """Read and validate an .h5ad against the data contract; data warnings go to stderr."""
-    import warnings
-
-    from pertbench.data.loading import DataWarning, read_h5ad
-
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", DataWarning)
-        adata = read_h5ad(path, keys=keys)
-    for w in caught:
-        if issubclass(w.category, DataWarning):
-            typer.echo(f"warning: {w.message}", err=True)
-    return adata
 
 
 OutOfCoreOpt = Annotated[
@@ -61,7 +48,7 @@ def _open_data(path: Path, keys, out_of_core: bool | None):
 
     if out_of_core is None:
         out_of_core = prefer_out_of_core(path)
-    return open_h5ad(path, keys=keys) if out_of_core else _load_data(path, keys)
+    return open_h5ad(path, keys=keys) if out_of_core else read_data(path, keys)
 
 
 def _versions() -> dict[str, str]:
@@ -85,48 +72,21 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def _check_run_dir(out: Path, overwrite: bool) -> None:
-    from pertbench.errors import ConfigError
-
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out '{out}' is a file; give a folder for the run")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ConfigError(
-            f"run folder '{out}' already exists and is not empty; choose another --out or "
-            "pass --overwrite"
-        )
-
-
-def _publish(tmp: Path, out: Path) -> None:
-    """Move a finished run folder into place; an old run is removed only afterwards."""
-    backup = None
-    if out.exists():
-        backup = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.replace(out, backup)
-    try:
-        os.replace(tmp, out)
-    except BaseException:
-        if backup is not None:
-            os.replace(backup, out)
-        raise
-    if backup is not None:
-        shutil.rmtree(backup, ignore_errors=True)
-
-
 def model_listing() -> list[dict[str, Any]]:
     """Every installed model with its hyperparameters (default, type, help) and search space."""
     import dataclasses
 
     from pertbench.errors import PertbenchError
-    from pertbench.models.registry import MODEL_PATHS, available_models, get_model_class
+    from pertbench.models.registry import available_models, get_model_class, registered_models
 
     listing = []
+    registry = registered_models()
     for name in available_models():
         try:
             cls = get_model_class(name)
         except (PertbenchError, ImportError):  # an optional extra that does not import
             continue
-        if MODEL_PATHS.get(name, "").split(":")[-1] != cls.__name__:
+        if registry.get(name, "").split(":")[-1] != cls.__name__:
             continue
         params = []
         for field in dataclasses.fields(cls.Params):
@@ -172,9 +132,7 @@ def register(app: typer.Typer) -> None:
                 help="Run folder: saved model, training_log.csv, split.csv and run.json.",
             ),
         ],
-        epochs: Annotated[
-            int | None, typer.Option("--epochs", help="Maximum epochs (default: the model's).")
-        ] = None,
+        max_epochs: MaxEpochsOpt = None,
         set_: Annotated[
             list[str] | None,
             typer.Option(
@@ -185,9 +143,7 @@ def register(app: typer.Typer) -> None:
         seed: SeedOpt = 0,
         device: DeviceOpt = "auto",
         progress: ProgressOpt = True,
-        overwrite: Annotated[
-            bool, typer.Option("--overwrite", help="Replace an existing run folder.")
-        ] = False,
+        overwrite: OverwriteOpt = False,
         perturbation_key: PerturbationKeyOpt = "condition",
         control: ControlOpt = "control",
         covariates: CovariatesOpt = "cell_type",
@@ -210,36 +166,32 @@ def register(app: typer.Typer) -> None:
         from pertbench.models.base import _jsonable
         from pertbench.models.blocks import BlockSampling
         from pertbench.models.registry import create_model
-        from pertbench.utils.io import write_json_atomic
+        from pertbench.utils.io import write_csv_atomic, write_json_atomic
+        from pertbench.utils.outputs import check_output, new_folder
 
         keys = make_keys(perturbation_key, control, covariates, delimiter, dose_key)
         # Validate the model name and hyperparameters before reading any data.
         estimator = create_model(model, keys=keys, **parse_set_options(set_))
         sampling = BlockSampling(block_size=block_size, buffer_blocks=buffer_blocks)
-        _check_run_dir(out, overwrite)
+        check_output(out, kind="folder", inputs=[data, split], overwrite=overwrite)
         adata = _open_data(data, keys, out_of_core)
         on_disk = isinstance(adata, OnDiskData)
         split_series = read_split(split, adata.obs_names)
         started = _now()
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        try:
+        # an on-disk dataset is closed when training ends, however it ends
+        with new_folder(out) as tmp, adata if on_disk else contextlib.nullcontext():
             estimator.fit(
                 adata,
                 split_series,
                 seed=seed,
                 device=device,
-                max_epochs=epochs,
+                max_epochs=max_epochs,
                 progress=progress,
                 log_dir=tmp,
                 sampling=sampling,
             )
             estimator.save(tmp)
             if estimator.history is not None and not (tmp / LOG_FILE).exists():
-                from pertbench.utils.io import write_csv_atomic
-
                 write_csv_atomic(tmp / LOG_FILE, estimator.history)
             write_split(split_series, tmp / SPLIT_FILE)
             counts = split_series.value_counts()
@@ -272,13 +224,6 @@ def register(app: typer.Typer) -> None:
                 "versions": _versions(),
             }
             write_json_atomic(tmp / RUN_FILE, run)
-            _publish(tmp, out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        finally:
-            if on_disk:
-                adata.close()
         best = run["best_epoch"]
         echo(
             f"trained {estimator.name} on {run['n_cells']['train']} cells for "
@@ -309,7 +254,16 @@ def register(app: typer.Typer) -> None:
         seed: Annotated[
             int | None, typer.Option("--seed", help="Prediction seed (default: the training seed).")
         ] = None,
+        model_class: Annotated[
+            str | None,
+            typer.Option(
+                "--model-class",
+                help="package.module:ClassName of a model that is not registered (a run "
+                "folder never imports the code it names).",
+            ),
+        ] = None,
         device: DeviceOpt = "auto",
+        overwrite: OverwriteOpt = False,
         out_of_core: OutOfCoreOpt = None,
         chunk_cells: Annotated[
             int,
@@ -329,6 +283,7 @@ def register(app: typer.Typer) -> None:
         from pertbench.errors import ConfigError, InputFileError
         from pertbench.models.base import PerturbationModel
         from pertbench.utils.io import write_h5ad_atomic
+        from pertbench.utils.outputs import check_output
 
         if on not in ("test", "val"):
             raise ConfigError(f"--on must be test or val, got '{on}'")
@@ -336,7 +291,8 @@ def register(app: typer.Typer) -> None:
             raise InputFileError(
                 f"run folder '{run_dir}' does not exist; train with 'pertbench train'"
             )
-        estimator = PerturbationModel.load(run_dir, device=device)
+        check_output(out, kind="file", inputs=[run_dir, data, split], overwrite=overwrite)
+        estimator = PerturbationModel.load(run_dir, device=device, model_class=model_class)
         split_path = split if split is not None else run_dir / SPLIT_FILE
         if not split_path.is_file():
             raise InputFileError(f"no split file '{split_path}'; pass --split SPLIT.csv")

@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from pertbench.cli.common import DeviceOpt, ExistingFile, ProgressOpt, SeedOpt, echo
+from pertbench.cli.common import (
+    DeviceOpt,
+    ExistingFile,
+    MaxEpochsOpt,
+    OverwriteOpt,
+    ProgressOpt,
+    SeedOpt,
+    echo,
+    read_data,
+)
 
 ConditionKeyOpt = Annotated[
     str, typer.Option("--condition-key", help="obs column with the condition of each cell.")
@@ -25,11 +36,11 @@ StimulatedOpt = Annotated[
 CellTypeKeyOpt = Annotated[
     str, typer.Option("--cell-type-key", help="obs column with the cell type of each cell.")
 ]
-OutOpt = Annotated[Path, typer.Option("--out", help="Output folder (created; reruns resume).")]
-EpochsOpt = Annotated[
-    int | None,
+OutOpt = Annotated[
+    Path,
     typer.Option(
-        "--epochs", help="Maximum training epochs of the neural models (default: each model's own)."
+        "--out",
+        help="Output folder (created; reruns resume and add their rows to its tables).",
     ),
 ]
 SetOpt = Annotated[
@@ -92,18 +103,17 @@ def _keys(condition_key: str, control: str, cell_type_key: str):
     )
 
 
-def _read(path: Path, keys):
-    import warnings
+@contextlib.contextmanager
+def _workflow_output(out: Path, data: Path, overwrite: bool) -> Iterator[Path]:
+    """The output policy of the accumulating workflows: ``out`` resumes (``--overwrite``
+    starts afresh) and a first run that fails before any result leaves no folder behind."""
+    from pertbench.utils.outputs import check_output, results_folder
 
-    from pertbench.data.loading import DataWarning, read_h5ad
-
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", DataWarning)
-        adata = read_h5ad(path, keys=keys)
-    for w in caught:
-        if issubclass(w.category, DataWarning):
-            typer.echo(f"warning: {w.message}", err=True)
-    return adata
+    check_output(out, kind="resumable", inputs=[data], overwrite=overwrite)
+    with results_folder(
+        out, overwrite=overwrite, has_results=lambda folder: any(folder.rglob("metrics.csv"))
+    ) as folder:
+        yield folder
 
 
 def _options(
@@ -136,6 +146,34 @@ def _summary(
         echo(table[["model", "cell_type", *cols]].round(4).to_string(index=False))
 
 
+def _shared(out: Path, keys, stimulated, options, resume) -> dict:
+    """Keyword arguments every workflow function takes from the command line."""
+    return dict(
+        out_dir=out, keys=keys, stimulated=stimulated, options=options, resume=resume, log=echo
+    )
+
+
+def _run_celltype_transfer(data, keys, options, out, cell_type, stimulated, imbalance, resume):
+    """Read the data and run the held-out cell-type workflow (with --imbalance: both scenarios)."""
+    import time
+
+    from pertbench.workflows.celltype_transfer import celltype_transfer
+    from pertbench.workflows.experiments import imbalance_experiment
+
+    adata = read_data(data, keys)
+    start = time.perf_counter()
+    shared = _shared(out, keys, stimulated, options, resume)
+    if imbalance is None:
+        table = celltype_transfer(adata, cell_types=cell_type, **shared)
+        _summary(table)
+        echo(f"wrote {out / 'metrics.csv'} ({time.perf_counter() - start:.1f}s)")
+    else:
+        comparison = imbalance_experiment(adata, fraction=imbalance, cell_types=cell_type, **shared)
+        cols = [c for c in comparison.columns if c.startswith(("r2_", "edistance_"))]
+        echo(comparison[["model", "cell_type", *cols]].round(4).to_string(index=False))
+        echo(f"wrote {out / 'imbalance_comparison.csv'} ({time.perf_counter() - start:.1f}s)")
+
+
 def register(app: typer.Typer) -> None:
     @app.command("celltype-transfer")
     def celltype_transfer_command(
@@ -156,7 +194,7 @@ def register(app: typer.Typer) -> None:
         control: ControlLabelOpt = "control",
         stimulated: StimulatedOpt = None,
         cell_type_key: CellTypeKeyOpt = "cell_type",
-        epochs: EpochsOpt = None,
+        epochs: MaxEpochsOpt = None,
         seed: SeedOpt = 0,
         sets: SetOpt = None,
         imbalance: Annotated[
@@ -171,6 +209,7 @@ def register(app: typer.Typer) -> None:
         n_bootstrap: BootstrapOpt = 100,
         figures: FiguresOpt = True,
         resume: ResumeOpt = True,
+        overwrite: OverwriteOpt = False,
         device: DeviceOpt = "auto",
         progress: ProgressOpt = False,
     ) -> None:
@@ -179,13 +218,8 @@ def register(app: typer.Typer) -> None:
         Trains each model with the cell type's perturbed cells held out, predicts them from
         its controls, scores with the tutorial metrics beside the no_change and
         perturbation_mean baselines, and writes OUT/metrics.csv and figures. Reruns keep
-        finished (model, cell type) results.
+        finished (model, cell type) results and add new ones to metrics.csv.
         """
-        import time
-
-        from pertbench.workflows.celltype_transfer import celltype_transfer
-        from pertbench.workflows.experiments import imbalance_experiment
-
         keys = _keys(condition_key, control, cell_type_key)
         options = _options(
             _split_names(models),
@@ -200,36 +234,10 @@ def register(app: typer.Typer) -> None:
             progress,
         )
         options.validate()
-        adata = _read(data, keys)
-        start = time.perf_counter()
-        if imbalance is None:
-            table = celltype_transfer(
-                adata,
-                out_dir=out,
-                keys=keys,
-                cell_types=cell_type,
-                stimulated=stimulated,
-                options=options,
-                resume=resume,
-                log=echo,
+        with _workflow_output(out, data, overwrite):
+            _run_celltype_transfer(
+                data, keys, options, out, cell_type, stimulated, imbalance, resume
             )
-            _summary(table)
-            echo(f"wrote {out / 'metrics.csv'} ({time.perf_counter() - start:.1f}s)")
-        else:
-            comparison = imbalance_experiment(
-                adata,
-                out_dir=out,
-                fraction=imbalance,
-                keys=keys,
-                cell_types=cell_type,
-                stimulated=stimulated,
-                options=options,
-                resume=resume,
-                log=echo,
-            )
-            cols = [c for c in comparison.columns if c.startswith(("r2_", "edistance_"))]
-            echo(comparison[["model", "cell_type", *cols]].round(4).to_string(index=False))
-            echo(f"wrote {out / 'imbalance_comparison.csv'} ({time.perf_counter() - start:.1f}s)")
 
     @app.command("sensitivity")
     def sensitivity_command(
@@ -254,13 +262,14 @@ def register(app: typer.Typer) -> None:
         control: ControlLabelOpt = "control",
         stimulated: StimulatedOpt = None,
         cell_type_key: CellTypeKeyOpt = "cell_type",
-        epochs: EpochsOpt = None,
+        epochs: MaxEpochsOpt = None,
         seed: SeedOpt = 0,
         sets: SetOpt = None,
         val_fraction: ValFractionOpt = 0.1,
         n_bootstrap: BootstrapOpt = 100,
         figures: FiguresOpt = True,
         resume: ResumeOpt = True,
+        overwrite: OverwriteOpt = False,
         device: DeviceOpt = "auto",
         progress: ProgressOpt = False,
     ) -> None:
@@ -278,19 +287,14 @@ def register(app: typer.Typer) -> None:
         )
         options.validate()
         parsed = parse_grid(grid, model)
-        adata = _read(data, keys)
-        _, importance = sensitivity_experiment(
-            adata,
-            out_dir=out,
-            model=model,
-            grid=parsed,
-            keys=keys,
-            cell_types=cell_type,
-            stimulated=stimulated,
-            options=options,
-            resume=resume,
-            log=echo,
-        )
+        with _workflow_output(out, data, overwrite):
+            _, importance = sensitivity_experiment(
+                read_data(data, keys),
+                model=model,
+                grid=parsed,
+                cell_types=cell_type,
+                **_shared(out, keys, stimulated, options, resume),
+            )
         echo(importance.round(3).to_string(index=False))
         echo(f"wrote {out / 'sensitivity_importance.csv'}")
 
@@ -313,12 +317,13 @@ def register(app: typer.Typer) -> None:
         control: ControlLabelOpt = "control",
         stimulated: StimulatedOpt = None,
         cell_type_key: CellTypeKeyOpt = "cell_type",
-        epochs: EpochsOpt = None,
+        epochs: MaxEpochsOpt = None,
         seed: SeedOpt = 0,
         sets: SetOpt = None,
         n_bootstrap: BootstrapOpt = 100,
         figures: FiguresOpt = True,
         resume: ResumeOpt = True,
+        overwrite: OverwriteOpt = False,
         device: DeviceOpt = "auto",
         progress: ProgressOpt = False,
     ) -> None:
@@ -344,18 +349,13 @@ def register(app: typer.Typer) -> None:
             progress,
         )
         options.validate()
-        adata = _read(data, keys)
-        table = cross_study_transfer(
-            adata,
-            out_dir=out,
-            study_key=study_key,
-            train_study=train_study,
-            test_study=test_study,
-            keys=keys,
-            stimulated=stimulated,
-            options=options,
-            resume=resume,
-            log=echo,
-        )
+        with _workflow_output(out, data, overwrite):
+            table = cross_study_transfer(
+                read_data(data, keys),
+                study_key=study_key,
+                train_study=train_study,
+                test_study=test_study,
+                **_shared(out, keys, stimulated, options, resume),
+            )
         _summary(table)
         echo(f"wrote {out / 'metrics.csv'}")

@@ -15,6 +15,7 @@ from pertbench.data.splits import (
     split_transfer,
     write_split,
 )
+from pertbench.data.splits_unseen import split_fewshot, split_unseen
 
 _LAZY = {  # imported on first use: loading pulls in anndata, which `pertbench --help` avoids
     "ValidationReport": "pertbench.data.loading",
@@ -49,7 +50,9 @@ __all__ = [
     "split_combo",
     "split_combo_inverse",
     "split_custom",
+    "split_fewshot",
     "split_transfer",
+    "split_unseen",
     "validate_adata",
     "validate_obs",
     "write_split",

@@ -22,7 +22,7 @@ import scipy.sparse as sp
 
 from pertbench.data.groups import group_cells
 from pertbench.data.keys import PerturbationKeys
-from pertbench.errors import ConfigError, DataValidationError, InputFileError
+from pertbench.errors import ConfigError, DataValidationError, InputFileError, PertbenchWarning
 
 ValueType = Literal["log", "counts", "integer", "unnormalized", "empty"]
 OnCounts = Literal["normalize", "error", "allow"]
@@ -39,7 +39,7 @@ _SCAN_CHUNK = 20_000_000
 SMALL_GROUP = 5
 
 
-class DataWarning(UserWarning):
+class DataWarning(PertbenchWarning):
     """Something about the data was changed or looks questionable, but was not fatal."""
 
 
@@ -177,9 +177,13 @@ class ValidationReport:
         return not self.errors
 
     def raise_if_errors(self) -> None:
-        """Raise :class:`DataValidationError` listing every fatal problem, one per line."""
+        """Raise :class:`DataValidationError` listing every fatal problem, on one line:
+        ``"2 problems: (1) ...; (2) ..."`` (``pertbench info`` lists them one per line)."""
+        if len(self.errors) == 1:
+            raise DataValidationError(self.errors[0])
         if self.errors:
-            raise DataValidationError("\n".join(self.errors))
+            listed = "; ".join(f"({i}) {e}" for i, e in enumerate(self.errors, start=1))
+            raise DataValidationError(f"{len(self.errors)} problems: {listed}")
 
     def to_text(self) -> str:
         """Human-readable summary (used by ``pertbench info``)."""
@@ -255,6 +259,8 @@ def validate_adata(
     report = ValidationReport(n_cells=int(adata.n_obs), n_genes=int(adata.n_vars))
     errors = report.errors
     report.has_counts_layer = "counts" in adata.layers
+    if adata.n_vars == 0:
+        errors.append("the data have no genes (var has 0 rows); check the file or the gene filter")
 
     # -- X values ------------------------------------------------------------------------
     X = adata.X
@@ -353,6 +359,10 @@ def validate_obs(
 
 def _check_obs(obs: pd.DataFrame, keys: PerturbationKeys, report: ValidationReport) -> None:
     errors, notes = report.errors, report.warnings
+    if not len(obs):
+        errors.append(
+            "the data have no cells (obs has 0 rows); check the file, or the filter that made it"
+        )
     # -- obs keys ----------------------------------------------------------------------------
     wanted = [keys.perturbation_key, *keys.covariate_keys]
     if keys.dose_key:
@@ -399,7 +409,7 @@ def _check_obs(obs: pd.DataFrame, keys: PerturbationKeys, report: ValidationRepo
         non_control = [label for label in labels if label != keys.control]
         report.n_perturbations = len(non_control)
         report.n_combinations = sum(1 for label in non_control if keys.is_combination(label))
-        if n_controls == 0:
+        if n_controls == 0 and len(obs):
             errors.append(
                 f"no control cells: no cell has '{keys.perturbation_key}' == '{keys.control}' "
                 f"(values include {_describe(sorted(map(str, labels)))}); pass --control"
@@ -420,7 +430,7 @@ def _check_obs(obs: pd.DataFrame, keys: PerturbationKeys, report: ValidationRepo
         _check_dose(obs, keys, errors)
 
     # -- groups and controls per covariate combination ------------------------------------
-    if keys.perturbation_key in obs.columns and cov_ok and not missing_cols:
+    if keys.perturbation_key in obs.columns and cov_ok and not missing_cols and len(obs):
         grouping = group_cells(obs, keys)
         cov_cols = list(keys.covariate_keys)
         groups = grouping.groups[[*cov_cols, keys.perturbation_key, "n_cells", "is_control"]]

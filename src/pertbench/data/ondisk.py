@@ -355,6 +355,29 @@ def read_obs(
         return ad.AnnData(obs=data.obs, var=data.var)
 
 
+def h5ad_shape(path: str | os.PathLike) -> tuple[int, int]:
+    """(cells, genes) of an ``.h5ad`` file, from the lengths of its obs and var indexes:
+    no matrix or table is loaded (anndata's backed mode would load the layers)."""
+    import h5py
+
+    from pertbench.data.loading import check_h5ad_file
+
+    path = check_h5ad_file(path)
+    try:
+        with h5py.File(path, "r") as handle:
+            return _table_length(handle["obs"]), _table_length(handle["var"])
+    except (KeyError, OSError) as exc:
+        raise InputFileError(f"cannot read the shape of '{path}': {exc}") from exc
+
+
+def _table_length(node: Any) -> int:
+    import h5py
+
+    if isinstance(node, h5py.Dataset):  # a legacy (structured array) table
+        return int(node.shape[0])
+    return int(node[_attr(node, "_index") or "_index"].shape[0])
+
+
 def _open_file(path: Path) -> OnDiskData:
     import h5py
     from anndata.io import read_elem

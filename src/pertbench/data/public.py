@@ -43,7 +43,13 @@ from pertbench.data.loading import (
     scan_values,
     validate_adata,
 )
-from pertbench.errors import ConfigError, DataValidationError, InputFileError, NetworkError
+from pertbench.errors import (
+    ConfigError,
+    DataValidationError,
+    InputFileError,
+    NetworkError,
+    OutputError,
+)
 from pertbench.utils.io import write_h5ad_atomic, write_json_atomic
 
 CACHE_ENV = "PERTBENCH_CACHE"
@@ -178,20 +184,24 @@ def _load_checksums(cache: Path) -> dict[str, str]:
         return {}
 
 
-def _verify_or_record(cache: Path, filename: str, path: Path, known: str | None) -> str:
-    """Check ``path`` against the known or recorded sha256; record it on first sight."""
+def _verify(cache: Path, filename: str, path: Path, known: str | None) -> str:
+    """Check ``path`` against the known or recorded sha256; return its digest."""
     digest = sha256_of(path)
-    recorded = _load_checksums(cache)
-    expected = known or recorded.get(filename)
+    expected = known or _load_checksums(cache).get(filename)
     if expected and digest != expected:
         raise InputFileError(
             f"cached {filename} does not match its checksum ({digest[:12]}... vs "
             f"{expected[:12]}...); delete {path} and fetch again"
         )
-    if not expected:
+    return digest
+
+
+def _record(cache: Path, filename: str, digest: str) -> None:
+    """Remember the digest of a source file that curated cleanly (first download only)."""
+    recorded = _load_checksums(cache)
+    if filename not in recorded:
         recorded[filename] = digest
         write_json_atomic(cache / CHECKSUM_FILE, recorded)
-    return digest
 
 
 # ---------------------------------------------------------------------------------------
@@ -208,6 +218,25 @@ def _require_columns(adata: ad.AnnData, name: str, columns: list[str]) -> None:
         )
 
 
+def _require_counts(adata: ad.AnnData, name: str) -> None:
+    """Refuse a file whose expression is not the raw counts its source publishes.
+
+    Counts may sit in X or, for files already normalised by their curators, in
+    ``layers['counts']`` (then X is kept as it is).
+    """
+    if "counts" in adata.layers:
+        layer = scan_values(adata.layers["counts"]).value_type
+        if layer in ("counts", "integer", "empty"):
+            return
+    value_type = scan_values(adata.X).value_type if adata.X is not None else "empty"
+    if value_type in ("counts", "integer"):
+        return
+    raise DataValidationError(
+        f"{name}: X holds {value_type} values and there is no layers['counts'], but the "
+        f"source publishes raw counts ({dataset_info(name).source}); is it the right file?"
+    )
+
+
 def _finish(adata: ad.AnnData, name: str, keys: PerturbationKeys) -> ad.AnnData:
     """Common last steps: unique names, CSR float32 X, counts -> layer + log1p, validate."""
     adata.obs_names_make_unique()
@@ -221,6 +250,8 @@ def _finish(adata: ad.AnnData, name: str, keys: PerturbationKeys) -> ad.AnnData:
         adata.X = sp.csr_matrix(adata.X, dtype=np.float32)
     for col in [keys.perturbation_key, *keys.covariate_keys]:
         adata.obs[col] = pd.Categorical(adata.obs[col].astype(str))
+    if REGISTRY[name].values == "counts":
+        _require_counts(adata, name)
     stats = scan_values(adata.X)
     if stats.value_type in ("counts", "integer"):
         normalize_log1p(adata)
@@ -235,13 +266,16 @@ def _join_combos(values: pd.Series, sep: str, keys: PerturbationKeys) -> pd.Seri
 
 
 def curate_norman19(adata: ad.AnnData) -> ad.AnnData:
-    """scPerturb NormanWeissman2019: ``perturbation`` ('KLF1_MAP2K6', 'control'), ``cell_line``."""
+    """scPerturb NormanWeissman2019: ``perturbation`` ('KLF1_MAP2K6', 'control'), ``cell_line``.
+
+    The cell line comes from the file's own ``cell_line`` column (K562 in the source): a
+    file without it is refused rather than labelled with a line it may not hold.
+    """
     keys = REGISTRY["norman19"].keys
-    _require_columns(adata, "norman19", ["perturbation"])
+    _require_columns(adata, "norman19", ["perturbation", "cell_line"])
     obs = adata.obs
     obs[keys.perturbation_key] = _join_combos(obs["perturbation"], "_", keys)
-    cell = obs["cell_line"] if "cell_line" in obs else pd.Series("K562", index=obs.index)
-    obs["cell_type"] = cell.astype(str).str.lower()
+    obs["cell_type"] = obs["cell_line"].astype(str).str.lower()
     obs["perturbation_type"] = "CRISPRa"
     obs = obs.rename(columns={"nCount_RNA": "ncounts", "nFeature_RNA": "ngenes"})
     adata.obs = obs
@@ -292,7 +326,8 @@ def curate_frangieh21(adata: ad.AnnData) -> ad.AnnData:
     obs["treatment"] = (
         obs["perturbation_2"].astype(str).map(lambda v: FRANGIEH_TREATMENTS.get(v, v.lower()))
     )
-    obs["cell_type"] = "melanoma"
+    # Not a covariate of this screen (one melanoma line); the file's own label when it has one.
+    obs["cell_type"] = obs["cell_line"].astype(str) if "cell_line" in obs else "melanoma"
     obs["perturbation_type"] = "CRISPRko"
     adata.obs = obs
     return _finish(adata, "frangieh21", keys)
@@ -397,6 +432,9 @@ class DatasetInfo:
     compressed: bool = False
     task: str = "transfer"
     notes: str = ""
+    #: What the source file's expression holds: ``"counts"`` (checked: a file with only
+    #: log-normalised values is refused) or ``"any"``.
+    values: str = "counts"
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -409,6 +447,7 @@ class DatasetInfo:
             "sha256": self.sha256 or "recorded on first download",
             "keys": self.keys.to_dict(),
             "task": self.task,
+            "values": self.values,
             "notes": self.notes,
         }
 
@@ -489,6 +528,7 @@ REGISTRY: dict[str, DatasetInfo] = {
             curate=curate_kang18,
             keys=PerturbationKeys(covariate_keys=("cell_type",)),
             task="celltype",
+            values="any",  # the scGen layout, also accepted, is log-normalised
         ),
     )
 }
@@ -524,10 +564,13 @@ def curate(name: str, adata: ad.AnnData) -> ad.AnnData:
     return dataset_info(name).curate(adata)
 
 
-def _read_raw(path: Path) -> ad.AnnData:
+def _read_raw(path: Path, *, unpack_dir: Path) -> ad.AnnData:
+    """Read a source file; a ``.gz`` is decompressed into ``unpack_dir`` first (never next
+    to a file the user gave)."""
     if path.suffix == ".gz":
-        unpacked = path.with_suffix("")
+        unpacked = unpack_dir / path.with_suffix("").name
         if not unpacked.exists():
+            unpack_dir.mkdir(parents=True, exist_ok=True)
             tmp = unpacked.with_name(unpacked.name + ".part")
             try:
                 with gzip.open(path, "rb") as src, open(tmp, "wb") as dst:
@@ -539,6 +582,18 @@ def _read_raw(path: Path) -> ad.AnnData:
             os.replace(tmp, unpacked)
         path = unpacked
     return read_h5ad(path, validate=False, on_counts="allow")
+
+
+def _cached_source_digest(path: Path) -> str | None:
+    """The sha256 of the source file a cached curated dataset was made from (if recorded)."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as handle:
+            value = handle["uns/pertbench_dataset/source_sha256"][()]
+    except (OSError, KeyError):
+        return None
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def fetch(
@@ -553,17 +608,31 @@ def fetch(
     """Download (or take ``from_file``), curate and cache dataset ``name``.
 
     Returns the path of the curated ``<cache>/<name>.h5ad``. An existing curated file is
-    reused unless ``force``.
+    reused unless ``force`` (with ``from_file``: when it was curated from a file with the
+    same checksum; another file is refused without ``force``, so a cached dataset is never
+    replaced silently). A file that does not look like the source (columns, raw counts) is
+    refused with one line and nothing is cached: neither the curated file nor, for a first
+    download, its checksum.
     """
     info = dataset_info(name)
     cache = Path(cache) if cache is not None else cache_dir()
     out = cache / f"{info.name}.h5ad"
     if out.is_file() and not force and from_file is None:
         return out
+    digest = None
     if from_file is not None:
         raw = Path(from_file)
         if not raw.is_file():
             raise InputFileError(f"file '{raw}' does not exist; check the --from-file path")
+        source_digest = sha256_of(raw)
+        if out.is_file() and not force:
+            if _cached_source_digest(out) == source_digest:
+                return out
+            raise OutputError(
+                f"{info.name} is already cached ({out}), curated from another file; pass "
+                f"--overwrite to replace it with the curation of '{raw}'"
+            )
+        unpack_dir = cache / "raw" / "from_file"
     else:
         raw = cache / "raw" / info.filename
         if not raw.is_file() or force:
@@ -574,9 +643,17 @@ def fetch(
                     f"cannot download {info.name} ({exc}); download {info.url} by hand and run "
                     f"'pertbench datasets fetch {info.name} --from-file FILE'"
                 ) from exc
-        _verify_or_record(cache, info.filename, raw, info.sha256)
-    adata = _read_raw(raw)
+        digest = source_digest = _verify(cache, info.filename, raw, info.sha256)
+        unpack_dir = raw.parent
+    try:
+        adata = _read_raw(raw, unpack_dir=unpack_dir)
+    finally:
+        if from_file is not None:  # a user's file is unpacked for this call only
+            shutil.rmtree(unpack_dir, ignore_errors=True)
     curated = info.curate(adata)
     curated.uns["pertbench_dataset"]["source"] = str(raw.name)
+    curated.uns["pertbench_dataset"]["source_sha256"] = source_digest
     write_h5ad_atomic(out, curated, compression="gzip")
+    if digest is not None and not info.sha256:
+        _record(cache, info.filename, digest)
     return out

@@ -17,7 +17,7 @@ import pandas as pd
 
 from pertbench.data.groups import Grouping, group_cells
 from pertbench.data.keys import PerturbationKeys
-from pertbench.errors import ConfigError, InputFileError, SplitError
+from pertbench.errors import ConfigError, InputFileError, SplitError, shown
 from pertbench.utils.io import write_csv_atomic
 
 SPLIT_NAMES = ("train", "val", "test")
@@ -43,11 +43,11 @@ def check_split_values(split: pd.Series) -> None:
     bad = pd.unique(split[~split.isin(allowed)].astype(str))
     if len(bad):
         raise SplitError(
-            f"split values must be train, val, test or empty; found {', '.join(map(repr, bad[:5]))}"
+            f"split values must be train, val, test or empty; found {', '.join(map(shown, bad[:5]))}"
         )
     if not split.index.is_unique:
         dup = split.index[split.index.duplicated()][:3]
-        raise SplitError(f"split lists obs names more than once: {', '.join(map(str, dup))}")
+        raise SplitError(f"split lists obs names more than once: {', '.join(map(shown, dup))}")
 
 
 def write_split(split: pd.Series, path: str | os.PathLike) -> Path:
@@ -80,8 +80,10 @@ def read_split(path: str | os.PathLike, obs_names: pd.Index | None = None) -> pd
     except Exception as exc:  # malformed CSV of any kind
         raise InputFileError(f"cannot read split file '{path}': {exc}") from exc
     if list(frame.columns[:2]) != list(SPLIT_COLUMNS):
+        # The first line is not quoted: the path may point at any file (never echo it).
         raise SplitError(
-            f"split file '{path}' must have the header 'obs_name,split', found '{','.join(frame.columns)}'"
+            f"split file '{path}' does not start with the header 'obs_name,split'; is it a "
+            "split CSV from 'pertbench split'?"
         )
     split = pd.Series(
         frame["split"].str.strip().to_numpy(dtype=object),
@@ -95,7 +97,7 @@ def read_split(path: str | os.PathLike, obs_names: pd.Index | None = None) -> pd
         if len(unknown):
             raise SplitError(
                 f"split file '{path}' names {len(unknown)} cell(s) not in the data "
-                f"(e.g. {unknown[0]!r}); was it made for another dataset?"
+                f"(e.g. {shown(unknown[0])}); was it made for another dataset?"
             )
         split = split.reindex(obs_names, fill_value=LEFT_OUT)
         split.index.name = "obs_name"
@@ -106,7 +108,7 @@ def read_split(path: str | os.PathLike, obs_names: pd.Index | None = None) -> pd
 # Task splitters
 # ---------------------------------------------------------------------------------------
 
-TASKS = ("transfer", "combo", "combo_inverse", "celltype", "custom")
+TASKS = ("transfer", "combo", "combo_inverse", "celltype", "unseen", "fewshot", "custom")
 _SPLIT_INDEX = {"train": 0, "val": 1, "test": 2, LEFT_OUT: 3}
 UNPLACED_COLUMNS = ("n_cells", "reason")
 
@@ -129,6 +131,10 @@ class SplitResult:
         How the split was made.
     heldout_on
         Splits whose (covariates, perturbation) pairs must not appear in train.
+    leak_scope
+        ``"group"``: a held-out (covariates, perturbation) pair must not be in train;
+        ``"perturbation"`` (the ``unseen`` task): a held-out perturbation must not be in
+        train in ANY covariate (see :func:`find_leakage`).
     notes
         Non-fatal remarks (quotas not reached, covariates with too few controls, ...).
     """
@@ -143,13 +149,16 @@ class SplitResult:
     obs: pd.DataFrame = field(repr=False)
     heldout_on: tuple[str, ...] = ("val", "test")
     notes: list[str] = field(default_factory=list)
+    leak_scope: str = "group"
 
     def leakage(self) -> pd.DataFrame:
-        """Held-out (covariates, perturbation) pairs that also have cells in train.
+        """Held-out groups that leak into train (see ``leak_scope``).
 
         An empty frame means no leakage.
         """
-        return find_leakage(self.obs, self.split, self.keys, heldout_on=self.heldout_on)
+        return find_leakage(
+            self.obs, self.split, self.keys, heldout_on=self.heldout_on, scope=self.leak_scope
+        )
 
     def counts(self) -> pd.Series:
         """Cells per split (train, val, test, left out)."""
@@ -200,22 +209,56 @@ def find_leakage(
     keys: PerturbationKeys,
     *,
     heldout_on: tuple[str, ...] = ("val", "test"),
+    scope: str = "group",
 ) -> pd.DataFrame:
-    """(covariates, perturbation) pairs with cells both in train and in ``heldout_on``.
+    """Held-out groups (cells in ``heldout_on``) that leak into train.
 
-    Controls are excluded (they are split per covariate combination on purpose).
-    Returns the covariate columns, the perturbation column, ``n_train`` and ``n_heldout``.
+    ``scope="group"``: the same (covariates, perturbation) pair has train cells.
+    ``scope="perturbation"``: a held-out single is a part of some perturbation with train
+    cells in any covariate, or a held-out combination (in any order of its parts) has train
+    cells in any covariate. Controls are excluded (they are split per covariate combination
+    on purpose). Returns the covariate columns, the perturbation column, ``n_train`` (train
+    cells of the pair, or of the perturbations it leaks through) and ``n_heldout``.
     """
+    if scope not in ("group", "perturbation"):
+        raise ConfigError(f"leak scope must be 'group' or 'perturbation', got '{scope}'")
     grouping = group_cells(obs, keys)
     counts = _split_counts(grouping, split)
     heldout_cols = [_SPLIT_INDEX[s] for s in heldout_on]
     n_train = counts[:, 0]
     n_heldout = counts[:, heldout_cols].sum(axis=1)
+    if scope == "perturbation":
+        n_train = _train_cells_by_perturbation(grouping, n_train)
     leaking = (n_train > 0) & (n_heldout > 0) & ~grouping.groups["is_control"].to_numpy()
     cols = [*keys.covariate_keys, keys.perturbation_key]
     out = grouping.groups.loc[leaking, cols].reset_index(drop=True)
     out["n_train"] = n_train[leaking]
     out["n_heldout"] = n_heldout[leaking]
+    return out
+
+
+def _train_cells_by_perturbation(grouping: Grouping, n_train: np.ndarray) -> np.ndarray:
+    """Per group: train cells of any perturbation that would reveal the group's perturbation
+    (for a single: every perturbation containing it; for a combination: itself, any order)."""
+    keys = grouping.keys
+    labels = grouping.groups[keys.perturbation_key].astype(str).to_numpy()
+    is_ctrl = grouping.groups["is_control"].to_numpy()
+    by_part: dict[str, int] = {}
+    by_combo: dict[frozenset[str], int] = {}
+    for label, n, ctrl in zip(labels, n_train, is_ctrl, strict=True):  # groups, not cells
+        if ctrl or n == 0:
+            continue
+        parts = keys.components(label)
+        for part in set(parts):
+            by_part[part] = by_part.get(part, 0) + int(n)
+        if len(parts) > 1:
+            by_combo[frozenset(parts)] = by_combo.get(frozenset(parts), 0) + int(n)
+    out = np.zeros(len(labels), dtype=np.int64)
+    for g, (label, ctrl) in enumerate(zip(labels, is_ctrl, strict=True)):
+        parts = keys.components(label)
+        if ctrl:
+            continue
+        out[g] = by_part.get(parts[0], 0) if len(parts) == 1 else by_combo.get(frozenset(parts), 0)
     return out
 
 
@@ -531,10 +574,35 @@ def split_transfer(
             break
     for c in candidates:
         if quota[c] > 0:
+            # Name the rule that stopped each remaining perturbation of this covariate.
+            reasons = {"support": 0, "capped": 0, "train": 0}
+            for g in non_control[(cov[non_control] == c) & ~is_held[non_control]]:
+                p = int(pert[g])
+                if len(by_pert[p]) - 1 < min_train_covariates:
+                    reasons["support"] += 1
+                elif held_count[p] >= max_heldout_covariates:
+                    reasons["capped"] += 1
+                else:
+                    reasons["train"] += 1
+            causes = []
+            if reasons["capped"]:
+                causes.append(
+                    f"{reasons['capped']} already held out in {max_heldout_covariates} other "
+                    f"covariate(s) (max_heldout_covariates={max_heldout_covariates})"
+                )
+            if reasons["support"]:
+                causes.append(
+                    f"{reasons['support']} not measured in {min_train_covariates} other "
+                    f"covariate(s) (min_train_covariates={min_train_covariates})"
+                )
+            if reasons["train"]:
+                causes.append(
+                    f"{reasons['train']} would keep fewer than {min_train_covariates} training "
+                    f"covariate(s) (min_train_covariates={min_train_covariates})"
+                )
             b.notes.append(
                 f"covariate {b.cov_label(c)}: held out {target[c] - quota[c]} of the "
-                f"{target[c]} perturbations asked for (the others are not measured in "
-                f"{min_train_covariates} other covariate(s))"
+                f"{target[c]} perturbations asked for; of the others, " + "; ".join(causes)
             )
     b.role[non_control] = "train"
     b.assign_heldout(np.flatnonzero(is_held), val_fraction, rng_valtest)
@@ -826,13 +894,18 @@ def make_task_split(
     seed: int = 0,
     **options: Any,
 ) -> SplitResult:
-    """Build the split of a task: ``transfer``, ``combo``, ``combo_inverse``, ``celltype``
-    or ``custom`` (``path=`` the CSV). Options are passed to the task's function."""
+    """Build the split of a task: ``transfer``, ``combo``, ``combo_inverse``, ``celltype``,
+    ``unseen``, ``fewshot`` or ``custom`` (``path=`` the CSV). Options are passed to the
+    task's function."""
+    from pertbench.data.splits_unseen import split_fewshot, split_unseen
+
     builders = {
         "transfer": split_transfer,
         "combo": split_combo,
         "combo_inverse": split_combo_inverse,
         "celltype": split_celltype,
+        "unseen": split_unseen,
+        "fewshot": split_fewshot,
     }
     if task == "custom":
         if "path" not in options:

@@ -1,18 +1,21 @@
-"""Calibration: bootstrap intervals, the split-half noise ceiling and normalised scores.
+"""Calibration: bootstrap intervals, split halves and normalised scores.
 
 - :func:`bootstrap_means`: the mean over groups of every metric with a percentile 95%
   interval from resampling groups with replacement (seeded). NaN values (a metric
   undefined for a group) are left out of that metric's mean.
 - :func:`split_halves`: assigns each group's observed cells at random (seeded) to two
-  halves; scoring one half against the other is the noise ceiling: what a perfect model
-  could expect given sampling noise. Groups with fewer than 2 cells cannot be split.
+  halves. Scoring one half against the other is the evaluator's ``replicate_agreement``
+  reference (how two half-size replicates of the experiment agree); it is NOT the noise
+  ceiling: each half carries twice the sampling noise of the full group, so on metrics
+  of means its error is about four times a perfect model's. The ceiling is
+  :mod:`pertbench.metrics.ceiling`.
 - :func:`normalized_score`: (model - baseline) / (ceiling - baseline): 0 = no better
-  than the baseline (``no_change`` by default), 1 = as good as a replicate half of the
-  experiment. Values above 1 are possible and meaningful: a half has twice the sampling
-  noise of the full data, so on metrics of means a prediction can beat it (truth scored
-  against itself does, except on rank metrics, where the ceiling usually is 0 already).
-  It is undefined (NaN, with a note) when the ceiling is not better than the baseline:
-  then there is no room between them to measure progress in.
+  than the baseline (``no_change`` by default), 1 = as good as a perfect model can look
+  given the measurement noise. Values above 1 mean better than the estimated ceiling
+  (sampling noise of the estimate, or a ceiling rule that is conservative for that
+  metric, see docs/metrics.md). It is undefined (NaN, with a note) when the ceiling is
+  not better than the baseline: then there is no room between them to measure progress
+  in.
 - :func:`summarize_seeds`: mean +/- sd of summary values across runs with different seeds.
 """
 

@@ -3,8 +3,9 @@
 ``Evaluator(truth, pred, ...).run()`` computes, for every (covariates, perturbation)
 group present in both, the selected metrics (see :mod:`pertbench.metrics.catalog`),
 their means over groups with bootstrap 95% intervals, and optionally the calibration
-references: the three analytic baselines fitted on the training split, the split-half
-noise ceiling and normalised scores.
+references: the three analytic baselines fitted on the training split, the noise ceiling
+(the expected score of a perfect model, :mod:`pertbench.metrics.ceiling`) and normalised
+scores.
 
 Which cells are compared:
 
@@ -24,7 +25,7 @@ Which cells are compared:
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,7 @@ from pertbench.errors import (
     ModelError,
 )
 from pertbench.metrics import calibration as cal
+from pertbench.metrics import ceiling as ceil
 from pertbench.metrics.aggregations import aggregate, group_stats
 from pertbench.metrics.catalog import MetricSpec, resolve_metrics
 from pertbench.metrics.de import direction_agreement, jaccard_top_k, overlap_top_k, wilcoxon_scores
@@ -62,6 +64,8 @@ from pertbench.utils.io import write_csv_atomic, write_json_atomic
 
 BASELINES = ("no_change", "perturbation_mean", "covariate_mean")
 CEILING = "ceiling"
+#: Split-half agreement of the observed cells: a reference, never the ceiling.
+REPLICATE_AGREEMENT = "replicate_agreement"
 NORMALIZED = "normalized"
 SUMMARY_FILE = "summary.csv"
 PER_GROUP_FILE = "per_group.csv"
@@ -250,11 +254,19 @@ class Evaluator:
     baselines
         ``True`` for all three baselines, a list of names, or ``False``.
     ceiling
-        Also score the split-half noise ceiling.
+        Also estimate the noise ceiling: the expected score of a perfect model (one
+        predicting each group's population profile) against the observed cells
+        (:mod:`pertbench.metrics.ceiling`).
+    ceiling_replicates
+        Bootstrap replicates (and posterior draws) per group for the ceiling.
+    replicate_agreement
+        Also score one random half of each group's observed cells against the other
+        half (reference ``replicate_agreement``: how two half-size replicates of the
+        experiment agree; not a ceiling and not used for normalised scores).
     skip_missing
         Skip (and report) groups missing on one side instead of failing.
     seed
-        Seeds every random choice (bootstrap, subsampling, ceiling halves).
+        Seeds every random choice (bootstrap, subsampling, ceiling replicates, halves).
     top_k, fdr
         DE metric settings: top-k genes and the significance level.
     n_pcs, max_cells
@@ -287,6 +299,8 @@ class Evaluator:
         on: str = "test",
         baselines: bool | list[str] | tuple[str, ...] = False,
         ceiling: bool = False,
+        ceiling_replicates: int = ceil.DEFAULT_REPLICATES,
+        replicate_agreement: bool = False,
         skip_missing: bool = False,
         seed: int = 0,
         top_k: int = 100,
@@ -322,6 +336,10 @@ class Evaluator:
                 )
             self.baselines = [b for b in BASELINES if b in names]
         self.ceiling = bool(ceiling)
+        if int(ceiling_replicates) < 1:
+            raise ConfigError(f"ceiling_replicates must be at least 1, got {ceiling_replicates}")
+        self.ceiling_replicates = int(ceiling_replicates)
+        self.replicate_agreement = bool(replicate_agreement)
         self.skip_missing = bool(skip_missing)
         self.seed = int(seed)
         if int(top_k) < 1:
@@ -343,7 +361,7 @@ class Evaluator:
         self.model_name = str(model_name)
         # scoring the no_change model with the no_change baseline is legitimate: keep the
         # tables unambiguous by labelling the model's rows and column distinctly
-        taken = {*self.baselines, CEILING, NORMALIZED}
+        taken = {*self.baselines, CEILING, REPLICATE_AGREEMENT, NORMALIZED}
         self.model_label = (
             f"{self.model_name} (model)" if self.model_name in taken else self.model_name
         )
@@ -376,6 +394,8 @@ class Evaluator:
                 references[name] = self._score(ctx, truth_side, side, label=name)
         if self.ceiling:
             references[CEILING] = self._ceiling_scores(ctx, truth_X, truth_side)
+        if self.replicate_agreement:
+            references[REPLICATE_AGREEMENT] = self._replicate_agreement(ctx, truth_X, truth_side)
 
         return self._result(ctx, specs, model_scores, references, skipped)
 
@@ -674,7 +694,6 @@ class Evaluator:
                 f"combination has fewer than 2 evaluated perturbations: {', '.join(single[:10])}"
             )
         aggregates = {}
-        ctrl = ctx.control_mean[ctx.cov_of_group[rows]]
         # one aggregation at a time: only two (groups x genes) profiles are alive at once
         for agg in ctx.aggregations:
             fit_here = [s for s in fit_specs if s.aggregation == agg]
@@ -683,20 +702,7 @@ class Evaluator:
             matrix_here = want_matrix and agg == "logfc"
             if not (fit_here or rank_here or keep or matrix_here):
                 continue
-            t_prof = aggregate(
-                truth.mean[rows],
-                truth.var[rows],
-                ctrl,
-                aggregations=(agg,),
-                de_scores=None if truth.z is None else truth.z[rows],
-            )[agg]
-            p_prof = aggregate(
-                pred.mean[rows],
-                pred.var[rows],
-                ctrl,
-                aggregations=(agg,),
-                de_scores=None if pred.z is None else pred.z[rows],
-            )[agg]
+            t_prof, p_prof, _ = _profiles(ctx, truth, pred, agg)
             p_ranks = t_ranks = None
             if any(s.base == "spearman" for s in fit_here + rank_here):
                 p_ranks, t_ranks = rank_rows(p_prof), rank_rows(t_prof)  # shared by both
@@ -884,16 +890,109 @@ class Evaluator:
         return self._side(ctx, predicted.X, codes.astype(np.int64))
 
     def _ceiling_scores(self, ctx: _Context, truth_X, truth_side: _Side) -> _Scores:
+        """Expected scores of a perfect model (rules in :mod:`pertbench.metrics.ceiling`):
+        bootstrap replicates of the observed groups (and replicates of those), scored like
+        predictions, then each family's rule."""
+        n = truth_side.n
+        few = int(((n > 0) & (n < ceil.MIN_CELLS)).sum())
+        if few:
+            self.notes.append(
+                f"the ceiling is undefined (NaN) for {few} group(s) with fewer than "
+                f"{ceil.MIN_CELLS} observed cells (one cell says nothing about its sampling noise)"
+            )
+        fit = [s for s in ctx.specs if s.family == "fit"]
+        ranks = [s for s in ctx.specs if s.family == "rank" and not s.per_covariate]
+        on_sides = [s for s in ctx.specs if s.name in ceil.ON_SIDES]
+        profiled = list(dict.fromkeys(s.aggregation for s in fit + ranks))
+        rep_ctx = replace(ctx, specs=on_sides, need_de="logp" in profiled)
+        accumulators = {agg: ceil.FitCeiling(ctx.n_groups, agg) for agg in profiled}
+        side_scores: dict[str, tuple[list, list]] = {s.name: ([], []) for s in on_sides}
+        rank_ceiling = ceil.RankCeiling(
+            [(s.name, s.base, s.aggregation) for s in ranks], n, ctx.cov_of_group
+        )
+        rng = np.random.default_rng([self.seed, 0xCE11])
+        observed = ceil.observed_rows(truth_side.codes, ctx.n_groups)
+        for replicate_index in range(self.ceiling_replicates):
+            rows, codes = ceil.bootstrap_rows(truth_side.codes, ctx.n_groups, rng=rng)
+            inner, inner_codes = ceil.bootstrap_rows(codes, ctx.n_groups, rng=rng)
+            boot = self._side(rep_ctx, truth_X[rows], codes)
+            boot2 = self._side(rep_ctx, truth_X[rows[inner]], inner_codes)
+            first = ceil.weight_balance(rows, observed, codes, ctx.n_groups)
+            second = ceil.weight_balance(rows[inner], rows, inner_codes, ctx.n_groups)
+            for agg in profiled:
+                t_prof, b_prof, at = _profiles(ctx, truth_side, boot, agg)
+                bb_prof = ceil.balanced(b_prof, _profiles(ctx, boot, boot2, agg)[1], second[at])
+                parent, b_prof = b_prof, ceil.balanced(t_prof, b_prof, first[at])
+                accumulators[agg].add(at, t_prof, b_prof, parent, bb_prof)
+                rank_ceiling.add(agg, at, t_prof, b_prof)
+            if on_sides and replicate_index < ceil.SIDE_REPLICATES:
+                scored = (
+                    self._score(rep_ctx, truth_side, boot, label=CEILING),
+                    self._score(rep_ctx, boot, boot2, label=CEILING),
+                )
+                for s in on_sides:
+                    unit = "per_covariate" if s.per_covariate else "per_group"
+                    for level, scores in enumerate(scored):
+                        side_scores[s.name][level].append(getattr(scores, unit)[s.name].to_numpy())
+        columns: dict[str, np.ndarray] = {}
+        for agg, accumulator in accumulators.items():
+            here = [s for s in fit if s.aggregation == agg]
+            values = accumulator.ceilings([s.base for s in here])
+            columns.update({s.name: values[s.base] for s in here})
+        for s in on_sides:
+            columns[s.name] = ceil.iterated(*(np.array(v) for v in side_scores[s.name]))
+        for agg in rank_ceiling.aggregations:
+            t_prof, _, at = _profiles(ctx, truth_side, truth_side, agg)
+            columns.update(rank_ceiling.ceilings(agg, at, t_prof))
+        de = [s.name for s in ctx.specs if s.family == "de"]
+        usable = np.flatnonzero(n >= ceil.MIN_CELLS)
+        if de:
+            t_delta = truth_side.mean[usable] - ctx.control_mean[ctx.cov_of_group[usable]]
+            n_ctrl = np.array([ctx.control_rows[c].size for c in ctx.cov_of_group[usable]])
+            values = ceil.de_ceiling(
+                truth_side.z[usable],
+                truth_side.fdr[usable],
+                t_delta,
+                ceil.own_noise_sd(n[usable], n_ctrl),
+                de,
+                top_k=ctx.top_k,
+                fdr=ctx.fdr,
+                n_draws=self.ceiling_replicates,
+                rng=np.random.default_rng([self.seed, 0xDE]),
+            )
+            for name in de:
+                columns[name] = np.full(ctx.n_groups, np.nan)
+                columns[name][usable] = values[name]
+        for s in ctx.specs:
+            if s.name in ceil.ZERO_CEILING:
+                columns[s.name] = np.where(n >= ceil.MIN_CELLS, 0.0, np.nan)
+        n_per_cov = [
+            int(truth_side.present[ctx.groups_of(c)].sum()) for c in range(len(ctx.covariates))
+        ]
+        return _Scores(
+            per_group=pd.DataFrame(
+                {s.name: columns[s.name] for s in ctx.specs if not s.per_covariate}
+            ),
+            per_covariate=pd.DataFrame(
+                {
+                    "n_perturbations": n_per_cov,
+                    **{s.name: columns[s.name] for s in ctx.specs if s.per_covariate},
+                }
+            ),
+        )
+
+    def _replicate_agreement(self, ctx: _Context, truth_X, truth_side: _Side) -> _Scores:
+        """One random half of each group's observed cells scored against the other half."""
         half_a, half_b = cal.split_halves(truth_side.codes, ctx.n_groups, seed=self.seed)
         too_small = int((truth_side.n < 2).sum())
         if too_small:
             self.notes.append(
-                f"the ceiling is undefined (NaN) for {too_small} group(s) with fewer than 2 "
-                "observed cells (they cannot be split in halves)"
+                f"replicate agreement is undefined (NaN) for {too_small} group(s) with fewer "
+                "than 2 observed cells (they cannot be split in halves)"
             )
         side_b = self._side(ctx, truth_X, half_b)
         side_a = self._side(ctx, truth_X, half_a)
-        return self._score(ctx, side_b, side_a, label=CEILING)
+        return self._score(ctx, side_b, side_a, label=REPLICATE_AGREEMENT)
 
     # -- assembling ----------------------------------------------------------------------
     def _result(
@@ -975,6 +1074,8 @@ class Evaluator:
             else ("given" if self.split_arg is not None else None),
             "baselines": list(self.baselines),
             "ceiling": self.ceiling,
+            "ceiling_replicates": self.ceiling_replicates,
+            "replicate_agreement": self.replicate_agreement,
             "normalize_by": self.normalize_by,
             "seed": self.seed,
             "top_k": self.top_k,
@@ -1087,6 +1188,26 @@ def _take_columns(X, idx: np.ndarray, n_cols: int):
     if sp.issparse(X):
         return sp.csr_matrix(X)[:, idx]
     return np.asarray(X)[:, idx]
+
+
+def _profiles(ctx: _Context, truth: _Side, other: _Side, aggregation: str):
+    """One aggregation of ``truth`` and ``other`` over the groups both have cells for.
+
+    Returns the two (groups x genes) profiles and the indices of those groups.
+    """
+    at = np.flatnonzero(truth.present & other.present)
+    ctrl = ctx.control_mean[ctx.cov_of_group[at]]
+    profiles = [
+        aggregate(
+            side.mean[at],
+            side.var[at],
+            ctrl,
+            aggregations=(aggregation,),
+            de_scores=None if side.z is None else side.z[at],
+        )[aggregation]
+        for side in (truth, other)
+    ]
+    return profiles[0], profiles[1], at
 
 
 def _predictable(model, requests: pd.DataFrame, keys: PerturbationKeys) -> np.ndarray:

@@ -39,6 +39,7 @@ from pertbench.errors import (
     DataValidationError,
     InputFileError,
     ModelError,
+    UnseenPerturbationError,
 )
 from pertbench.models.counterfactual import (  # noqa: F401  (re-exported)
     CONTROL_OBS_COLUMN,
@@ -85,7 +86,9 @@ class PredictionInputs:
         Control expression restricted and ordered to the training genes (CSR or dense),
         or the control cells' embedding from ``obsm`` for embedding-input models.
     perturbations
-        Multi-hot CSR (n_cells x n_perturbation components) of the requested perturbation.
+        Multi-hot CSR (n_cells x n_perturbation components) of the requested perturbation,
+        or a dense (n_cells x d) feature matrix for models that encode perturbations by
+        embeddings.
     covariate_codes
         (n_cells x n_covariate_keys) integer codes.
     covariate_onehot
@@ -95,7 +98,7 @@ class PredictionInputs:
     """
 
     X: Any
-    perturbations: sp.csr_matrix
+    perturbations: Any
     covariate_codes: np.ndarray
     covariate_onehot: np.ndarray
     obs: pd.DataFrame
@@ -140,6 +143,10 @@ class PerturbationModel(ABC):
         self.seed: int = 0
         self.device: str = "cpu"
         self.fit_seconds: float | None = None
+        #: Remarks about the last prediction (e.g. a baseline's fallbacks); copied into
+        #: the output's ``uns['pertbench']['notes']``.
+        self.prediction_notes: list[str] = []
+        self.trained_perturbations: list[str] | None = None
 
     # -- hyperparameters -------------------------------------------------------------------
     @classmethod
@@ -248,6 +255,11 @@ class PerturbationModel(ABC):
                 "a split must keep control cells of every covariate in train"
             )
         self.encoding = CategoryEncoding.fit(adata.obs[train_mask | val_mask], self.keys)
+        # what training taught: val-only perturbations are encoded (for the validation
+        # loss) but not learned, so they do not count as predictable
+        self.trained_perturbations = CategoryEncoding.fit(
+            adata.obs[train_mask], self.keys
+        ).perturbations
         return train_mask, val_mask
 
     def _fit_context(
@@ -299,6 +311,59 @@ class PerturbationModel(ABC):
                 f"model '{self.name}' is not trained yet; call fit() or load a trained run"
             )
 
+    # -- which perturbations can be predicted ---------------------------------------------
+    @property
+    def predicts_unseen_perturbations(self) -> bool:
+        """True when the model can predict perturbations absent from its training cells.
+
+        False for models that encode perturbations one-hot/multi-hot (the default); True
+        for models that ignore the perturbation or read perturbation features
+        (embeddings). Known before fitting; :meth:`can_predict` gives the exact answer
+        of a trained model.
+        """
+        return False
+
+    def can_predict(self, labels) -> np.ndarray:
+        """True for each perturbation label the trained model can predict.
+
+        The default (one-hot encodings): every component has training cells.
+        """
+        self._require_fitted()
+        trained = self.trained_perturbations
+        known = set(self.encoding.perturbations if trained is None else trained)
+        return np.asarray(
+            [
+                all(p in known for p in self.keys.components(str(label)))
+                for label in pd.Series(labels).astype(str)
+            ],
+            dtype=bool,
+        )
+
+    def cannot_predict_message(self, labels: list[str]) -> str:
+        """One line saying why ``labels`` cannot be predicted (they are not empty)."""
+        shown = ", ".join(sorted(labels)[:5]) + (" ..." if len(labels) > 5 else "")
+        return (
+            f"model '{self.name}' encodes perturbations one-hot and never saw {shown} in "
+            "training: it cannot predict unseen perturbations (use one that reads "
+            "perturbation features, e.g. linear_embedding or latent_additive with "
+            "perturbation_embedding=gene)"
+        )
+
+    def unpredictable_reason(self, labels) -> str | None:
+        """``None`` when every label can be predicted, else the one-line reason."""
+        unique = pd.unique(pd.Series(labels).astype(str))
+        can = self.can_predict(unique)
+        if can.all():
+            return None
+        return self.cannot_predict_message([str(u) for u in unique[~can]])
+
+    def check_predictable(self, labels) -> None:
+        """Raise :class:`~pertbench.errors.UnseenPerturbationError` (one line) unless every
+        label can be predicted."""
+        reason = self.unpredictable_reason(labels)
+        if reason is not None:
+            raise UnseenPerturbationError(reason)
+
     # -- prediction ------------------------------------------------------------------------
     def predict(self, counterfactual: ad.AnnData, *, seed: int | None = None) -> ad.AnnData:
         """Predict perturbed expression for each row of a counterfactual request.
@@ -322,6 +387,7 @@ class PerturbationModel(ABC):
         self._require_fitted()
         inputs = self.prepare_inputs(counterfactual)
         seed = self.seed if seed is None else int(seed)
+        self.prediction_notes = []
         values = self._predict(inputs, seed=seed)
         values = np.asarray(values, dtype=np.float32)
         if values.shape != (inputs.n_cells, len(self.genes)):
@@ -334,6 +400,8 @@ class PerturbationModel(ABC):
             )
         out = ad.AnnData(X=values, obs=inputs.obs.copy(), var=pd.DataFrame(index=self.genes.copy()))
         out.uns["pertbench"] = self.prediction_uns(seed)
+        if self.prediction_notes:
+            out.uns["pertbench"]["notes"] = list(self.prediction_notes)
         return out
 
     def prepare_inputs(self, counterfactual: ad.AnnData) -> PredictionInputs:
@@ -343,12 +411,8 @@ class PerturbationModel(ABC):
         for key in (self.keys.perturbation_key, *self.keys.covariate_keys):
             if key not in obs.columns:
                 raise DataValidationError(f"counterfactual obs has no column '{key}'")
-        perturbations = self.encoding.perturbation_matrix(
-            obs[self.keys.perturbation_key],
-            dose=obs[self.keys.dose_key]
-            if self.keys.dose_key and self.keys.dose_key in obs
-            else None,
-        )
+        self.check_predictable(obs[self.keys.perturbation_key])
+        perturbations = self._perturbation_inputs(obs)
         cov_codes = self.encoding.covariate_codes(obs)
         cov_onehot = self.encoding.covariate_onehot(obs)
         X = self._input_matrix(counterfactual) if self.input_kind == "expression" else None
@@ -358,6 +422,15 @@ class PerturbationModel(ABC):
             covariate_codes=cov_codes,
             covariate_onehot=cov_onehot,
             obs=obs.copy(),
+        )
+
+    def _perturbation_inputs(self, obs: pd.DataFrame):
+        """The perturbation input of each request row: multi-hot (dose-valued) by default."""
+        return self.encoding.perturbation_matrix(
+            obs[self.keys.perturbation_key],
+            dose=obs[self.keys.dose_key]
+            if self.keys.dose_key and self.keys.dose_key in obs
+            else None,
         )
 
     def _input_matrix(self, adata: ad.AnnData):
@@ -468,11 +541,13 @@ class PerturbationModel(ABC):
             torch.save(state, tmp)
         config = {
             "model": self.name,
+            "model_class": f"{type(self).__module__}:{type(self).__qualname__}",
             "pertbench_version": __version__,
             "params": _jsonable(dataclasses.asdict(self.params)),
             "keys": self.keys.to_dict(),
             "genes": self.genes.tolist(),
             "encoding": self.encoding.to_dict(),
+            "trained_perturbations": self.trained_perturbations,
             "seed": self.seed,
             "fit_seconds": self.fit_seconds,
             "extra": _jsonable(self._extra_config()),
@@ -485,11 +560,19 @@ class PerturbationModel(ABC):
         return path
 
     @classmethod
-    def load(cls, path: str | Path, *, device: str = "auto") -> PerturbationModel:
-        """Load a model saved with :meth:`save` (the class is read from the config)."""
+    def load(
+        cls, path: str | Path, *, device: str = "auto", model_class: Any = None
+    ) -> PerturbationModel:
+        """Load a model saved with :meth:`save`.
+
+        The class is the registered model the config names; a model that is not
+        registered (neither pertbench's nor an installed package's entry point) is only
+        loaded with ``model_class`` (the class, or ``package.module:ClassName``) given
+        explicitly: a run folder never makes pertbench import the code it names.
+        """
         import torch
 
-        from pertbench.models.registry import get_model_class
+        from pertbench.models.registry import model_class_for_run
 
         path = Path(path)
         config_path = path / CONFIG_FILE
@@ -499,13 +582,17 @@ class PerturbationModel(ABC):
             config = json.loads(config_path.read_text())
         except json.JSONDecodeError as exc:
             raise InputFileError(f"cannot parse {config_path}: {exc}") from exc
-        model_cls = get_model_class(config["model"])
+        model_cls = model_class_for_run(
+            str(config.get("model", "")), where=str(path), model_class=model_class
+        )
         if cls is not PerturbationModel and not issubclass(model_cls, cls):
             raise ModelError(f"'{path}' holds a '{config['model']}' model, not '{cls.name}'")
         keys = PerturbationKeys.from_dict(config["keys"])
         model = model_cls(keys=keys, **config["params"])
         model.genes = pd.Index(config["genes"], name="gene")
         model.encoding = CategoryEncoding.from_dict(config["encoding"])
+        trained = config.get("trained_perturbations")
+        model.trained_perturbations = list(trained) if trained is not None else None
         model.seed = int(config.get("seed", 0))
         model.fit_seconds = config.get("fit_seconds")
         model.device = resolve_device(device)

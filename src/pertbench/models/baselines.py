@@ -1,4 +1,4 @@
-"""The three analytic reference baselines (no training loop), as ordinary models.
+"""The analytic reference baselines (no training loop), as ordinary models.
 
 They follow the :class:`~pertbench.models.base.PerturbationModel` API (fit on a split,
 predict counterfactuals, save/load), so the benchmark runner and the evaluator's
@@ -15,6 +15,11 @@ calibration treat them like any model.
   uses its own mean delta instead, falling back to the sum. Predicting a perturbation
   without a training delta is an error naming it (:meth:`PerturbationMean.can_predict`
   tells beforehand).
+- ``additive_within`` (:class:`AdditiveWithin`): for a request in covariates c, control
+  cell + the sum of its singles' deltas measured IN c. The cross-covariate
+  ``perturbation_mean`` mixes cell-type heterogeneity into a combination's error; this one
+  does not. A single without a training delta in c falls back to its cross-covariate mean
+  delta, and the prediction says so (``fallbacks``, ``uns['pertbench']['notes']``).
 - ``covariate_mean`` (:class:`CovariateMean`): the mean of all training perturbed cells of
   the same covariates, whatever the perturbation (PerturBench's collapsed
   "Decoder (Cov)" reference). Covariates without training perturbed cells (e.g. the
@@ -35,8 +40,9 @@ from pertbench.data.groups import group_cells
 from pertbench.errors import DataValidationError, ModelError
 from pertbench.metrics.aggregations import group_stats
 from pertbench.models.base import FitContext, PerturbationModel, PredictionInputs
+from pertbench.models.pseudobulk import TrainingProfiles, combo_key, training_profiles
 
-__all__ = ["CovariateMean", "NoChange", "PerturbationMean"]
+__all__ = ["AdditiveWithin", "CovariateMean", "NoChange", "PerturbationMean"]
 
 
 def _dense(X) -> np.ndarray:
@@ -57,6 +63,7 @@ class _AnalyticBaseline(PerturbationModel):
         for key in (self.keys.perturbation_key, *self.keys.covariate_keys):
             if key not in obs.columns:
                 raise DataValidationError(f"counterfactual obs has no column '{key}'")
+        self.check_predictable(obs[self.keys.perturbation_key])
         n = counterfactual.n_obs
         X = self._input_matrix(counterfactual) if self.input_kind == "expression" else None
         return PredictionInputs(
@@ -67,15 +74,14 @@ class _AnalyticBaseline(PerturbationModel):
             obs=obs.copy(),
         )
 
+    @property
+    def predicts_unseen_perturbations(self) -> bool:
+        return True  # no_change and covariate_mean ignore the perturbation
+
     def can_predict(self, labels) -> np.ndarray:
         """True for each perturbation label this model can predict."""
         self._require_fitted()
         return np.ones(len(pd.Series(labels)), dtype=bool)
-
-
-def _combo_key(components) -> str:
-    """Order-independent identity of a combination (A+B is B+A)."""
-    return "\x1f".join(sorted(components))
 
 
 class NoChange(_AnalyticBaseline):
@@ -92,12 +98,90 @@ class NoChange(_AnalyticBaseline):
         return _dense(inputs.X)
 
 
-class PerturbationMean(_AnalyticBaseline):
+class _DeltaBaseline(_AnalyticBaseline):
+    """Control cell + training deltas: the shared part of the delta-summing baselines.
+
+    Fitting keeps each single's delta averaged over the training covariates where it was
+    observed (each covariate weighted equally); subclasses decide which delta a request
+    gets. A perturbation whose singles lack a training delta cannot be predicted.
+    """
+
+    input_kind = "expression"
+
+    def __init__(self, *, keys=None, **params: Any) -> None:
+        super().__init__(keys=keys, **params)
+        self.single_delta: np.ndarray | None = None  # (n_components, n_genes)
+        self.has_delta: np.ndarray | None = None  # (n_components,) bool
+
+    @property
+    def predicts_unseen_perturbations(self) -> bool:
+        return False
+
+    def _fit(self, train: ad.AnnData, val: ad.AnnData | None, context: FitContext) -> None:
+        profiles = training_profiles(train, self.keys)
+        labels, per_label = profiles.mean_delta_by_perturbation()
+        index = {c: i for i, c in enumerate(self.encoding.perturbations)}
+        self.single_delta = np.zeros((len(index), profiles.n_genes))
+        self.has_delta = np.zeros(len(index), dtype=bool)
+        singles = [(u, label) for u, label in enumerate(labels) if "\x1f" not in label]
+        rows = np.asarray([index[label] for _, label in singles], dtype=np.int64)
+        self.single_delta[rows] = per_label[[u for u, _ in singles]]
+        self.has_delta[rows] = True
+        self._fit_more(profiles, labels, per_label)
+
+    def _fit_more(self, profiles: TrainingProfiles, labels: list[str], per_label) -> None:
+        """Subclass hook: keep more of the training deltas."""
+
+    def can_predict(self, labels) -> np.ndarray:
+        """True for each perturbation label whose singles all have a training delta."""
+        self._require_fitted()
+        index = {c: i for i, c in enumerate(self.encoding.perturbations)}
+        return np.asarray(
+            [
+                all(p in index and self.has_delta[index[p]] for p in self.keys.components(label))
+                for label in pd.Series(labels).astype(str)
+            ],
+            dtype=bool,
+        )
+
+    def cannot_predict_message(self, labels: list[str]) -> str:
+        return (
+            f"{self.name} has no training delta for {', '.join(sorted(labels)[:5])}: "
+            "each single must have training cells in a covariate with training controls"
+        )
+
+    def _cross_covariate_delta(self, parts: tuple[str, ...]) -> np.ndarray:
+        index = {c: i for i, c in enumerate(self.encoding.perturbations)}
+        return self.single_delta[[index[p] for p in parts]].sum(axis=0)
+
+    def _request_deltas(self, obs: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+        """(codes per row, one delta per distinct request): subclasses choose the delta."""
+        raise NotImplementedError
+
+    def _predict(self, inputs: PredictionInputs, *, seed: int) -> np.ndarray:
+        codes, deltas = self._request_deltas(inputs.obs)
+        X = _dense(inputs.X).astype(np.float64)
+        X += deltas[codes]
+        return X
+
+    def _state(self) -> dict[str, Any]:
+        import torch
+
+        return {
+            "single_delta": torch.from_numpy(self.single_delta),
+            "has_delta": torch.from_numpy(self.has_delta),
+        }
+
+    def _load_state(self, state: dict[str, Any], extra: dict[str, Any]) -> None:
+        self.single_delta = state["single_delta"].cpu().numpy().astype(np.float64)
+        self.has_delta = state["has_delta"].cpu().numpy().astype(bool)
+
+
+class PerturbationMean(_DeltaBaseline):
     """Control cell + mean training delta of the perturbation (additive for combinations)."""
 
     name = "perturbation_mean"
     description = "Control + mean delta of the perturbation over training covariates; combinations add their singles."
-    input_kind = "expression"
 
     @dataclass
     class Params:
@@ -107,91 +191,38 @@ class PerturbationMean(_AnalyticBaseline):
 
     def __init__(self, *, keys=None, **params: Any) -> None:
         super().__init__(keys=keys, **params)
-        self.single_delta: np.ndarray | None = None  # (n_components, n_genes)
-        self.has_delta: np.ndarray | None = None  # (n_components,) bool
         self.combo_labels: list[str] = []
         self.combo_delta: np.ndarray | None = None  # (n_combos, n_genes)
 
-    def _fit(self, train: ad.AnnData, val: ad.AnnData | None, context: FitContext) -> None:
-        keys = self.keys
-        grouping = group_cells(train.obs, keys)
-        mean, _, counts = group_stats(train.X, grouping.group_codes, grouping.n_groups)
-        groups = grouping.groups
-        cov = groups["covariate_code"].to_numpy()
-        is_ctrl = groups["is_control"].to_numpy()
-        ctrl_mean = np.full((len(grouping.covariates), mean.shape[1]), np.nan)
-        ctrl_mean[cov[is_ctrl]] = mean[is_ctrl]
-        usable = ~is_ctrl & (counts > 0) & ~np.isnan(ctrl_mean[cov]).any(axis=1)
-        deltas = mean[usable] - ctrl_mean[cov[usable]]
-        labels = groups.loc[usable, keys.perturbation_key].to_numpy()
-        # mean over covariates of each perturbation's delta (covariates weighted equally)
-        codes, uniques = pd.factorize(labels)
-        n_u = len(uniques)
-        sums = np.zeros((n_u, mean.shape[1]))
-        np.add.at(sums, codes, deltas)
-        per_label = sums / np.bincount(codes, minlength=n_u)[:, None]
-        components = self.encoding.perturbations
-        index = {c: i for i, c in enumerate(components)}
-        self.single_delta = np.zeros((len(components), mean.shape[1]))
-        self.has_delta = np.zeros(len(components), dtype=bool)
-        combo_labels, combo_rows = [], []
-        for u, label in enumerate(uniques):  # loops over perturbation labels, not cells
-            parts = keys.components(label)
-            if len(parts) == 1:
-                self.single_delta[index[parts[0]]] = per_label[u]
-                self.has_delta[index[parts[0]]] = True
-            elif parts:
-                combo_labels.append(_combo_key(parts))
-                combo_rows.append(per_label[u])
-        self.combo_labels = combo_labels
-        self.combo_delta = np.vstack(combo_rows) if combo_rows else np.zeros((0, mean.shape[1]))
+    def _fit_more(self, profiles: TrainingProfiles, labels: list[str], per_label) -> None:
+        combos = [u for u, label in enumerate(labels) if "\x1f" in label]
+        self.combo_labels = [labels[u] for u in combos]
+        self.combo_delta = (
+            per_label[combos] if combos else np.zeros((0, profiles.n_genes), dtype=np.float64)
+        )
 
     def can_predict(self, labels) -> np.ndarray:
         """True for each perturbation label this model can predict (all parts have a delta)."""
-        self._require_fitted()
-        index = {c: i for i, c in enumerate(self.encoding.perturbations)}
-        combos = set(self.combo_labels) if not self.params.additive_combinations else set()
-        out = []
-        for label in pd.Series(labels).astype(str):
-            parts = self.keys.components(label)
-            if len(parts) > 1 and _combo_key(parts) in combos:
-                out.append(True)
-                continue
-            out.append(all(p in index and self.has_delta[index[p]] for p in parts))
-        return np.asarray(out, dtype=bool)
+        labels = pd.Series(labels).astype(str)
+        out = super().can_predict(labels)
+        if not self.params.additive_combinations:
+            own = set(self.combo_labels)
+            out |= np.asarray([combo_key(self.keys.components(x)) in own for x in labels])
+        return out
 
-    def _delta_for(self, label: str) -> np.ndarray | None:
-        parts = self.keys.components(label)
-        if not parts:
-            return np.zeros(self.single_delta.shape[1])
-        if len(parts) > 1 and not self.params.additive_combinations:
-            key = _combo_key(parts)
-            if key in self.combo_labels:
-                return self.combo_delta[self.combo_labels.index(key)]
-        index = {c: i for i, c in enumerate(self.encoding.perturbations)}
-        rows = [index.get(p, -1) for p in parts]
-        if any(r < 0 or not self.has_delta[r] for r in rows):
-            return None
-        return self.single_delta[rows].sum(axis=0)
-
-    def _predict(self, inputs: PredictionInputs, *, seed: int) -> np.ndarray:
-        labels = inputs.obs[self.keys.perturbation_key].astype(str).to_numpy()
+    def _request_deltas(self, obs: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+        labels = obs[self.keys.perturbation_key].astype(str).to_numpy()
         codes, uniques = pd.factorize(labels)
-        deltas, missing = [], []
+        own = {key: i for i, key in enumerate(self.combo_labels)}
+        deltas = []
         for label in uniques:  # loops over distinct perturbations, not cells
-            delta = self._delta_for(label)
-            if delta is None:
-                missing.append(label)
-                delta = np.zeros(self.single_delta.shape[1])
-            deltas.append(delta)
-        if missing:
-            raise ModelError(
-                f"perturbation_mean has no training delta for {', '.join(missing[:5])}: "
-                "each single must have training cells in a covariate with training controls"
-            )
-        X = _dense(inputs.X).astype(np.float64)
-        X += np.vstack(deltas)[codes]
-        return X
+            parts = self.keys.components(label)
+            key = combo_key(parts)
+            if len(parts) > 1 and not self.params.additive_combinations and key in own:
+                deltas.append(self.combo_delta[own[key]])
+            else:
+                deltas.append(self._cross_covariate_delta(parts))
+        return codes, np.vstack(deltas)
 
     def _extra_config(self) -> dict[str, Any]:
         return {"combo_labels": list(self.combo_labels)}
@@ -199,17 +230,88 @@ class PerturbationMean(_AnalyticBaseline):
     def _state(self) -> dict[str, Any]:
         import torch
 
+        return {**super()._state(), "combo_delta": torch.from_numpy(self.combo_delta)}
+
+    def _load_state(self, state: dict[str, Any], extra: dict[str, Any]) -> None:
+        super()._load_state(state, extra)
+        self.combo_delta = state["combo_delta"].cpu().numpy().astype(np.float64)
+        self.combo_labels = list(extra.get("combo_labels", []))
+
+
+class AdditiveWithin(_DeltaBaseline):
+    """Control cell + the sum of the singles' deltas measured in the SAME covariates.
+
+    For a request in covariates c, each single uses its delta measured in c; only a single
+    without a training delta in c falls back to its mean delta over the other training
+    covariates (as ``perturbation_mean``), and every fallback is listed in
+    :attr:`fallbacks` and in the prediction's ``uns['pertbench']['notes']``.
+    """
+
+    name = "additive_within"
+    description = (
+        "Control + sum of the singles' deltas measured in the same covariates "
+        "(other covariates only for a single not measured there, noted)."
+    )
+
+    def __init__(self, *, keys=None, **params: Any) -> None:
+        super().__init__(keys=keys, **params)
+        self.within_pairs: list[list[str]] = []  # [*covariate values, single] per row
+        self.within_delta: np.ndarray | None = None  # (n_pairs, n_genes)
+        #: The fallbacks of the last prediction: covariates, perturbation, single.
+        self.fallbacks = pd.DataFrame()
+
+    def _fit_more(self, profiles: TrainingProfiles, labels: list[str], per_label) -> None:
+        table = profiles.delta_groups
+        single = ~table["key"].str.contains("\x1f", regex=False).to_numpy()
+        cols = [*self.keys.covariate_keys, self.keys.perturbation_key]
+        self.within_pairs = table.loc[single, cols].astype(str).to_numpy().tolist()
+        self.within_delta = profiles.deltas[single]
+
+    def _request_deltas(self, obs: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+        cov_keys = list(self.keys.covariate_keys)
+        pert = self.keys.perturbation_key
+        requests = obs[[*cov_keys, pert]].astype(str)
+        codes, uniques = pd.factorize(pd.MultiIndex.from_frame(requests))
+        within = {tuple(row): i for i, row in enumerate(self.within_pairs)}
+        deltas, fallbacks = [], []
+        for request in uniques:  # loops over distinct (covariates, perturbation) requests
+            covs, label = tuple(request[:-1]), request[-1]
+            delta = np.zeros(self.within_delta.shape[1])
+            for part in self.keys.components(label):
+                row = within.get((*covs, part))
+                if row is None:
+                    fallbacks.append((*covs, label, part))
+                    delta = delta + self._cross_covariate_delta((part,))
+                else:
+                    delta = delta + self.within_delta[row]
+            deltas.append(delta)
+        self.fallbacks = pd.DataFrame(fallbacks, columns=[*cov_keys, pert, "single"])
+        if fallbacks:
+            shown = ", ".join(
+                f"{row[-1]} in {'/'.join(row[:-2]) or 'all'}" for row in fallbacks[:5]
+            )
+            self.prediction_notes.append(
+                f"additive_within: {len(fallbacks)} single delta(s) not measured in the "
+                f"requested covariates use their mean over the other training covariates "
+                f"({shown}{' ...' if len(fallbacks) > 5 else ''})"
+            )
+        return codes, np.vstack(deltas) if deltas else np.zeros((0, self.within_delta.shape[1]))
+
+    def _extra_config(self) -> dict[str, Any]:
+        return {"within_pairs": self.within_pairs}
+
+    def _state(self) -> dict[str, Any]:
+        import torch
+
         return {
-            "single_delta": torch.from_numpy(self.single_delta),
-            "has_delta": torch.from_numpy(self.has_delta),
-            "combo_delta": torch.from_numpy(self.combo_delta),
+            **super()._state(),
+            "within_delta": torch.from_numpy(np.ascontiguousarray(self.within_delta)),
         }
 
     def _load_state(self, state: dict[str, Any], extra: dict[str, Any]) -> None:
-        self.single_delta = state["single_delta"].cpu().numpy().astype(np.float64)
-        self.has_delta = state["has_delta"].cpu().numpy().astype(bool)
-        self.combo_delta = state["combo_delta"].cpu().numpy().astype(np.float64)
-        self.combo_labels = list(extra.get("combo_labels", []))
+        super()._load_state(state, extra)
+        self.within_delta = state["within_delta"].cpu().numpy().astype(np.float64)
+        self.within_pairs = [list(map(str, row)) for row in extra.get("within_pairs", [])]
 
 
 class CovariateMean(_AnalyticBaseline):

@@ -1,17 +1,36 @@
-"""Category encodings a model learns at fit time and must reuse at prediction time."""
+"""Encodings a model learns at fit time and must reuse at prediction time.
+
+- :class:`CategoryEncoding`: the vocabulary of perturbation components (multi-hot) and
+  covariate values (one-hot) seen in training. A one-hot model cannot encode a component
+  it never saw.
+- :class:`PerturbationEmbedding`: perturbation components encoded by *features* (a vector
+  per component; a combination is the sum of its parts), so a perturbation absent from
+  training can be encoded whenever its vector is known. The vectors come from
+  :func:`perturbation_embedding`: the gene embedding's row of the perturbed gene (for
+  genetic perturbations; by default the gene PCA of the training pseudobulk,
+  :func:`gene_pca`), an ``adata.varm`` key, or a CSV/TSV file.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import anndata as ad
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
 from pertbench.data.keys import PerturbationKeys
-from pertbench.errors import DataValidationError, UnknownCategoryError
+from pertbench.errors import (
+    ConfigError,
+    DataValidationError,
+    InputFileError,
+    UnknownCategoryError,
+    UnseenPerturbationError,
+)
 
 
 @dataclass
@@ -108,19 +127,9 @@ class CategoryEncoding:
         index = {p: i for i, p in enumerate(self.perturbations)}
         rows, cols, vals = [], [], []
         for u, (label, d) in enumerate(uniques):
-            comps = self.keys.components(label)
-            parts = d.split(self.keys.delimiter)
-            if len(parts) == 1:
-                parts = parts * len(comps)
-            if comps and len(parts) != len(comps):
-                raise DataValidationError(
-                    f"dose '{d}' does not match perturbation '{label}': give one dose or one per component"
-                )
-            for comp, part in zip(comps, parts, strict=False):
-                try:
-                    value = float(part)
-                except ValueError as exc:
-                    raise DataValidationError(f"dose '{d}' of '{label}' is not numeric") from exc
+            for comp, value in zip(
+                self.keys.components(label), dose_values(label, d, self.keys), strict=True
+            ):
                 rows.append(u)
                 cols.append(index[comp])
                 vals.append(value)
@@ -174,3 +183,201 @@ class CategoryEncoding:
             perturbations=list(data["perturbations"]),
             covariates={k: list(v) for k, v in data["covariates"].items()},
         )
+
+
+def dose_values(label: str, dose: str, keys: PerturbationKeys) -> list[float]:
+    """One numeric dose per component of ``label`` (a single dose applies to every part)."""
+    comps = keys.components(label)
+    parts = str(dose).split(keys.delimiter)
+    if len(parts) == 1:
+        parts = parts * len(comps)
+    if comps and len(parts) != len(comps):
+        raise DataValidationError(
+            f"dose '{dose}' does not match perturbation '{label}': give one dose or one per component"
+        )
+    try:
+        return [float(part) for part in parts[: len(comps)]]
+    except ValueError as exc:
+        raise DataValidationError(f"dose '{dose}' of '{label}' is not numeric") from exc
+
+
+# ---------------------------------------------------------------------------------------
+# Perturbation features
+# ---------------------------------------------------------------------------------------
+EMBEDDING_HELP = (
+    "'gene' (the perturbed gene's row of the gene embedding), 'varm:KEY' (rows of "
+    "adata.varm[KEY] for perturbations named after genes) or a .csv/.tsv file "
+    "(first column: perturbation names, then one column per dimension)"
+)
+
+
+def parse_embedding_source(value: str, *, what: str = "perturbation_embedding") -> tuple[str, str]:
+    """``(kind, argument)`` of an embedding source: ``gene``, ``varm:KEY``, ``pca``, a file."""
+    value = str(value).strip()
+    if value in ("gene", "pca"):
+        return value, ""
+    if value.startswith("varm:") and len(value) > 5:
+        return "varm", value[5:]
+    if value.startswith("file:") and len(value) > 5:
+        return "file", value[5:]
+    if value.lower().endswith((".csv", ".tsv", ".txt")):
+        return "file", value
+    raise ConfigError(f"{what} '{value}' is not understood; give {EMBEDDING_HELP}")
+
+
+def read_embedding_table(path: str | Path) -> tuple[list[str], np.ndarray]:
+    """Names (first column) and vectors (the other columns) of an embedding CSV/TSV file."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputFileError(f"embedding file '{path}' does not exist")
+    sep = "," if path.suffix.lower() == ".csv" else "\t"
+    try:
+        frame = pd.read_csv(path, sep=sep, index_col=0)
+    except Exception as exc:  # malformed file of any kind
+        raise InputFileError(f"cannot read embedding file '{path}': {exc}") from exc
+    try:
+        vectors = frame.to_numpy(dtype=np.float64)
+    except ValueError as exc:
+        raise DataValidationError(
+            f"embedding file '{path}' has non-numeric values; rows are names then numbers"
+        ) from exc
+    names = frame.index.astype(str)
+    if vectors.ndim != 2 or vectors.shape[1] == 0 or not len(names):
+        raise DataValidationError(f"embedding file '{path}' has no vectors (name, then numbers)")
+    if not names.is_unique:
+        raise DataValidationError(
+            f"embedding file '{path}' repeats names, e.g. {names[names.duplicated()][0]!r}"
+        )
+    if not np.isfinite(vectors).all():
+        raise DataValidationError(f"embedding file '{path}' contains NaN or inf values")
+    return names.tolist(), vectors
+
+
+def varm_embedding(adata: ad.AnnData, key: str) -> np.ndarray:
+    """``adata.varm[key]`` as a finite dense float64 (genes x d) array, or a clear error."""
+    if key not in adata.varm:
+        available = ", ".join(adata.varm.keys()) or "none"
+        raise DataValidationError(f"varm has no embedding '{key}' (available: {available})")
+    value = adata.varm[key]
+    value = value.toarray() if sp.issparse(value) else np.asarray(value, dtype=np.float64)
+    if value.ndim != 2 or not np.isfinite(value).all():
+        raise DataValidationError(f"varm['{key}'] must be a finite (genes x dims) array")
+    return value.astype(np.float64)
+
+
+def gene_pca(group_means: np.ndarray, n_components: int) -> np.ndarray:
+    """Gene embedding (genes x k): PCA of the genes x training-groups pseudobulk matrix.
+
+    As Ahlmann-Eltze et al. (``prcomp`` of the genes x conditions matrix): genes are the
+    observations, each group's profile is centred over genes, and a gene's embedding is its
+    principal-component score (U S). ``k = min(n_components, rank)``. Each component's sign
+    is fixed (largest absolute entry positive) so the result is deterministic.
+    """
+    Y = np.asarray(group_means, dtype=np.float64).T  # genes x groups
+    Y = Y - Y.mean(axis=0, keepdims=True)
+    U, S, _ = np.linalg.svd(Y, full_matrices=False)
+    rank = int((S > S.max(initial=0.0) * 1e-10).sum()) if S.size else 0
+    k = max(min(int(n_components), rank), 1)
+    scores = U[:, :k] * S[:k]
+    flip = np.sign(scores[np.abs(scores).argmax(axis=0), np.arange(k)])
+    return scores * np.where(flip == 0, 1.0, flip)
+
+
+@dataclass
+class PerturbationEmbedding:
+    """A feature vector per perturbation component; a combination is the sum of its parts.
+
+    Attributes
+    ----------
+    names
+        Component names (perturbation labels of singles, or gene names).
+    vectors
+        (n_names x d) float64.
+    source
+        Where the vectors came from (``gene``, ``varm:KEY``, a file path).
+    """
+
+    names: list[str]
+    vectors: np.ndarray
+    source: str
+
+    def __post_init__(self) -> None:
+        self._index = {name: i for i, name in enumerate(self.names)}
+
+    @property
+    def dim(self) -> int:
+        return int(self.vectors.shape[1])
+
+    def known(self, labels, keys: PerturbationKeys) -> np.ndarray:
+        """True for each label whose components all have a vector (the control: True)."""
+        return np.asarray(
+            [
+                all(p in self._index for p in keys.components(str(label)))
+                for label in pd.Series(labels).astype(str)
+            ],
+            dtype=bool,
+        )
+
+    def encode(self, labels, keys: PerturbationKeys, dose=None) -> np.ndarray:
+        """(n_labels x d) float32: the (dose-weighted) sum of the components' vectors."""
+        labels = np.asarray(pd.Series(labels).astype(str))
+        doses = (
+            np.asarray(pd.Series(dose).astype(str))
+            if dose is not None
+            else np.full(len(labels), "1")
+        )
+        pairs = pd.MultiIndex.from_arrays([labels, doses])
+        codes, uniques = pd.factorize(pairs)
+        table = np.zeros((len(uniques), self.dim))
+        unknown: set[str] = set()
+        for u, (label, d) in enumerate(uniques):  # loops over distinct requests, not cells
+            comps = keys.components(label)
+            weights = dose_values(label, d, keys) if dose is not None else [1.0] * len(comps)
+            for comp, weight in zip(comps, weights, strict=True):
+                row = self._index.get(comp)
+                if row is None:
+                    unknown.add(comp)
+                else:
+                    table[u] += weight * self.vectors[row]
+        if unknown:
+            raise UnseenPerturbationError(
+                f"no {self.source} embedding for perturbation(s) {', '.join(sorted(unknown)[:10])}"
+            )
+        return table[codes].astype(np.float32)
+
+    def subset(self, names) -> PerturbationEmbedding:
+        """The vectors of ``names`` that are known (kept in that order)."""
+        rows = [self._index[n] for n in names if n in self._index]
+        return PerturbationEmbedding(
+            [self.names[r] for r in rows], self.vectors[rows].copy(), self.source
+        )
+
+
+def perturbation_embedding(
+    source: str,
+    *,
+    adata: ad.AnnData,
+    gene_embedding: np.ndarray | None = None,
+) -> PerturbationEmbedding:
+    """Resolve a perturbation-embedding source into vectors.
+
+    Parameters
+    ----------
+    source
+        ``gene`` (rows of ``gene_embedding`` over ``adata.var_names``), ``varm:KEY`` or a
+        CSV/TSV file (``file:PATH`` or a path ending in .csv/.tsv/.txt).
+    adata
+        The training data (its genes, and its varm for ``varm:KEY``).
+    gene_embedding
+        (n_genes x d) gene embedding aligned to ``adata.var_names``, for ``gene``.
+    """
+    kind, argument = parse_embedding_source(source)
+    genes = [str(g) for g in adata.var_names]
+    if kind in ("gene", "pca"):
+        if gene_embedding is None:
+            raise ConfigError("the 'gene' perturbation embedding needs a gene embedding")
+        return PerturbationEmbedding(genes, np.asarray(gene_embedding, np.float64), "gene")
+    if kind == "varm":
+        return PerturbationEmbedding(genes, varm_embedding(adata, argument), source)
+    names, vectors = read_embedding_table(argument)
+    return PerturbationEmbedding(names, vectors, str(argument))

@@ -126,6 +126,10 @@ class NeuralModel(PerturbationModel):
             return self.params.counts_layer
         return None
 
+    def _perturbation_width(self) -> int:
+        """Width of the ``pert`` input (the multi-hot vocabulary unless overridden)."""
+        return self.encoding.n_perturbations
+
     @abstractmethod
     def _build_module(self, dims: dict[str, Any]) -> LossModule:
         """Create the network from data dimensions (also used when loading)."""
@@ -203,7 +207,7 @@ class NeuralModel(PerturbationModel):
         emb = self._embedding_key()
         dims = {
             "n_genes": len(self.genes),
-            "n_perts": self.encoding.n_perturbations,
+            "n_perts": self._perturbation_width(),
             "n_cov": self.encoding.n_covariate_columns,
             "covariate_sizes": list(self.encoding.covariate_sizes),
             "n_input": train.width("emb") if emb else len(self.genes),

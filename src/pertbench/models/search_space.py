@@ -16,7 +16,7 @@ overridden from a YAML config and shown by ``pertbench models``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 from pertbench.errors import ConfigError
@@ -82,3 +82,115 @@ def suggest_params(trial: Any, space: Mapping[str, Mapping[str, Any]]) -> dict[s
                 log=bool(spec.get("log", False)),
             )
     return params
+
+
+# ---------------------------------------------------------------------------------------
+# Sizing a space for the data and the machine
+# ---------------------------------------------------------------------------------------
+#: Hyperparameters that set a hidden layer's width, and patterns of those that set a depth.
+WIDTH_PARAMS = frozenset(
+    {
+        "encoder_width",
+        "hidden_dim",
+        "hidden_dim_x",
+        "hidden_dim_cond",
+        "n_hidden",
+        "hidden_size",
+        "adv_classifier_hidden_dim",
+    }
+)
+CPU_MAX_WIDTH = 1024
+MAX_DEPTH_SMALL_DATA = 3
+#: Fewer training cells than this, or a CPU, caps the depth at :data:`MAX_DEPTH_SMALL_DATA`.
+SMALL_DATA_CELLS = 50_000
+
+
+def is_depth_param(name: str) -> bool:
+    """``n_layers``, ``n_layers_encoder``, ``adv_classifier_n_layers``, ``num_go_gnn_layers``..."""
+    return name.startswith("n_layers") or name.endswith("_layers")
+
+
+def space_limits(*, n_genes: int, n_train_cells: int, device: str) -> dict[str, int]:
+    """Largest width and depth worth searching for this data on this device.
+
+    The rule (docs/benchmark.md): a hidden layer wider than twice the number of genes adds
+    parameters, not information, so widths stop at ``2 x n_genes`` (and at 1,024 on a CPU;
+    at least 64, and never below the lowest width of the model's own range);
+    more than 3 hidden layers only pays off with at least 50,000 training cells on a GPU.
+    PerturBench's own ranges (widths up to 5,376, 7 layers) were chosen for GPU runs on
+    screens of 10^5+ cells.
+    """
+    width = max(64, 2 * int(n_genes))
+    if device == "cpu":
+        width = min(width, CPU_MAX_WIDTH)
+    small = device == "cpu" or int(n_train_cells) < SMALL_DATA_CELLS
+    return {"width": width, "depth": MAX_DEPTH_SMALL_DATA if small else 10**9}
+
+
+def _cap_entry(spec: Mapping[str, Any], cap: int) -> dict[str, Any] | None:
+    """``spec`` without its values above ``cap`` (never below its own lowest value);
+    ``None`` if nothing was above it."""
+    if spec["type"] == "categorical":
+        numeric = [c for c in spec["choices"] if isinstance(c, (int, float))]
+        if len(numeric) != len(spec["choices"]) or max(numeric) <= cap:
+            return None
+        kept = [c for c in spec["choices"] if c <= cap] or [min(numeric)]
+        return {"type": "categorical", "choices": kept}
+    if spec["high"] <= cap:
+        return None
+    low = spec["low"]
+    if low >= cap:
+        return {"type": "categorical", "choices": [low]}
+    step = spec.get("step")
+    if step is not None and not spec.get("log") and low + step <= cap:
+        high = low + step * ((cap - low) // step)
+        return {**spec, "high": high}
+    # The grid is too coarse below the cap: search the remaining range on a log scale.
+    return {"type": spec["type"], "low": low, "high": cap, "log": True}
+
+
+def _largest(spec: Mapping[str, Any]) -> Any:
+    return max(spec["choices"]) if spec["type"] == "categorical" else spec["high"]
+
+
+def size_space(
+    space: Mapping[str, Mapping[str, Any]],
+    *,
+    n_genes: int,
+    n_train_cells: int,
+    device: str,
+    keep: Collection[str] = (),
+) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """Cap the widths and depths of ``space`` by :func:`space_limits`.
+
+    Parameters
+    ----------
+    space
+        A search space (a distribution per hyperparameter).
+    n_genes, n_train_cells
+        Size of the data the search trains on.
+    device
+        The resolved device (``"cpu"`` or ``"cuda"``).
+    keep
+        Parameters left as they are (those the user's own ``--space`` set).
+
+    Returns
+    -------
+    (space, changes)
+        The sized space and one entry per changed parameter (``"encoder_width <= 1000"``:
+        its new largest value; a range never shrinks below its own lowest value).
+    """
+    limits = space_limits(n_genes=n_genes, n_train_cells=n_train_cells, device=device)
+    sized: dict[str, dict[str, Any]] = {}
+    changes: list[str] = []
+    for name, spec in space.items():
+        cap = None
+        if name not in keep and name in WIDTH_PARAMS:
+            cap = limits["width"]
+        elif name not in keep and is_depth_param(name) and spec["type"] == "int":
+            cap = limits["depth"]
+        capped = _cap_entry(spec, cap) if cap is not None else None
+        sized[name] = capped if capped is not None else dict(spec)
+        if capped is not None:
+            changes.append(f"{name} <= {_largest(capped)}")
+    return sized, changes

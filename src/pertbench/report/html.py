@@ -323,10 +323,13 @@ def write_report(out: str | os.PathLike, *, title: str | None = None) -> Path:
         ["dataset", "task", "scenario", "model", "seed"]
     )
     n_ok, n_cells = int((cells["status"] == "ok").sum()), len(cells)
+    n_skipped = int((cells["status"] == "skipped").sum())
     page.add(f"<h1>{esc(title)}</h1>")
     page.add(
         f'<p class="meta">Generated {esc(datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))} by '
-        f"pertbench {esc(__version__)} · {n_ok} of {n_cells} cells succeeded · "
+        f"pertbench {esc(__version__)} · {n_ok} of {n_cells} cells succeeded"
+        + (f" ({n_skipped} skipped: model not applicable)" if n_skipped else "")
+        + " · "
         f"seeds: {esc(', '.join(map(str, sorted(results['seed'].unique()))))}</p>"
     )
     if config.get("description"):
@@ -338,7 +341,8 @@ def write_report(out: str | os.PathLike, *, title: str | None = None) -> Path:
     page.add(
         '<p class="note">Mean over seeds ± sd across seeds; below it, the 95% bootstrap interval over '
         "perturbations (averaged over seeds). Normalised: (model − no_change) / (ceiling − no_change): "
-        "0 = no better than predicting no change, 1 = as good as a replicate of the experiment. "
+        "0 = no better than predicting no change, 1 = as good as a perfect model can look given the "
+        "measurement noise (the noise ceiling). "
         "Best model per metric in bold; ↓ lower is better, ↑ higher is better.</p>"
     )
     page.add(_summary_table(summary, metrics, models))
@@ -577,8 +581,20 @@ def _stability_section(
 def _failures_section(page: _Page, failures: pd.DataFrame) -> None:
     if failures.empty:
         return
-    page.section("failures", "Failures")
-    page.add(
-        f'<p class="note error">{len(failures)} job(s) failed; their cells are missing from the tables above.</p>'
-    )
-    page.add(_simple_table(failures.fillna("")))
+    status = failures["status"] if "status" in failures else pd.Series("failed", failures.index)
+    skipped = failures[status == "skipped"]
+    failed = failures[status != "skipped"]
+    if len(failed):
+        page.section("failures", "Failures")
+        page.add(
+            f'<p class="note error">{len(failed)} job(s) failed; their cells are missing from the tables above.</p>'
+        )
+        page.add(_simple_table(failed.fillna("")))
+    if len(skipped):
+        page.section("skipped", "Skipped: model not applicable")
+        page.add(
+            f'<p class="note">{len(skipped)} job(s) were skipped because the model cannot '
+            "predict the task (e.g. a one-hot model asked for perturbations it never saw); "
+            "the reason is given for each.</p>"
+        )
+        page.add(_simple_table(skipped.fillna("")))

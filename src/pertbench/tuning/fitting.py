@@ -59,6 +59,42 @@ def resolve_params(model_class: Any, params: Mapping[str, Any] | None = None) ->
     return dataclasses.asdict(checked)
 
 
+def heldout_labels(
+    adata: ad.AnnData, split: pd.Series, keys: PerturbationKeys, on: Sequence[str]
+) -> list[str]:
+    """Distinct perturbation labels of the non-control cells in the splits ``on``."""
+    labels = adata.obs[keys.perturbation_key].astype(str).to_numpy()
+    mask = np.isin(split.to_numpy(), list(on)) & (labels != keys.control)
+    return sorted(pd.unique(labels[mask]).tolist())
+
+
+def check_applicable(
+    model: Any, adata: ad.AnnData, split: pd.Series, *, keys: PerturbationKeys, on: Sequence[str]
+) -> None:
+    """Raise :class:`~pertbench.errors.UnseenPerturbationError` before any training when
+    ``model`` encodes perturbations one-hot and a held-out perturbation of ``on`` has a
+    part without training cells (the ``unseen`` task). A trained model's own
+    :meth:`~pertbench.models.base.PerturbationModel.check_predictable` is the exact test."""
+    from pertbench.errors import UnseenPerturbationError
+    from pertbench.models.base import align_split
+
+    if model.predicts_unseen_perturbations:
+        return
+    split = align_split(adata, split)
+    trained = {
+        part
+        for label in heldout_labels(adata, split, keys, ("train",))
+        for part in keys.components(label)
+    }
+    unseen = [
+        label
+        for label in heldout_labels(adata, split, keys, on)
+        if any(part not in trained for part in keys.components(label))
+    ]
+    if unseen:
+        raise UnseenPerturbationError(model.cannot_predict_message(unseen))
+
+
 @dataclass
 class FitOutcome:
     """A trained model, its predictions and the metric values computed from them."""
@@ -117,6 +153,7 @@ def fit_and_evaluate(
     from pertbench.models.registry import create_model
 
     instance = create_model(model, keys=keys, **dict(params or {}))
+    check_applicable(instance, adata, split, keys=keys, on=on)
     start = time.perf_counter()
     instance.fit(
         adata,

@@ -168,11 +168,17 @@ class Progress:
     interrupted: int
     running: int
     waiting: int
+    #: Distinct positions of the search (fresh trials; a re-queued trial repeats one).
+    indices: int = 0
 
     @property
     def finished(self) -> int:
         """Trials that count towards ``n_trials`` (complete, pruned, failed; not interrupted)."""
         return self.complete + self.pruned + self.failed
+
+    def done(self, n_trials: int) -> bool:
+        """True when no trial is queued and the search has ``n_trials`` positions."""
+        return self.waiting == 0 and self.indices >= n_trials
 
 
 def study_progress(study: Any) -> Progress:
@@ -193,14 +199,17 @@ def study_progress(study: Any) -> Progress:
             counts["running"] += 1
         elif t.state == TrialState.WAITING:
             counts["waiting"] += 1
-    return Progress(**counts)
+    fresh = sum(1 for t in trials if "failed_trial" not in t.system_attrs)
+    return Progress(**counts, indices=fresh)
 
 
-def recover_interrupted_trials(study: Any) -> list[int]:
-    """Fail every RUNNING trial of ``study`` and queue its parameters again.
+def requeue_trial(study: Any, trial: Any) -> bool:
+    """Mark ``trial`` as interrupted and queue its parameters again (at most
+    :data:`MAX_RETRY` times).
 
-    Only safe when no live process can own a RUNNING trial (the default storage of a
-    locked run directory). Returns the numbers of the recovered trials.
+    A RUNNING trial (its process died) is failed here; a trial already failed because its
+    process was stopped (Ctrl-C, SIGTERM) only gets its copy queued. Returns False when
+    another process finished the trial first.
     """
     import copy
 
@@ -208,15 +217,33 @@ def recover_interrupted_trials(study: Any) -> list[int]:
     from optuna.trial import TrialState
 
     storage = study._storage  # Optuna exposes no public handle on a loaded study's storage
-    recovered = []
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+    if trial.state == TrialState.RUNNING:
         try:
             storage.set_trial_user_attr(trial._trial_id, "error", INTERRUPTED_MESSAGE)
             storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
         except UpdateFinishedTrialError:
+            return False
+    callback = storage.get_heartbeat_stale_trial_callback()
+    if callback is not None:
+        callback(study, copy.deepcopy(storage.get_trial(trial._trial_id)))
+    return True
+
+
+def recover_interrupted_trials(study: Any, *, owners: set[int] | None = None) -> list[int]:
+    """Fail every RUNNING trial of ``study`` and queue its parameters again.
+
+    Only safe when no live process can own a RUNNING trial (the default storage of a
+    locked run directory), or for the trials of ``owners``: process ids known to be dead
+    (``system_attrs['pertbench_pid']``). Returns the numbers of the recovered trials.
+    """
+    from optuna.trial import TrialState
+
+    from pertbench.tuning.sampling import OWNER_ATTR
+
+    recovered = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if owners is not None and trial.system_attrs.get(OWNER_ATTR) not in owners:
             continue
-        recovered.append(trial.number)
-        callback = storage.get_heartbeat_stale_trial_callback()
-        if callback is not None:
-            callback(study, copy.deepcopy(storage.get_trial(trial._trial_id)))
+        if requeue_trial(study, trial):
+            recovered.append(trial.number)
     return recovered

@@ -95,3 +95,29 @@ def write_h5ad_atomic(target: str | os.PathLike, adata: Any, **kwargs: Any) -> P
     with atomic_path(target, suffix=".h5ad") as tmp:
         adata.write_h5ad(tmp, **kwargs)
     return Path(target)
+
+
+def read_yaml(path: str | os.PathLike, *, what: str) -> Any:
+    """Parse a YAML file, or raise a one-line :class:`~pertbench.errors.ConfigError`.
+
+    ``what`` names the file in messages (``"config"``, ``"search space file"``). Messages
+    give the line of a syntax error but never the file's text.
+    """
+    import yaml
+
+    from pertbench.errors import ConfigError, InputFileError
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputFileError(f"{what} '{path}' does not exist; check the path")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{what} '{path}' is not a text (UTF-8) file") from exc
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f" (line {mark.line + 1})" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or "cannot be parsed"
+        raise ConfigError(f"{what} '{path}' is not valid YAML{line}: {problem}") from exc

@@ -10,7 +10,9 @@ scored beside the models, so a reader sees whether a model learned anything.
 Outputs in ``out_dir``:
 
 - ``metrics.csv``: one row per (model, cell type) with the metrics, cell counts, epochs
-  and training/prediction time; rewritten atomically after every result.
+  and training/prediction time; rewritten atomically after every result. Rows of earlier
+  runs into the same folder (other cell types or models) are kept: a rerun merges its rows
+  in, replacing only those of the same (model, cell type).
 - ``runs/<cell type>/<model>_history.csv``: per-epoch training/validation losses.
 - ``runs/<cell type>/<model>.json``: one finished result each. A rerun skips a result
   whose settings fingerprint (data, keys, model parameters, epochs, seed, ...) matches,
@@ -39,10 +41,13 @@ import scipy.sparse as sp
 from pertbench.data.keys import PerturbationKeys
 from pertbench.errors import ConfigError, DataValidationError
 from pertbench.utils.io import atomic_path, write_csv_atomic, write_json_atomic
+from pertbench.utils.outputs import merge_table
 
 DEFAULT_MODELS = ("scgen", "scpram")
 DEFAULT_BASELINES = ("no_change", "perturbation_mean")
 METRICS_FILE = "metrics.csv"
+#: Columns that identify one row of ``metrics.csv`` (a rerun replaces rows with these values).
+METRICS_KEY = ("model", "cell_type")
 RESULT_VERSION = 1
 FIGURE_KINDS = ("pca", "mean_regression", "edistance", "de_dotplot", "de_violin")
 N_FIGURE_GENES = 10
@@ -200,7 +205,7 @@ def celltype_transfer(
     Returns
     -------
     pandas.DataFrame
-        The ``metrics.csv`` table.
+        The ``metrics.csv`` table: this run's rows merged into those of earlier runs.
     """
     keys = keys if keys is not None else PerturbationKeys()
     options = options if options is not None else TransferOptions()
@@ -268,11 +273,11 @@ def celltype_transfer(
                 log(f"{cell_type} / {name}: " + _headline(result["row"]))
             if done.get("attention"):
                 attention_rows.append(pd.DataFrame(done["attention"]).set_index("query"))
-            table = _metrics_table(rows)
+            table = merge_table(out_dir / METRICS_FILE, _metrics_table(rows), key=METRICS_KEY)
             write_csv_atomic(out_dir / METRICS_FILE, table)
     if attention_rows:
         _write_attention_summary(attention_rows, out_dir, options.figures)
-    return _metrics_table(rows)
+    return merge_table(out_dir / METRICS_FILE, _metrics_table(rows), key=METRICS_KEY)
 
 
 def _heldout_types(

@@ -29,6 +29,7 @@ import pandas as pd
 from pertbench.data.keys import PerturbationKeys
 from pertbench.errors import ConfigError, DataValidationError
 from pertbench.utils.io import write_csv_atomic, write_json_atomic
+from pertbench.utils.outputs import merge_table
 from pertbench.workflows.celltype_transfer import (
     METRICS_FILE,
     Log,
@@ -45,6 +46,12 @@ from pertbench.workflows.celltype_transfer import (
     save_figure,
     two_condition_view,
 )
+
+SENSITIVITY_FILE = "sensitivity.csv"
+#: Columns identifying one row of ``sensitivity.csv`` / the cross-study ``metrics.csv``
+#: (a rerun replaces the rows with these values and keeps the others).
+SENSITIVITY_KEY = ("model", "configuration", "cell_type")
+CROSS_STUDY_KEY = ("model", "cell_type", "train_study", "test_study")
 
 #: Metrics compared in the summary tables (the tutorial's headline numbers).
 HEADLINE_METRICS = ("r2", "mse", "pearson_delta", "edistance", "mean_var_kde", "jaccard_top100")
@@ -190,12 +197,14 @@ def sensitivity_experiment(
 
     Each configuration is a full (resumable) cell-type run in ``configs/<label>/`` without
     baselines or figures. Writes ``sensitivity.csv`` (one row per configuration x cell type,
-    the parameters as columns) and ``sensitivity_importance.csv`` (see
-    :func:`main_effect_importance`), and ``sensitivity.png``.
+    the parameters as columns; rows of earlier runs into the same folder are kept, those of
+    the same model, configuration and cell type replaced), ``sensitivity_importance.csv``
+    (see :func:`main_effect_importance`, over this grid) and ``sensitivity.png``.
 
     Returns
     -------
     (results, importance)
+        ``results``: this grid's rows (every cell type run for it so far).
     """
     from pertbench.models.registry import get_model_class
 
@@ -241,7 +250,10 @@ def sensitivity_experiment(
         )
         frames.append(table.assign(**{k: str(v) for k, v in config.items()}, configuration=label))
     results = pd.concat(frames, ignore_index=True)
-    write_csv_atomic(out_dir / "sensitivity.csv", results)
+    # Rows of earlier runs (other cell types, grids or models) stay in the table; the
+    # importances are those of this run's grid.
+    merged = merge_table(out_dir / SENSITIVITY_FILE, results, key=SENSITIVITY_KEY)
+    write_csv_atomic(out_dir / SENSITIVITY_FILE, merged)
     importance = main_effect_importance(results, list(grid))
     write_csv_atomic(out_dir / "sensitivity_importance.csv", importance)
     if options.figures:
@@ -327,7 +339,8 @@ def cross_study_transfer(
     mean delta). Cell types of B absent from A are allowed (scGen and scPRAM do not use
     the cell type as an input).
 
-    Writes ``metrics.csv`` (one row per model x test cell type), ``runs/<model>.json``
+    Writes ``metrics.csv`` (one row per model x test cell type x study pair; rows of other
+    study pairs or models from earlier runs are kept), ``runs/<A>_to_<B>/<model>.json``
     (resumable), figures per model and cell type, and for scPRAM ``attention.csv`` /
     ``attention.png``: mean attention from each of B's cell types to A's reference types.
     """
@@ -391,10 +404,11 @@ def cross_study_transfer(
         controls = test[(cells == t) & (labels == keys.control)]
         tasks[t] = (truth, controls)
     rows, attention_tables = [], []
+    pair = f"{safe_name(train_study)}_to_{safe_name(test_study)}"
     for name in (*options.models, *options.baselines):
         params = dict(options.model_params.get(name, {}))
         settings = {**base_settings, "model": name, "params": resolved_params(name, params)}
-        path = out_dir / "runs" / f"{safe_name(name)}.json"
+        path = out_dir / "runs" / pair / f"{safe_name(name)}.json"
         done = _load_result(path, settings) if resume else None
         if done is None:
             log(f"{name}: training on {train_study}, predicting {test_study}")
@@ -420,7 +434,8 @@ def cross_study_transfer(
             rows.append({**row, "train_study": train_study, "test_study": test_study})
         if done.get("attention"):
             attention_tables.append(pd.DataFrame(done["attention"]).set_index("query"))
-        write_csv_atomic(out_dir / METRICS_FILE, pd.DataFrame(rows))
+        table = merge_table(out_dir / METRICS_FILE, pd.DataFrame(rows), key=CROSS_STUDY_KEY)
+        write_csv_atomic(out_dir / METRICS_FILE, table)
     if attention_tables:
         table = attention_tables[0]
         write_csv_atomic(out_dir / "attention.csv", table.reset_index())
@@ -433,7 +448,7 @@ def cross_study_transfer(
                 ),
                 out_dir / "attention.png",
             )
-    return pd.DataFrame(rows)
+    return merge_table(out_dir / METRICS_FILE, pd.DataFrame(rows), key=CROSS_STUDY_KEY)
 
 
 def _cross_study_model(
