@@ -141,12 +141,19 @@ def test_chunked_prediction_equals_in_memory_exactly(dataset, tmp_path):
     pd.testing.assert_frame_equal(got.obs, want.obs)
     pd.testing.assert_frame_equal(got.var, want.var)
     assert got.uns["pertbench"] == want.uns["pertbench"]
-    # an analytic baseline trained from the file (its cells read into memory) agrees too
-    baseline = create_model("perturbation_mean").fit(path, split, progress=False)
-    reference = create_model("perturbation_mean").fit(adata, split, progress=False)
-    np.testing.assert_array_equal(
-        baseline.predict_split(path, split).X, reference.predict_split(adata, split).X
+    # a baseline trained from the file (its cells read into memory) agrees too; it notes a
+    # fallback about the whole request, so it is predicted in one chunk, notes kept
+    baseline = create_model("additive_within").fit(path, split, progress=False)
+    reference = create_model("additive_within").fit(adata, split, progress=False)
+    reference.predict_split(adata, split).write_h5ad(tmp_path / "baseline_memory.h5ad")
+    baseline.predict_split_to_h5ad(path, split, tmp_path / "baseline.h5ad", chunk_cells=1)
+    want, got = (
+        ad.read_h5ad(tmp_path / "baseline_memory.h5ad"),
+        ad.read_h5ad(tmp_path / "baseline.h5ad"),
     )
+    np.testing.assert_array_equal(got.X, want.X)
+    assert list(got.uns["pertbench"]["notes"]) == list(want.uns["pertbench"]["notes"])
+    assert "G19 in CT0" in want.uns["pertbench"]["notes"][0]
 
 
 def test_take_reads_scattered_rows_in_windows(tmp_path):

@@ -12,8 +12,11 @@ The file is the one :meth:`~pertbench.models.base.PerturbationModel.predict_spli
 result would give written with ``write_h5ad``: same obs, var, uns and values, because
 obs/var/uns are written by anndata itself and every chunk is a whole number of the model's
 prediction batches (``predict_batch_size``), so each batch holds the same cells as in one
-call. A model whose prediction of a cell depends on the rest of the request
-(``chunked_prediction = False``, e.g. scPRAM's attention record) is predicted in one chunk.
+call. A model whose prediction of a cell depends on the rest of the request, or that keeps
+a record of the whole request (``chunked_prediction = False``: scPRAM's attention,
+additive_within's fallbacks, nearest_perturbation's neighbours, and their notes), is
+predicted in one chunk. The notes of a prediction (``uns['pertbench']['notes']``) are
+those of its chunks, each once.
 """
 
 from __future__ import annotations
@@ -86,16 +89,14 @@ def write_predictions(
         ``out``.
     """
     import h5py
+    from anndata.io import write_elem
 
     n_cells, n_genes = plan.n_cells, len(model.genes)
     step = chunk_rows(model, n_cells, chunk_cells)
-    header = ad.AnnData(
-        obs=plan.obs(data.obs_names),
-        var=pd.DataFrame(index=model.genes.copy()),
-        uns={"pertbench": dict(uns or {})},
-    )
+    header = ad.AnnData(obs=plan.obs(data.obs_names), var=pd.DataFrame(index=model.genes.copy()))
+    notes: list[str] = []
     with atomic_path(out, suffix=".h5ad") as tmp:
-        header.write_h5ad(tmp)  # obs, var and uns encoded by anndata itself
+        header.write_h5ad(tmp)  # obs and var encoded by anndata itself
         del header
         with h5py.File(tmp, "r+") as handle:
             X = handle.create_dataset("X", shape=(n_cells, n_genes), dtype=np.float32)
@@ -105,4 +106,12 @@ def write_predictions(
                 stop = min(start + step, n_cells)
                 predicted = model.predict(plan.cells(data, start, stop), seed=seed)
                 X[start:stop] = np.asarray(predicted.X, dtype=np.float32)
+                chunk_notes = predicted.uns["pertbench"].get("notes", [])
+                notes += [note for note in chunk_notes if note not in notes]
+            # uns last: the model's notes about the prediction are known only now
+            record = dict(uns or {})
+            if notes:
+                record["notes"] = notes
+            del handle["uns"]
+            write_elem(handle, "uns", {"pertbench": record})
     return Path(out)
