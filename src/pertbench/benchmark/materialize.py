@@ -68,11 +68,13 @@ def materialize(
     loaded: dict[str, ad.AnnData] = {}
 
     def dataset(name: str) -> ad.AnnData:
+        # Splits and scenarios need cell metadata only: this process never loads X (it is
+        # validated chunk by chunk); jobs carry the file's path and every worker reads it.
         if name not in loaded:
-            from pertbench.tuning.fitting import load_dataset
+            from pertbench.data.ondisk import read_obs
 
-            loaded.clear()  # keep one dataset in memory at a time
-            loaded[name] = load_dataset(
+            loaded.clear()  # keep one dataset's metadata at a time
+            loaded[name] = read_obs(
                 manifest["datasets"][name]["path"], keys=config.datasets[name].keys
             )
         return loaded[name]
@@ -159,17 +161,14 @@ def _materialize_dataset(
 
 
 def _shape(name: str, path: Path) -> tuple[int, int]:
-    """(cells, genes) of an .h5ad, read from its metadata; one-line error if it is not one."""
-    from pertbench.data.loading import read_h5ad
+    """(cells, genes) of an .h5ad, read from its metadata (no matrix is loaded); one-line
+    error if it is not one."""
+    from pertbench.data.ondisk import h5ad_shape
 
     try:
-        backed = read_h5ad(path, backed=True, validate=False, on_counts="allow")
+        return h5ad_shape(path)
     except InputFileError as exc:
         raise InputFileError(f"dataset '{name}': {exc}") from exc
-    try:
-        return int(backed.n_obs), int(backed.n_vars)
-    finally:
-        backed.file.close()
 
 
 def _reuse_split(entry: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -32,6 +32,14 @@ OnCountsOpt = Annotated[
 ]
 
 
+def _load_obs(path: Path, keys):
+    """A dataset for commands that use only obs: a large file (the out-of-core rule of
+    ``pertbench train``) is validated chunk by chunk and only its obs and var are kept."""
+    from pertbench.data.ondisk import prefer_out_of_core, read_obs
+
+    return read_obs(path, keys=keys) if prefer_out_of_core(path) else read_data(path, keys)
+
+
 def _csv_list(value: str | None) -> list[str] | None:
     if value is None:
         return None
@@ -311,7 +319,7 @@ def register(app: typer.Typer) -> None:
 
         check_output(out, kind="file", inputs=[data, split_file], overwrite=overwrite)
         keys = make_keys(perturbation_key, control, covariates, delimiter, dose_key)
-        adata = read_data(data, keys)
+        adata = _load_obs(data, keys)
         options: dict = {}
         if task == "transfer":
             options.update(

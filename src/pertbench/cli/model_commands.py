@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -28,6 +29,26 @@ from pertbench.cli.common import (
 RUN_FILE = "run.json"
 SPLIT_FILE = "split.csv"
 LOG_FILE = "training_log.csv"
+
+
+OutOfCoreOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--out-of-core/--in-memory",
+        help="Read the data by blocks of rows from disk, or load it whole. Default: out of "
+        "core when X and the layers would take 1 GiB or more in memory.",
+        show_default=False,
+    ),
+]
+
+
+def _open_data(path: Path, keys, out_of_core: bool | None):
+    """The dataset, loaded (in memory) or opened by rows (out of core, see --out-of-core)."""
+    from pertbench.data.ondisk import open_h5ad, prefer_out_of_core
+
+    if out_of_core is None:
+        out_of_core = prefer_out_of_core(path)
+    return open_h5ad(path, keys=keys) if out_of_core else read_data(path, keys)
 
 
 def _versions() -> dict[str, str]:
@@ -128,12 +149,22 @@ def register(app: typer.Typer) -> None:
         covariates: CovariatesOpt = "cell_type",
         delimiter: DelimiterOpt = "+",
         dose_key: DoseKeyOpt = None,
+        out_of_core: OutOfCoreOpt = None,
+        block_size: Annotated[
+            int, typer.Option("--block-size", help="Out of core: consecutive cells per block.")
+        ] = 1024,
+        buffer_blocks: Annotated[
+            int,
+            typer.Option("--buffer-blocks", help="Out of core: blocks read and shuffled together."),
+        ] = 64,
     ) -> None:
         """Train a model on the train cells of a split (early stopping on val) into a run folder."""
         import dataclasses
 
+        from pertbench.data.ondisk import OnDiskData
         from pertbench.data.splits import read_split, write_split
         from pertbench.models.base import _jsonable
+        from pertbench.models.blocks import BlockSampling
         from pertbench.models.registry import create_model
         from pertbench.utils.io import write_csv_atomic, write_json_atomic
         from pertbench.utils.outputs import check_output, new_folder
@@ -141,11 +172,14 @@ def register(app: typer.Typer) -> None:
         keys = make_keys(perturbation_key, control, covariates, delimiter, dose_key)
         # Validate the model name and hyperparameters before reading any data.
         estimator = create_model(model, keys=keys, **parse_set_options(set_))
+        sampling = BlockSampling(block_size=block_size, buffer_blocks=buffer_blocks)
         check_output(out, kind="folder", inputs=[data, split], overwrite=overwrite)
-        adata = read_data(data, keys)
+        adata = _open_data(data, keys, out_of_core)
+        on_disk = isinstance(adata, OnDiskData)
         split_series = read_split(split, adata.obs_names)
         started = _now()
-        with new_folder(out) as tmp:
+        # an on-disk dataset is closed when training ends, however it ends
+        with new_folder(out) as tmp, adata if on_disk else contextlib.nullcontext():
             estimator.fit(
                 adata,
                 split_series,
@@ -154,6 +188,7 @@ def register(app: typer.Typer) -> None:
                 max_epochs=max_epochs,
                 progress=progress,
                 log_dir=tmp,
+                sampling=sampling,
             )
             estimator.save(tmp)
             if estimator.history is not None and not (tmp / LOG_FILE).exists():
@@ -172,6 +207,11 @@ def register(app: typer.Typer) -> None:
                 "data": str(Path(data).resolve()),
                 "split": str(Path(split).resolve()),
                 "n_cells": {s: int(counts.get(s, 0)) for s in ("train", "val", "test")},
+                "data_loading": (
+                    {"out_of_core": True, **dataclasses.asdict(sampling)}
+                    if on_disk
+                    else {"out_of_core": False}
+                ),
                 "epochs_trained": len(history) if history is not None else 0,
                 "best_epoch": (
                     int(history.loc[history["best"], "epoch"].iloc[0])
@@ -224,12 +264,21 @@ def register(app: typer.Typer) -> None:
         ] = None,
         device: DeviceOpt = "auto",
         overwrite: OverwriteOpt = False,
+        out_of_core: OutOfCoreOpt = None,
+        chunk_cells: Annotated[
+            int,
+            typer.Option(
+                "--chunk-cells", help="Out of core: predicted cells made and written at a time."
+            ),
+        ] = 16_384,
     ) -> None:
         """Predict every held-out group of the split from its covariates' control cells.
 
         One predicted cell per control cell; obs carries the covariates, the perturbation
-        and the control cell's name (control_obs_name).
+        and the control cell's name (control_obs_name). Out of core, only the control
+        cells are read and the predictions are written chunk by chunk.
         """
+        from pertbench.data.ondisk import OnDiskData
         from pertbench.data.splits import read_split
         from pertbench.errors import ConfigError, InputFileError
         from pertbench.models.base import PerturbationModel
@@ -247,14 +296,34 @@ def register(app: typer.Typer) -> None:
         split_path = split if split is not None else run_dir / SPLIT_FILE
         if not split_path.is_file():
             raise InputFileError(f"no split file '{split_path}'; pass --split SPLIT.csv")
-        adata = read_data(data, estimator.keys)
+        adata = _open_data(data, estimator.keys, out_of_core)
         split_series = read_split(split_path, adata.obs_names)
-        pred = estimator.predict_split(adata, split_series, on=on, seed=seed)
-        pred.uns["pertbench"]["run"] = str(run_dir.resolve())
-        write_h5ad_atomic(out, pred)
-        keys = estimator.keys
-        n_groups = len(pred.obs[[*keys.covariate_keys, keys.perturbation_key]].drop_duplicates())
-        echo(f"predicted {pred.n_obs} cells for {n_groups} {on} group(s) -> {out}")
+        if isinstance(adata, OnDiskData):
+            with adata:
+                plan = estimator.split_plan(adata, split_series, on=on)
+                estimator.predict_split_to_h5ad(
+                    adata,
+                    split_series,
+                    out,
+                    on=on,
+                    seed=seed,
+                    chunk_cells=chunk_cells,
+                    uns={"run": str(run_dir.resolve())},
+                )
+            n_cells, n_groups = plan.n_cells, len(plan.requests)
+        else:
+            pred = estimator.predict_split(adata, split_series, on=on, seed=seed)
+            pred.uns["pertbench"]["run"] = str(run_dir.resolve())
+            write_h5ad_atomic(out, pred)
+            n_cells, n_groups = (
+                pred.n_obs,
+                len(
+                    pred.obs[
+                        [*estimator.keys.covariate_keys, estimator.keys.perturbation_key]
+                    ].drop_duplicates()
+                ),
+            )
+        echo(f"predicted {n_cells} cells for {n_groups} {on} group(s) -> {out}")
 
     @app.command("models")
     def models_cmd(

@@ -257,7 +257,7 @@ def validate_adata(
         raise ConfigError(f"expect must be 'log', 'counts' or 'any', not {expect!r}")
     keys = keys if keys is not None else PerturbationKeys()
     report = ValidationReport(n_cells=int(adata.n_obs), n_genes=int(adata.n_vars))
-    errors, notes = report.errors, report.warnings
+    errors = report.errors
     report.has_counts_layer = "counts" in adata.layers
     if adata.n_vars == 0:
         errors.append("the data have no genes (var has 0 rows); check the file or the gene filter")
@@ -270,64 +270,76 @@ def validate_adata(
     else:
         report.x_format = _x_format(X)
         stats = scan_values(X)
-    report.value_type = stats.value_type
-    report.value_range = (float(stats.minimum), float(stats.maximum))
-    report.density = stats.nnz / stats.size if stats.size else 0.0
-    if stats.n_nan:
-        errors.append(
-            f"X contains {stats.n_nan:,} NaN value(s); remove or impute them before using pertbench"
-        )
-    if stats.n_posinf or stats.n_neginf:
-        errors.append(
-            f"X contains {stats.n_posinf + stats.n_neginf:,} infinite value(s); "
-            "check the normalisation (log of 0?) and recompute X"
-        )
-    if stats.n_negative:
-        errors.append(
-            f"X contains {stats.n_negative:,} negative value(s) (min {stats.minimum:.4g}); "
-            "expression must be non-negative: do not pass scaled/centred data"
-        )
-    if X is not None and not stats.n_negative:
-        if expect == "log" and stats.value_type == "counts":
-            errors.append(
-                f"X holds raw counts (integers up to {stats.maximum:.0f}) where log-normalised "
-                "values are expected; run 'pertbench preprocess' or load with on_counts='normalize'"
-            )
-        elif expect == "counts" and stats.value_type not in ("counts", "integer", "empty"):
-            errors.append(
-                "X is not integer-valued but raw counts are expected; pass the raw count matrix"
-            )
-        elif expect == "log" and stats.value_type == "unnormalized":
-            notes.append(
-                f"X is not integer-valued but reaches {stats.maximum:.4g}, too large for "
-                "log1p-normalised data; check that X was log-transformed"
-            )
-        elif expect == "log" and stats.value_type == "integer":
-            notes.append(
-                f"X is integer-valued with a small maximum ({stats.maximum:.0f}); if these are "
-                "counts, normalise them (pertbench preprocess)"
-            )
+    _check_values(report, stats, expect=expect, has_x=X is not None)
 
     # -- genes and cell names ---------------------------------------------------------------
-    var_names = pd.Index(adata.var_names.astype(str))
-    if not var_names.is_unique:
-        dup = var_names[var_names.duplicated()].unique()
-        errors.append(
-            f"{len(dup)} gene name(s) are duplicated ({_describe(dup)}); make them unique "
-            "(adata.var_names_make_unique()) or aggregate them"
-        )
-    obs_names = pd.Index(adata.obs_names.astype(str))
-    if not obs_names.is_unique:
-        dup = obs_names[obs_names.duplicated()].unique()
-        errors.append(
-            f"{len(dup)} cell name(s) are duplicated ({_describe(dup)}); split files refer to "
-            "cells by name: run adata.obs_names_make_unique()"
-        )
+    _check_names(report, adata.var_names, adata.obs_names)
 
     _check_obs(adata.obs, keys, report)
     if raise_errors:
         report.raise_if_errors()
     return report
+
+
+def _check_values(
+    report: ValidationReport, stats: ValueStats, *, expect: Expect, has_x: bool = True
+) -> None:
+    """Record what the value scan of X found (type, range, density) and its problems."""
+    report.value_type = stats.value_type
+    report.value_range = (float(stats.minimum), float(stats.maximum))
+    report.density = stats.nnz / stats.size if stats.size else 0.0
+    if stats.n_nan:
+        report.errors.append(
+            f"X contains {stats.n_nan:,} NaN value(s); remove or impute them before using pertbench"
+        )
+    if stats.n_posinf or stats.n_neginf:
+        report.errors.append(
+            f"X contains {stats.n_posinf + stats.n_neginf:,} infinite value(s); "
+            "check the normalisation (log of 0?) and recompute X"
+        )
+    if stats.n_negative:
+        report.errors.append(
+            f"X contains {stats.n_negative:,} negative value(s) (min {stats.minimum:.4g}); "
+            "expression must be non-negative: do not pass scaled/centred data"
+        )
+    if has_x and not stats.n_negative:
+        if expect == "log" and stats.value_type == "counts":
+            report.errors.append(
+                f"X holds raw counts (integers up to {stats.maximum:.0f}) where log-normalised "
+                "values are expected; run 'pertbench preprocess' or load with on_counts='normalize'"
+            )
+        elif expect == "counts" and stats.value_type not in ("counts", "integer", "empty"):
+            report.errors.append(
+                "X is not integer-valued but raw counts are expected; pass the raw count matrix"
+            )
+        elif expect == "log" and stats.value_type == "unnormalized":
+            report.warnings.append(
+                f"X is not integer-valued but reaches {stats.maximum:.4g}, too large for "
+                "log1p-normalised data; check that X was log-transformed"
+            )
+        elif expect == "log" and stats.value_type == "integer":
+            report.warnings.append(
+                f"X is integer-valued with a small maximum ({stats.maximum:.0f}); if these are "
+                "counts, normalise them (pertbench preprocess)"
+            )
+
+
+def _check_names(report: ValidationReport, var_names: pd.Index, obs_names: pd.Index) -> None:
+    """Gene names and cell names must be unique."""
+    var_names = pd.Index(pd.Index(var_names).astype(str))
+    if not var_names.is_unique:
+        dup = var_names[var_names.duplicated()].unique()
+        report.errors.append(
+            f"{len(dup)} gene name(s) are duplicated ({_describe(dup)}); make them unique "
+            "(adata.var_names_make_unique()) or aggregate them"
+        )
+    obs_names = pd.Index(pd.Index(obs_names).astype(str))
+    if not obs_names.is_unique:
+        dup = obs_names[obs_names.duplicated()].unique()
+        report.errors.append(
+            f"{len(dup)} cell name(s) are duplicated ({_describe(dup)}); split files refer to "
+            "cells by name: run adata.obs_names_make_unique()"
+        )
 
 
 def validate_obs(
@@ -487,6 +499,33 @@ def _check_readable(path: Path) -> None:
         raise InputFileError(f"file '{path}' is not readable; check its permissions")
 
 
+def check_h5ad_file(path: str | os.PathLike) -> Path:
+    """Refuse, in one line, a path that is not a readable AnnData ``.h5ad`` file."""
+    path = Path(path)
+    _check_readable(path)
+    import h5py
+
+    try:
+        is_hdf5 = h5py.is_hdf5(path)
+    except OSError as exc:
+        raise InputFileError(f"cannot read '{path}': {exc}") from exc
+    if not is_hdf5:
+        raise InputFileError(
+            f"'{path}' is not an AnnData .h5ad file (not HDF5); convert it with anndata/scanpy"
+        )
+    try:
+        with h5py.File(path, "r") as handle:
+            top = set(handle.keys())
+    except OSError as exc:
+        raise InputFileError(f"cannot read '{path}': {exc}") from exc
+    if not {"obs", "var"} <= top:
+        raise InputFileError(
+            f"'{path}' is an HDF5 file but not an AnnData .h5ad (no obs/var groups); "
+            "write it with AnnData.write_h5ad"
+        )
+    return path
+
+
 def read_h5ad(
     path: str | os.PathLike,
     *,
@@ -521,28 +560,7 @@ def read_h5ad(
     """
     if on_counts not in ("normalize", "error", "allow"):
         raise ConfigError(f"on_counts must be 'normalize', 'error' or 'allow', not {on_counts!r}")
-    path = Path(path)
-    _check_readable(path)
-    import h5py
-
-    try:
-        is_hdf5 = h5py.is_hdf5(path)
-    except OSError as exc:
-        raise InputFileError(f"cannot read '{path}': {exc}") from exc
-    if not is_hdf5:
-        raise InputFileError(
-            f"'{path}' is not an AnnData .h5ad file (not HDF5); convert it with anndata/scanpy"
-        )
-    try:
-        with h5py.File(path, "r") as handle:
-            top = set(handle.keys())
-    except OSError as exc:
-        raise InputFileError(f"cannot read '{path}': {exc}") from exc
-    if not {"obs", "var"} <= top:
-        raise InputFileError(
-            f"'{path}' is an HDF5 file but not an AnnData .h5ad (no obs/var groups); "
-            "write it with AnnData.write_h5ad"
-        )
+    path = check_h5ad_file(path)
     try:
         with warnings.catch_warnings():
             # Old layouts (neighbours graph in uns, ...) are migrated by anndata itself.

@@ -14,14 +14,16 @@ every held-out group of a split.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import os
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import anndata as ad
 import numpy as np
@@ -30,22 +32,31 @@ import scipy.sparse as sp
 
 from pertbench.data.groups import group_cells
 from pertbench.data.keys import PerturbationKeys
+from pertbench.data.ondisk import OnDiskData, is_on_disk, open_h5ad
 from pertbench.data.splits import LEFT_OUT, SPLIT_NAMES, check_split_values
 from pertbench.errors import (
     ConfigError,
     DataValidationError,
-    EvaluationError,
     InputFileError,
     ModelError,
     UnseenPerturbationError,
+)
+from pertbench.models.counterfactual import (  # noqa: F401  (re-exported)
+    CONTROL_OBS_COLUMN,
+    CounterfactualPlan,
+    build_counterfactuals,
+    counterfactual_plan,
+    heldout_groups,
 )
 from pertbench.models.encoding import CategoryEncoding
 from pertbench.utils.io import atomic_path, write_json_atomic
 from pertbench.utils.random import resolve_device
 
+if TYPE_CHECKING:
+    from pertbench.models.blocks import BlockSampling
+
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "weights.pt"
-CONTROL_OBS_COLUMN = "control_obs_name"
 EpochCallback = Callable[[int, Mapping[str, float]], None]
 
 
@@ -61,6 +72,8 @@ class FitContext:
     epoch_callback: EpochCallback | None = None
     """Called after every epoch with the epoch's metrics (``val_loss`` among them); may
     raise (e.g. ``optuna.TrialPruned``) to stop training."""
+    sampling: BlockSampling | None = None
+    """Block shuffle of out-of-core training (``None``: the default :class:`BlockSampling`)."""
 
 
 @dataclass
@@ -113,6 +126,13 @@ class PerturbationModel(ABC):
     input_kind: ClassVar[str] = "expression"
     #: Hyperparameter distributions for tuning (see :mod:`pertbench.models.search_space`).
     search_space: ClassVar[dict[str, dict[str, Any]]] = {}
+    #: Cells per batch of the model's own prediction loop: chunked prediction
+    #: (:meth:`predict_split_to_h5ad`) uses chunks of a multiple of it, so every batch
+    #: holds the same cells as in one :meth:`predict` call and the numbers are identical.
+    predict_batch_size: ClassVar[int] = 4096
+    #: False when the prediction of a cell depends on the other cells of the request (or
+    #: the model keeps state about the whole request): then it is predicted in one chunk.
+    chunked_prediction: ClassVar[bool] = True
 
     def __init__(self, *, keys: PerturbationKeys | None = None, **params: Any) -> None:
         self.keys = keys if keys is not None else PerturbationKeys()
@@ -152,7 +172,7 @@ class PerturbationModel(ABC):
     # -- fitting -------------------------------------------------------------------------
     def fit(
         self,
-        adata: ad.AnnData,
+        adata: ad.AnnData | str | os.PathLike | OnDiskData,
         split: pd.Series | None = None,
         *,
         seed: int = 0,
@@ -161,6 +181,7 @@ class PerturbationModel(ABC):
         progress: bool = True,
         log_dir: str | Path | None = None,
         epoch_callback: EpochCallback | None = None,
+        sampling: BlockSampling | None = None,
     ) -> PerturbationModel:
         """Train on the ``train`` cells of ``split`` (validation on ``val`` when present).
 
@@ -168,7 +189,12 @@ class PerturbationModel(ABC):
         ----------
         adata
             The whole dataset (log-normalised ``X``); only cells marked ``train``/``val``
-            are used.
+            are used. In memory, or on disk: a path to an ``.h5ad`` file or an AnnData
+            opened with ``anndata.read_h5ad(path, backed="r")``. On disk, neural models
+            train out of core, reading blocks of cells (see :mod:`pertbench.models.blocks`
+            for the sampling order); the other models read their train and val cells
+            into memory (only those cells). The file is validated chunk by chunk and
+            never modified.
         split
             Split Series aligned to ``adata.obs_names``; ``None`` trains on all cells.
         seed
@@ -181,7 +207,35 @@ class PerturbationModel(ABC):
             Where to write ``training_log.csv`` and checkpoints.
         epoch_callback
             ``f(epoch, metrics)`` after each epoch; may raise to stop (used for pruning).
+        sampling
+            Block size and buffer of out-of-core training (default
+            :class:`~pertbench.models.blocks.BlockSampling`); ignored in memory.
         """
+        if is_on_disk(adata):
+            with _opened(adata, self.keys) as data:
+                train_mask, val_mask = self._begin_fit(data, split, seed=seed, device=device)
+                context = self._fit_context(max_epochs, progress, log_dir, epoch_callback)
+                context.sampling = sampling
+                start = time.perf_counter()
+                self._fit_from_disk(
+                    data, np.flatnonzero(train_mask), np.flatnonzero(val_mask), context
+                )
+        else:
+            train_mask, val_mask = self._begin_fit(adata, split, seed=seed, device=device)
+            train = adata[train_mask]
+            val = adata[val_mask] if val_mask.any() else None
+            context = self._fit_context(max_epochs, progress, log_dir, epoch_callback)
+            start = time.perf_counter()
+            self._fit(train, val, context)
+        self.fit_seconds = time.perf_counter() - start
+        return self
+
+    def _begin_fit(
+        self, adata: Any, split: pd.Series | None, *, seed: int, device: str
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """What :meth:`fit` does before learning, from obs and var only: align and check
+        the split, set seed, device, genes and the category encoding. Returns the train
+        and val masks."""
         split = align_split(adata, split)
         train_mask = (split == "train").to_numpy()
         val_mask = (split == "val").to_numpy()
@@ -194,18 +248,27 @@ class PerturbationModel(ABC):
             raise DataValidationError(
                 "gene names (var_names) are not unique; make them unique before training"
             )
-        train = adata[train_mask]
-        val = adata[val_mask] if val_mask.any() else None
-        missing_controls = _covariates_without_controls(train, self.keys)
+        missing_controls = _covariates_without_controls(adata.obs[train_mask], self.keys)
         if missing_controls and self.input_kind == "expression":
             raise ModelError(
                 f"training cells of covariates {', '.join(missing_controls)} have no controls; "
                 "a split must keep control cells of every covariate in train"
             )
-        self.encoding = CategoryEncoding.fit(adata[train_mask | val_mask].obs, self.keys)
+        self.encoding = CategoryEncoding.fit(adata.obs[train_mask | val_mask], self.keys)
         # what training taught: val-only perturbations are encoded (for the validation
         # loss) but not learned, so they do not count as predictable
-        self.trained_perturbations = CategoryEncoding.fit(train.obs, self.keys).perturbations
+        self.trained_perturbations = CategoryEncoding.fit(
+            adata.obs[train_mask], self.keys
+        ).perturbations
+        return train_mask, val_mask
+
+    def _fit_context(
+        self,
+        max_epochs: int | None,
+        progress: bool,
+        log_dir: str | Path | None,
+        epoch_callback: EpochCallback | None,
+    ) -> FitContext:
         context = FitContext(
             seed=self.seed,
             device=self.device,
@@ -216,10 +279,23 @@ class PerturbationModel(ABC):
         )
         if context.log_dir is not None:
             context.log_dir.mkdir(parents=True, exist_ok=True)
-        start = time.perf_counter()
+        return context
+
+    def _fit_from_disk(
+        self,
+        data: OnDiskData,
+        train_rows: np.ndarray,
+        val_rows: np.ndarray,
+        context: FitContext,
+    ) -> None:
+        """Learn from cells of an on-disk dataset (rows of the file).
+
+        The default reads the train and val cells into memory and calls :meth:`_fit`;
+        models that stream (every neural model) override it.
+        """
+        train = data.to_memory(train_rows)
+        val = data.to_memory(val_rows) if val_rows.size else None
         self._fit(train, val, context)
-        self.fit_seconds = time.perf_counter() - start
-        return self
 
     @abstractmethod
     def _fit(self, train: ad.AnnData, val: ad.AnnData | None, context: FitContext) -> None:
@@ -323,7 +399,7 @@ class PerturbationModel(ABC):
                 f"model '{self.name}' produced NaN/inf predictions; training diverged (try a lower lr)"
             )
         out = ad.AnnData(X=values, obs=inputs.obs.copy(), var=pd.DataFrame(index=self.genes.copy()))
-        out.uns["pertbench"] = {"model": self.name, "prediction": "counterfactual", "seed": seed}
+        out.uns["pertbench"] = self.prediction_uns(seed)
         if self.prediction_notes:
             out.uns["pertbench"]["notes"] = list(self.prediction_notes)
         return out
@@ -366,26 +442,78 @@ class PerturbationModel(ABC):
         """Return a dense (n_cells x n_genes) array of predicted log expression."""
 
     def predict_split(
-        self, adata: ad.AnnData, split: pd.Series, *, on: str = "test", seed: int | None = None
+        self,
+        adata: ad.AnnData | str | os.PathLike | OnDiskData,
+        split: pd.Series,
+        *,
+        on: str = "test",
+        seed: int | None = None,
     ) -> ad.AnnData:
         """Predict every held-out group of ``split[on]`` from its covariates' control cells.
 
         One predicted cell per control cell. Controls are those of the same covariates in
         the ``on`` split; a covariate with none there (e.g. the cell-type task, whose
-        controls stay in train) uses all of its control cells.
+        controls stay in train) uses all of its control cells. ``adata`` may be on disk
+        (a path or a backed AnnData): only the control cells are read. To write the
+        predictions to a file chunk by chunk, in bounded memory, use
+        :meth:`predict_split_to_h5ad`.
         """
+        with _opened(adata, self.keys) as data:
+            plan = self.split_plan(data, split, on=on)
+            counterfactual = plan.cells(data)
+        pred = self.predict(counterfactual, seed=seed)
+        pred.uns["pertbench"]["split"] = on
+        return pred
+
+    def split_plan(self, adata: Any, split: pd.Series, *, on: str = "test") -> CounterfactualPlan:
+        """The counterfactual rows :meth:`predict_split` predicts (from obs alone)."""
         if on not in SPLIT_NAMES:
             raise ConfigError(f"--on must be one of {', '.join(SPLIT_NAMES)}, got '{on}'")
         split = align_split(adata, split)
         requests = heldout_groups(adata, split, self.keys, on=on)
         if requests.empty:
             raise ModelError(f"the split has no perturbed '{on}' cells to predict")
-        counterfactual = build_counterfactuals(
-            adata, requests, self.keys, control_split=split, prefer_split=on
+        return counterfactual_plan(
+            adata.obs, requests, self.keys, control_split=split, prefer_split=on
         )
-        pred = self.predict(counterfactual, seed=seed)
-        pred.uns["pertbench"]["split"] = on
-        return pred
+
+    def predict_split_to_h5ad(
+        self,
+        adata: ad.AnnData | str | os.PathLike | OnDiskData,
+        split: pd.Series,
+        out: str | os.PathLike,
+        *,
+        on: str = "test",
+        seed: int | None = None,
+        chunk_cells: int | None = None,
+        uns: dict[str, Any] | None = None,
+    ) -> Path:
+        """:meth:`predict_split` written to ``out`` chunk by chunk (bounded memory, atomic).
+
+        Reads of the input and the predicted cells held in memory are bounded by one
+        chunk of ``chunk_cells`` cells (default 16,384); the file is identical to writing
+        :meth:`predict_split`'s result (see :mod:`pertbench.models.chunked`). ``uns``
+        entries are added to ``uns['pertbench']``.
+        """
+        from pertbench.models.chunked import write_predictions
+
+        self._require_fitted()
+        seed = self.seed if seed is None else int(seed)
+        with _opened(adata, self.keys) as data:
+            plan = self.split_plan(data, split, on=on)
+            return write_predictions(
+                self,
+                data,
+                plan,
+                out,
+                seed=seed,
+                chunk_cells=chunk_cells,
+                uns={**self.prediction_uns(seed), "split": on, **(uns or {})},
+            )
+
+    def prediction_uns(self, seed: int) -> dict[str, Any]:
+        """What a prediction records in ``uns['pertbench']``."""
+        return {"model": self.name, "prediction": "counterfactual", "seed": seed}
 
     # -- persistence ---------------------------------------------------------------------
     def _extra_config(self) -> dict[str, Any]:
@@ -520,110 +648,22 @@ def align_genes(adata: ad.AnnData, genes: pd.Index):
     return np.asarray(X, dtype=np.float32)
 
 
-def heldout_groups(
-    adata: ad.AnnData, split: pd.Series, keys: PerturbationKeys, *, on: str = "test"
-) -> pd.DataFrame:
-    """The (covariates, perturbation) groups with cells in ``split == on``, controls excluded."""
-    mask = (split.to_numpy() == on) & (
-        adata.obs[keys.perturbation_key].astype(str).to_numpy() != keys.control
-    )
-    sub = adata.obs.loc[mask, [*keys.covariate_keys, keys.perturbation_key]].astype(str)
-    return (
-        sub.drop_duplicates()
-        .sort_values([*keys.covariate_keys, keys.perturbation_key])
-        .reset_index(drop=True)
-    )
+@contextlib.contextmanager
+def _opened(adata: Any, keys: PerturbationKeys) -> Iterator[Any]:
+    """``adata`` itself when in memory, else the file opened by rows (closed afterwards)."""
+    if not is_on_disk(adata):
+        yield adata
+        return
+    data = open_h5ad(adata, keys=keys)
+    try:
+        yield data
+    finally:
+        if data is not adata:
+            data.close()
 
 
-def build_counterfactuals(
-    adata: ad.AnnData,
-    requests: pd.DataFrame,
-    keys: PerturbationKeys,
-    *,
-    control_split: pd.Series | None = None,
-    prefer_split: str | None = None,
-    max_controls: int | None = None,
-    seed: int = 0,
-) -> ad.AnnData:
-    """Pair each requested (covariates, perturbation) with the control cells of those covariates.
-
-    Parameters
-    ----------
-    adata
-        Data holding the control cells.
-    requests
-        One row per prediction group: the covariate columns and the perturbation column.
-    control_split, prefer_split
-        When given, controls in ``control_split == prefer_split`` are used if the
-        covariates have any there; otherwise all of the covariates' controls.
-    max_controls
-        Subsample at most this many controls per group (seeded).
-
-    Returns
-    -------
-    AnnData
-        One row per (request, control cell): the control's expression and obsm, obs with the
-        covariates, the requested perturbation and ``control_obs_name``.
-    """
-    missing = [
-        c for c in (*keys.covariate_keys, keys.perturbation_key) if c not in requests.columns
-    ]
-    if missing:
-        raise ConfigError(f"counterfactual requests lack column(s) {', '.join(missing)}")
-    grouping = group_cells(adata.obs, keys)
-    control_cells = grouping.is_control.copy()
-    preferred = (
-        control_cells & (control_split.to_numpy() == prefer_split)
-        if control_split is not None and prefer_split
-        else None
-    )
-    cov_table = grouping.covariates
-    if keys.covariate_keys:
-        lookup = pd.MultiIndex.from_frame(cov_table[list(keys.covariate_keys)])
-        req_codes = lookup.get_indexer(
-            pd.MultiIndex.from_frame(requests[list(keys.covariate_keys)].astype(str))
-        )
-    else:
-        req_codes = np.zeros(len(requests), dtype=np.int64)
-    rng = np.random.default_rng(seed)
-    rows, request_rows = [], []
-    # Loop over requested groups (not cells); each group's controls are found by mask.
-    order = np.argsort(grouping.covariate_codes, kind="stable")
-    sorted_codes = grouping.covariate_codes[order]
-    for r, code in enumerate(req_codes):
-        if code < 0:
-            label = "/".join(requests.iloc[r][list(keys.covariate_keys)].astype(str))
-            raise EvaluationError(
-                f"no cells with covariates '{label}' in the data; cannot build controls"
-            )
-        lo, hi = np.searchsorted(sorted_codes, [code, code + 1])
-        cells = order[lo:hi]
-        chosen = cells[preferred[cells]] if preferred is not None else np.empty(0, dtype=np.int64)
-        if chosen.size == 0:
-            chosen = cells[control_cells[cells]]
-        if chosen.size == 0:
-            label = cov_table.loc[code, "label"]
-            raise DataValidationError(f"covariates '{label}' have no control cells to perturb")
-        if max_controls is not None and chosen.size > max_controls:
-            chosen = np.sort(rng.choice(chosen, size=max_controls, replace=False))
-        rows.append(chosen)
-        request_rows.append(np.full(chosen.size, r))
-    rows_all = np.concatenate(rows)
-    req_all = np.concatenate(request_rows)
-    X = adata.X[rows_all]
-    obs = requests.iloc[req_all].reset_index(drop=True).astype(str)
-    obs[CONTROL_OBS_COLUMN] = adata.obs_names.to_numpy()[rows_all].astype(str)
-    if keys.dose_key and keys.dose_key in requests.columns:
-        obs[keys.dose_key] = requests[keys.dose_key].to_numpy()[req_all]
-    obs.index = pd.Index([f"cf{i}" for i in range(len(obs))])
-    out = ad.AnnData(X=X, obs=obs, var=adata.var[[]].copy())
-    for key, value in adata.obsm.items():
-        out.obsm[key] = value[rows_all]
-    return out
-
-
-def _covariates_without_controls(adata: ad.AnnData, keys: PerturbationKeys) -> list[str]:
-    grouping = group_cells(adata.obs, keys)
+def _covariates_without_controls(obs: pd.DataFrame, keys: PerturbationKeys) -> list[str]:
+    grouping = group_cells(obs, keys)
     has_ctrl = np.zeros(len(grouping.covariates), dtype=bool)
     has_ctrl[np.unique(grouping.covariate_codes[grouping.is_control])] = True
     return grouping.covariates.loc[~has_ctrl, "label"].tolist()

@@ -252,6 +252,8 @@ class AdditiveWithin(_DeltaBaseline):
         "Control + sum of the singles' deltas measured in the same covariates "
         "(other covariates only for a single not measured there, noted)."
     )
+    # fallbacks and notes describe a whole request, so a request is predicted in one piece
+    chunked_prediction = False
 
     def __init__(self, *, keys=None, **params: Any) -> None:
         super().__init__(keys=keys, **params)

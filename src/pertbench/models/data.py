@@ -75,8 +75,10 @@ def dense_rows(X: Any, rows: np.ndarray, out: np.ndarray | None = None) -> np.nd
     return out
 
 
-def _canonical_csr(X: Any) -> sp.csr_matrix:
-    X = sp.csr_matrix(X, dtype=np.float32, copy=True)
+def _canonical_csr(X: Any, *, copy: bool = True) -> sp.csr_matrix:
+    """CSR float32 with sorted, summed indices; a copy unless ``copy=False`` (for a matrix
+    this code owns, e.g. one just read from disk)."""
+    X = sp.csr_matrix(X, dtype=np.float32, copy=copy)
     X.sum_duplicates()
     X.sort_indices()
     return X
@@ -166,10 +168,22 @@ class CellTable:
             Also load raw counts from ``adata.layers[counts_layer]`` as ``counts`` and
             their per-cell sum over ``genes`` as ``library``.
         """
-        from pertbench.models.base import align_genes
+        table = cls.from_obs(adata.obs, encoding)
+        table.arrays.update(
+            matrix_arrays(
+                adata, genes=genes, embedding_key=embedding_key, counts_layer=counts_layer
+            )
+        )
+        return table
 
+    @classmethod
+    def from_obs(cls, obs: pd.DataFrame, encoding: CategoryEncoding) -> CellTable:
+        """The arrays made from cell metadata alone: ``pert``, ``cov`` and ``cov_codes``.
+
+        Out-of-core training keeps this table of every training cell in memory and reads
+        the expression of a block of cells at a time (:func:`matrix_arrays`).
+        """
         keys = encoding.keys
-        obs = adata.obs
         dose = (
             obs[keys.dose_key]
             if keys.dose_key is not None and keys.dose_key in obs.columns
@@ -180,17 +194,10 @@ class CellTable:
                 f"obs has no dose column '{keys.dose_key}'; pass the right --dose-key or none"
             )
         arrays: dict[str, Any] = {
-            "x": _canonical_csr(align_genes(adata, genes)),
             "pert": _canonical_csr(encoding.perturbation_matrix(obs[keys.perturbation_key], dose)),
             "cov": encoding.covariate_onehot(obs),
             "cov_codes": encoding.covariate_codes(obs),
         }
-        if embedding_key is not None:
-            arrays["emb"] = embedding_matrix(adata, embedding_key)
-        if counts_layer is not None:
-            counts = counts_matrix(adata, counts_layer, genes)
-            arrays["counts"] = counts
-            arrays["library"] = np.asarray(counts.sum(axis=1), dtype=np.float32).ravel()
         state = covariate_state_codes(arrays["cov_codes"], encoding.covariate_sizes)
         is_control = obs[keys.perturbation_key].astype(str).to_numpy() == keys.control
         return cls(arrays, state_codes=state, is_control=is_control)
@@ -246,6 +253,30 @@ class CellTable:
         if picked.dtype.kind == "f":
             picked = picked.astype(np.float32, copy=False)
         return torch.from_numpy(picked)
+
+
+def matrix_arrays(
+    adata: ad.AnnData,
+    *,
+    genes: pd.Index,
+    embedding_key: str | None = None,
+    counts_layer: str | None = None,
+    copy: bool = True,
+) -> dict[str, Any]:
+    """The per-cell arrays read from the matrices of ``adata`` (see :class:`CellTable`):
+    ``x`` (expression of ``genes``, canonical CSR float32) and optionally ``emb``,
+    ``counts`` and ``library``. ``copy=False`` may reuse (and canonicalise in place) the
+    arrays of ``adata``'s matrices: only for an AnnData made from freshly read blocks."""
+    from pertbench.models.base import align_genes
+
+    arrays: dict[str, Any] = {"x": _canonical_csr(align_genes(adata, genes), copy=copy)}
+    if embedding_key is not None:
+        arrays["emb"] = embedding_matrix(adata, embedding_key)
+    if counts_layer is not None:
+        counts = counts_matrix(adata, counts_layer, genes)
+        arrays["counts"] = counts
+        arrays["library"] = np.asarray(counts.sum(axis=1), dtype=np.float32).ravel()
+    return arrays
 
 
 def embedding_matrix(adata: ad.AnnData, key: str) -> np.ndarray:
@@ -324,42 +355,15 @@ class ControlMatcher:
         return result
 
 
-class BatchLoader:
-    """Seeded minibatches over a :class:`CellTable`, optionally with matched controls.
+class MatchedLoader:
+    """What every minibatch loader shares: targets, matched controls, batch assembly.
 
-    Calling the loader with an epoch number returns that epoch's batches (dicts of
-    tensors). With ``shuffle=True`` the order and the control matching are redrawn from
-    ``(seed, epoch)``; with ``shuffle=False`` the order is the table's and the matching is
-    drawn once (the validation setting).
-
-    Parameters
-    ----------
-    table
-        Cells to iterate over (the targets).
-    batch_size
-        Cells per batch (the last batch may be smaller).
-    seed
-        Seed of shuffling and matching.
-    fields
-        Names of ``table`` arrays to put in each batch.
-    controls
-        Table of candidate controls (its ``is_control`` rows are used); ``None`` disables
-        matching.
-    control_fields
-        ``{batch_name: array_name}`` taken from the matched control rows, e.g.
-        ``{"ctrl": "x"}``.
-    shuffle
-        Reshuffle and re-match every epoch (training) or keep one fixed order/matching.
-    prefetch
-        Build this many batches ahead in a background thread (0: build inline). The
-        densification kernels release the GIL, so on a GPU the next batch is prepared
-        while the current one trains. Batches and their order are the same either way.
-    pin_memory
-        Pin dense batch tensors (faster, asynchronous host-to-GPU copies).
-    densify_on_device
-        Ship sparse arrays (expression) as their non-zeros and densify them on the
-        training device (``move_batch``): on a GPU this moves a fraction of the bytes
-        and leaves the host only the row gather.
+    ``table`` holds the target cells' matching metadata (``state_codes``, and for
+    in-memory loading every array); ``controls`` the candidate controls (its
+    ``is_control`` rows are used). Cells whose covariates have no control are left out
+    with a warning. Without shuffling, one matching is drawn once (seeded), so a
+    validation loss is comparable across epochs. See :class:`BatchLoader` for the
+    parameters.
     """
 
     def __init__(
@@ -417,26 +421,24 @@ class BatchLoader:
     def __len__(self) -> int:
         return -(-self.n_cells // self.batch_size)
 
-    def epoch_plan(self, epoch: int = 0) -> tuple[np.ndarray, np.ndarray | None]:
-        """Target rows in batch order and their matched control rows for one epoch."""
-        if self.shuffle:
-            order = self.rows[
-                seeded_rng(self.seed, STREAM_SHUFFLE, epoch).permutation(self.n_cells)
-            ]
-            controls = (
-                self.matcher.draw(
-                    self.table.state_codes[order], seeded_rng(self.seed, STREAM_MATCH, epoch)
-                )
-                if self.matcher is not None
-                else None
-            )
-            return order, controls
-        return self.rows, self._fixed_controls
+    def match(self, rows: np.ndarray, rng: np.random.Generator) -> np.ndarray | None:
+        """Matched control rows (into ``controls``) of the target ``rows`` (None: no matching)."""
+        if self.matcher is None:
+            return None
+        return self.matcher.draw(self.table.state_codes[rows], rng)
 
-    def make_batch(self, rows: np.ndarray, control_rows: np.ndarray | None) -> dict[str, Any]:
-        """Densify one batch: the target fields, then the matched-control fields."""
+    def make_batch(
+        self,
+        rows: np.ndarray,
+        control_rows: np.ndarray | None,
+        *,
+        table: CellTable | None = None,
+    ) -> dict[str, Any]:
+        """Densify one batch: the target fields of ``table`` (default: the loader's), then
+        the matched-control fields."""
+        table = self.table if table is None else table
         sparse = self.densify_on_device
-        batch = {name: self.table.take(name, rows, keep_sparse=sparse) for name in self.fields}
+        batch = {name: table.take(name, rows, keep_sparse=sparse) for name in self.fields}
         if control_rows is not None and self.controls is not None:
             for out_name, name in self.control_fields.items():
                 batch[out_name] = self.controls.take(name, control_rows, keep_sparse=sparse)
@@ -445,6 +447,59 @@ class BatchLoader:
                 k: v if v.layout != torch.strided else v.pin_memory() for k, v in batch.items()
             }
         return batch
+
+    def _maybe_prefetched(self, batches: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        if self.prefetch:
+            return prefetched(batches, depth=self.prefetch)
+        return iter(batches)
+
+
+class BatchLoader(MatchedLoader):
+    """Seeded minibatches over an in-memory :class:`CellTable`, optionally with matched controls.
+
+    Calling the loader with an epoch number returns that epoch's batches (dicts of
+    tensors). With ``shuffle=True`` the order and the control matching are redrawn from
+    ``(seed, epoch)``; with ``shuffle=False`` the order is the table's and the matching is
+    drawn once (the validation setting).
+
+    Parameters
+    ----------
+    table
+        Cells to iterate over (the targets).
+    batch_size
+        Cells per batch (the last batch may be smaller).
+    seed
+        Seed of shuffling and matching.
+    fields
+        Names of ``table`` arrays to put in each batch.
+    controls
+        Table of candidate controls (its ``is_control`` rows are used); ``None`` disables
+        matching.
+    control_fields
+        ``{batch_name: array_name}`` taken from the matched control rows, e.g.
+        ``{"ctrl": "x"}``.
+    shuffle
+        Reshuffle and re-match every epoch (training) or keep one fixed order/matching.
+    prefetch
+        Build this many batches ahead in a background thread (0: build inline). The
+        densification kernels release the GIL, so on a GPU the next batch is prepared
+        while the current one trains. Batches and their order are the same either way.
+    pin_memory
+        Pin dense batch tensors (faster, asynchronous host-to-GPU copies).
+    densify_on_device
+        Ship sparse arrays (expression) as their non-zeros and densify them on the
+        training device (``move_batch``): on a GPU this moves a fraction of the bytes
+        and leaves the host only the row gather.
+    """
+
+    def epoch_plan(self, epoch: int = 0) -> tuple[np.ndarray, np.ndarray | None]:
+        """Target rows in batch order and their matched control rows for one epoch."""
+        if self.shuffle:
+            order = self.rows[
+                seeded_rng(self.seed, STREAM_SHUFFLE, epoch).permutation(self.n_cells)
+            ]
+            return order, self.match(order, seeded_rng(self.seed, STREAM_MATCH, epoch))
+        return self.rows, self._fixed_controls
 
     def __call__(self, epoch: int = 0) -> Iterator[dict[str, Any]]:
         order, controls = self.epoch_plan(epoch)
@@ -455,9 +510,7 @@ class BatchLoader:
             )
             for start in range(0, order.size, self.batch_size)
         )
-        if self.prefetch:
-            return prefetched(batches, depth=self.prefetch)
-        return batches
+        return self._maybe_prefetched(batches)
 
 
 _DONE = object()

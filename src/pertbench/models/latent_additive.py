@@ -29,7 +29,7 @@ import torch
 from torch.nn import functional as F
 
 from pertbench.errors import ConfigError, DataValidationError, NotApplicableError
-from pertbench.models.base import FitContext, params_field
+from pertbench.models.base import FitContext, PerturbationModel, params_field
 from pertbench.models.data import CellTable, embedding_matrix
 from pertbench.models.encoding import (
     EMBEDDING_HELP,
@@ -224,6 +224,16 @@ class LatentAdditive(NeuralModel):
                 )
             self.pert_embedding = embedding
         super()._fit(train, val, context)
+
+    def _fit_from_disk(self, data, train_rows, val_rows, context: FitContext) -> None:
+        if self.params.perturbation_embedding:
+            # Perturbation vectors are learnt from the training cells (gene embedding:
+            # their group means), so these cells are read into memory and fitted as such.
+            PerturbationModel._fit_from_disk(self, data, train_rows, val_rows, context)
+            return
+        self.pert_embedding = None
+        self.dropped_perturbations = []
+        super()._fit_from_disk(data, train_rows, val_rows, context)
 
     def _extra_config(self) -> dict[str, Any]:
         extra = super()._extra_config()

@@ -268,6 +268,8 @@ class NearestPerturbation(_EmbeddingBaseline):
         "requested covariates when measured there)"
     )
     Params: ClassVar[type] = NearestParams
+    # neighbours and notes describe a whole request, so a request is predicted in one piece
+    chunked_prediction: ClassVar[bool] = False
 
     def __init__(self, *, keys=None, **params: Any) -> None:
         super().__init__(keys=keys, **params)

@@ -23,7 +23,9 @@ control cell being perturbed.
 
 from __future__ import annotations
 
+import functools
 from abc import abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -32,9 +34,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from pertbench.data.ondisk import OnDiskData
 from pertbench.errors import ConfigError, ModelError
 from pertbench.models.base import FitContext, PerturbationModel, PredictionInputs, params_field
-from pertbench.models.data import BatchLoader, CellTable
+from pertbench.models.blocks import BlockLoader, BlockSampling, DiskCells
+from pertbench.models.data import BatchLoader, CellTable, MatchedLoader
 from pertbench.models.layers import torch_seed_scope
 from pertbench.models.training import TrainingConfig, adam, fit_module, move_batch, optimizer_step
 
@@ -105,7 +109,6 @@ class NeuralModel(PerturbationModel):
 
     Params: ClassVar[type] = NeuralParams
     uses_matched_controls: ClassVar[bool] = False
-    predict_batch_size: ClassVar[int] = 4096
 
     def __init__(self, *, keys=None, **params: Any) -> None:
         super().__init__(keys=keys, **params)
@@ -148,68 +151,100 @@ class NeuralModel(PerturbationModel):
         return tuple(fields)
 
     def _fit(self, train: ad.AnnData, val: ad.AnnData | None, context: FitContext) -> None:
-        p = self.params
+        self._check_learnable()
+        train_table = self._table(train)
+        val_table = self._table(val) if val is not None and val.n_obs else None
+        self._fit_loaders(
+            train_table,
+            val_table,
+            loader=BatchLoader,
+            controls=lambda table: table.subset(np.flatnonzero(table.is_control)),
+            context=context,
+        )
+
+    def _fit_from_disk(
+        self,
+        data: OnDiskData,
+        train_rows: np.ndarray,
+        val_rows: np.ndarray,
+        context: FitContext,
+    ) -> None:
+        """Train reading the cells from disk block by block (see :mod:`pertbench.models.blocks`)."""
+        self._check_learnable()
+        options = {
+            "genes": self.genes,
+            "embedding_key": self._embedding_key(),
+            "counts_layer": self._counts_layer(),
+        }
+        train_cells = DiskCells(data, train_rows, self.encoding, **options)
+        val_cells = DiskCells(data, val_rows, self.encoding, **options) if val_rows.size else None
+        self._fit_loaders(
+            train_cells,
+            val_cells,
+            loader=functools.partial(BlockLoader, sampling=context.sampling or BlockSampling()),
+            controls=lambda cells: cells.controls(),
+            context=context,
+        )
+
+    def _check_learnable(self) -> None:
         if self.encoding.n_perturbations == 0:
             raise ModelError(
                 "the training cells contain no perturbation (only controls); nothing to learn"
             )
-        train_table = self._table(train)
-        val_table = self._table(val) if val is not None and val.n_obs else None
+
+    def _fit_loaders(
+        self,
+        train: Any,
+        val: Any | None,
+        *,
+        loader: Callable[..., MatchedLoader],
+        controls: Callable[[Any], CellTable],
+        context: FitContext,
+    ) -> None:
+        """Build the network and the loaders of ``train``/``val`` cells (tables in memory
+        or cells on disk: ``loader`` and ``controls`` know which) and train."""
+        p = self.params
         emb = self._embedding_key()
         dims = {
             "n_genes": len(self.genes),
             "n_perts": self._perturbation_width(),
             "n_cov": self.encoding.n_covariate_columns,
             "covariate_sizes": list(self.encoding.covariate_sizes),
-            "n_input": train_table.width("emb") if emb else len(self.genes),
-            "n_train_cells": train_table.n_cells,
+            "n_input": train.width("emb") if emb else len(self.genes),
+            "n_train_cells": train.n_cells,
         }
         matched = self.uses_matched_controls
-        control_fields = {"ctrl": "emb" if emb else "x"}
         # On a GPU the next batches are densified by a background thread while the
         # current one trains; on CPU the cores are busy computing, so build inline.
         on_gpu = str(context.device).startswith("cuda")
-        # There, expression travels as its non-zeros and is densified on the device.
-        loading = {
+        options = {
+            "seed": context.seed,
+            "fields": self._fields(),
+            "control_fields": {"ctrl": "emb" if emb else "x"},
             "prefetch": 2 if on_gpu else 0,
             "pin_memory": on_gpu,
+            # There, expression travels as its non-zeros and is densified on the device.
             "densify_on_device": on_gpu,
         }
         with torch_seed_scope(context.seed, context.device):
             module = self._build_module(dims)
-            train_loader = BatchLoader(
-                train_table,
-                batch_size=p.batch_size,
-                seed=context.seed,
-                fields=self._fields(),
-                controls=train_table if matched else None,
-                control_fields=control_fields,
-                shuffle=True,
-                **loading,
+            train_controls = controls(train) if matched else None
+            train_loader = loader(
+                train, batch_size=p.batch_size, controls=train_controls, shuffle=True, **options
             )
             if train_loader.n_cells == 0:
                 raise ModelError("no training cell has a control of the same covariates")
             val_loader = None
-            if val_table is not None:
-                pool = None
-                if matched:
-                    # Validation cells are matched with controls of their covariates from
-                    # val and train alike (they are model inputs, never targets).
-                    pool = CellTable.concat(
-                        [
-                            val_table.subset(np.flatnonzero(val_table.is_control)),
-                            train_table.subset(np.flatnonzero(train_table.is_control)),
-                        ]
-                    )
-                val_loader = BatchLoader(
-                    val_table,
+            if val is not None:
+                # Validation cells are matched with controls of their covariates from val
+                # and train alike (they are model inputs, never targets).
+                pool = CellTable.concat([controls(val), train_controls]) if matched else None
+                val_loader = loader(
+                    val,
                     batch_size=max(p.batch_size, 1024),
-                    seed=context.seed,
-                    fields=self._fields(),
                     controls=pool,
-                    control_fields=control_fields,
                     shuffle=False,
-                    **loading,
+                    **options,
                 )
                 if val_loader.n_cells == 0:
                     val_loader = None

@@ -211,6 +211,8 @@ class ScPRAM(LatentVAEModel):
     name: ClassVar[str] = "scpram"
     description: ClassVar[str] = "scPRAM VAE with optimal transport and per-cell attention"
     Params: ClassVar[type] = ScPRAMParams
+    # last_attention describes a whole request, so a request is predicted in one piece.
+    chunked_prediction: ClassVar[bool] = False
     search_space: ClassVar[dict[str, dict[str, Any]]] = {
         "n_latent": {"type": "categorical", "choices": [32, 64, 100, 128]},
         "n_hidden": {"type": "categorical", "choices": [256, 512, 1000]},
