@@ -139,6 +139,8 @@ def fit_module(
     )
     for epoch in bar:
         module.train()
+        if hasattr(module, "epoch_start"):  # weight schedules (CPA's adversary warm-up)
+            module.epoch_start(epoch)
         # Each term is averaged over the cells of the steps that reported it: alternating
         # models (CPA) report adversary terms on some steps and autoencoder terms on others.
         sums: dict[str, float] = {}
