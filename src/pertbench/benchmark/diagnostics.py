@@ -58,7 +58,9 @@ def write_cell_diagnostics(
         write_csv_atomic(directory / PROBE_FILE, _labelled(probe, labels, "probe"))
         record["probe"] = True
     stats = collapse_from_cells(adata, pred, split, keys=keys, on=on)
-    write_csv_atomic(directory / COLLAPSE_FILE, _labelled(pd.DataFrame([stats]), labels, "collapse"))
+    write_csv_atomic(
+        directory / COLLAPSE_FILE, _labelled(pd.DataFrame([stats]), labels, "collapse")
+    )
     return record
 
 

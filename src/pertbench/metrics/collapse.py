@@ -78,7 +78,9 @@ def perturbation_spread(pred: np.ndarray, truth: np.ndarray) -> tuple[float, flo
     pred = np.asarray(pred, dtype=np.float64)
     truth = np.asarray(truth, dtype=np.float64)
     if pred.shape != truth.shape or pred.ndim != 2:
-        raise ValueError(f"pred and truth must be matching 2-D arrays, got {pred.shape}, {truth.shape}")
+        raise ValueError(
+            f"pred and truth must be matching 2-D arrays, got {pred.shape}, {truth.shape}"
+        )
     spread = [float(((m - m.mean(axis=0)) ** 2).sum()) for m in (pred, truth)]
     return spread[0], spread[1]
 

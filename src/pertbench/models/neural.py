@@ -280,7 +280,7 @@ class NeuralModel(PerturbationModel):
             arrays, state_codes=np.zeros(n, dtype=np.int64), is_control=np.ones(n, dtype=bool)
         )
         blocks: list[np.ndarray] = []
-        module = self.module.eval()
+        self.module.eval()
         with torch.no_grad(), torch_seed_scope(seed, self.device):
             for start in range(0, n, self.predict_batch_size):
                 rows = np.arange(start, min(start + self.predict_batch_size, n))

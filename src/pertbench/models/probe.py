@@ -122,7 +122,7 @@ def probe_accuracy(
     used_labels: set[str] = set()
     for code in range(int(strata_codes.max()) + 1 if strata_codes.size else 0):
         rows = np.flatnonzero(strata_codes == code)  # loops over strata, not cells
-        values, inverse, counts = np.unique(labels[rows], return_inverse=True, return_counts=True)
+        _, inverse, counts = np.unique(labels[rows], return_inverse=True, return_counts=True)
         rows = rows[counts[inverse] >= folds]
         if np.unique(labels[rows]).size < 2:
             continue
