@@ -168,7 +168,7 @@ def register(app: typer.Typer) -> None:
             typer.Option(
                 "--out",
                 "-o",
-                help="Run folder: saved model, training_log.csv, split.csv and run.json.",
+                help="Run folder: saved model, training_log.csv, split.csv, run.json and probe.csv.",
             ),
         ],
         epochs: Annotated[

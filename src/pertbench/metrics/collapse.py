@@ -26,9 +26,9 @@ held-out groups of each covariate combination c with N_c >= 2 perturbations:
     one response, hence given for context only. Two all-zero deltas count as identical
     (cosine 1), a zero and a non-zero delta as unrelated (0), as in the rank metrics.
 
-A model is flagged **collapsed** when ``spread_ratio < SPREAD_THRESHOLD`` (0.1: its
-predictions differ between perturbations by less than a tenth of what the observations
-do; chosen from the default benchmark, see docs/metrics.md). Independently, a rank metric
+A model is flagged **collapsed** when ``spread_ratio < SPREAD_THRESHOLD`` (0.15: its
+predictions differ between perturbations by less than 15% of what the observations do;
+chosen from the default benchmark, see docs/metrics.md). Independently, a rank metric
 is **indistinguishable from chance** when its interval contains the rank a collapsed model
 gets, the mean over groups of (N_c - 1) / (2 N_c) (:func:`rank_chance`).
 
@@ -49,7 +49,7 @@ import pandas as pd
 from pertbench.data.keys import PerturbationKeys
 
 #: Flag a model as collapsed below this spread ratio.
-SPREAD_THRESHOLD = 0.1
+SPREAD_THRESHOLD = 0.15
 COLLAPSE_FILE = "collapse.csv"
 COLLAPSE_COLUMNS = [
     "spread_ratio",

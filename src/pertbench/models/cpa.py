@@ -175,7 +175,7 @@ class DoseScaling(nn.Module):
 
 
 class CPANet(LossModule):
-    """The CPA network with an optional alternating adversary."""
+    """The CPA network with an optional adversary (classifiers with their own optimiser)."""
 
     def __init__(
         self,
@@ -482,11 +482,11 @@ class CPANoAdversary(NeuralModel):
 
 
 class CPA(CPANoAdversary):
-    """CPA* with adversarial classifiers trained by their own optimiser, alternating."""
+    """CPA* with adversarial classifiers trained by their own optimiser, bounded objective."""
 
     name: ClassVar[str] = "cpa"
     description: ClassVar[str] = (
-        "Compositional perturbation autoencoder with an alternating adversary (CPA*)"
+        "Compositional perturbation autoencoder with a bounded adversary (CPA*)"
     )
     Params: ClassVar[type] = CPAParams
     adversary: ClassVar[bool] = True

@@ -279,7 +279,7 @@ class NeuralModel(PerturbationModel):
         table = CellTable(
             arrays, state_codes=np.zeros(n, dtype=np.int64), is_control=np.ones(n, dtype=bool)
         )
-        blocks: list[np.ndarray] = []
+        out = np.empty((0, empty_width), dtype=np.float32)
         self.module.eval()
         with torch.no_grad(), torch_seed_scope(seed, self.device):
             for start in range(0, n, self.predict_batch_size):
@@ -288,10 +288,11 @@ class NeuralModel(PerturbationModel):
                 if "x" in batch:
                     batch["ctrl"] = batch["x"]
                 batch = move_batch(batch, self.device)
-                blocks.append(compute(batch).float().cpu().numpy())
-        if not blocks:
-            return np.zeros((0, empty_width), dtype=np.float32)
-        return np.concatenate(blocks).astype(np.float32, copy=False)
+                block = compute(batch).float().cpu().numpy()
+                if start == 0:  # the output's width is known from the first batch
+                    out = np.empty((n, block.shape[1]), dtype=np.float32)
+                out[rows] = block
+        return out
 
     # -- persistence ---------------------------------------------------------------------
     def _extra_config(self) -> dict[str, Any]:

@@ -95,37 +95,53 @@ def badge_legend() -> str:
     )
 
 
+COLLAPSE_NOTE = (
+    "Per model (mean over seeds): <strong>spread ratio</strong> = root of the summed squared "
+    "distances of the predicted group means from their covariate's mean prediction, over the "
+    "same for the observed means (0: one prediction for every perturbation, 1: as diverse as "
+    f"the data); flagged collapsed below {SPREAD_THRESHOLD:g}. <strong>Pairwise cosine</strong> "
+    "of the predicted deltas between perturbations of a covariate (observed: the same for the "
+    "observed deltas). <strong>Rank chance</strong>: the rank metric of a collapsed model."
+)
+PROBE_NOTE = (
+    "A fresh logistic-regression classifier, cross-validated (5 folds) on the basal latent of "
+    "the held-out (val + test) cells, predicts each target within the values of the other "
+    "targets (the perturbation within each covariate, a covariate within each perturbation). "
+    "<strong>Chance</strong>: the majority rate; <strong>reference</strong>: the same probe on "
+    "expression PCA of the same cells. A latent that removed the information scores near "
+    "chance (<strong>removed</strong> = (reference − accuracy) / (reference − chance) near 1); "
+    "one that keeps it scores near the reference (removed near 0). Mean ± sd over seeds."
+)
+
+
 def diagnostic_sections(page: Any, out: Path, models: Sequence[str]) -> None:
     """The "Collapse statistics" and "Disentanglement probe" sections, when there is data."""
     tables = read_diagnostics(out)
     order = {m: i for i, m in enumerate(models)}
-    collapse = _full(tables["collapse"])
-    if not collapse.empty:
-        page.section("collapse-stats", "Collapse statistics")
-        page.add(
-            '<p class="note">Per model (mean over seeds): <strong>spread ratio</strong> = root of the summed '
-            "squared distances of the predicted group means from their covariate's mean prediction, "
-            "over the same for the observed means (0: one prediction for every perturbation, 1: as "
-            f"diverse as the data); flagged collapsed below {SPREAD_THRESHOLD:g}. <strong>Pairwise "
-            "cosine</strong> of the predicted deltas between perturbations of a covariate (observed: the "
-            "same for the observed deltas). <strong>Rank chance</strong>: the rank metric of a collapsed "
-            "model.</p>"
-        )
-        page.add(_simple_table(_collapse_rows(collapse, order), table_id=COLLAPSE_TABLE_ID))
-    probe = _full(tables["probe"])
-    if not probe.empty:
-        page.section("probe", "Disentanglement probe")
-        page.add(
-            '<p class="note">A fresh logistic-regression classifier, cross-validated (5 folds) on the '
-            "basal latent of the held-out (val + test) cells, predicts each target within the "
-            "values of the other targets (the perturbation within each covariate, a covariate "
-            "within each perturbation). <strong>Chance</strong>: the majority rate; <strong>reference</strong>: the "
-            "same probe on expression PCA of the same cells. A latent that removed the information "
-            "scores near chance (<strong>removed</strong> = (reference − accuracy) / (reference − chance) "
-            "near 1); one that keeps it scores near the reference (removed near 0). Mean ± sd over "
-            "seeds.</p>"
-        )
-        page.add(_simple_table(_probe_rows(probe, order), table_id=PROBE_TABLE_ID, digits=3))
+    for anchor, title, note, frame, rows, table_id in (
+        (
+            "collapse-stats",
+            "Collapse statistics",
+            COLLAPSE_NOTE,
+            tables["collapse"],
+            _collapse_rows,
+            COLLAPSE_TABLE_ID,
+        ),
+        (
+            "probe",
+            "Disentanglement probe",
+            PROBE_NOTE,
+            tables["probe"],
+            _probe_rows,
+            PROBE_TABLE_ID,
+        ),
+    ):
+        frame = _full(frame)
+        if frame.empty:
+            continue
+        page.section(anchor, title)
+        page.add(f'<p class="note">{note}</p>')
+        page.add(_simple_table(rows(frame, order), table_id=table_id, digits=3))
 
 
 def _mean_sd(values: pd.Series) -> str:
