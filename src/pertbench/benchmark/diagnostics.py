@@ -9,7 +9,6 @@ scenario, model and seed. The runner collects them into ``DIR/probe.csv`` and
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -71,6 +70,11 @@ def _labelled(table: pd.DataFrame, labels: Mapping[str, Any], kind: str) -> pd.D
     return out[TABLES[kind][1]]
 
 
+def _read(path: Path) -> pd.DataFrame:
+    # Labels are text: a model called "NA" stays "NA" (as in the results table).
+    return pd.read_csv(path, keep_default_na=False, na_values=["", "nan", "NaN"])
+
+
 def collect_diagnostics(cell_dirs: Iterable[Path], out: Path) -> dict[str, pd.DataFrame]:
     """Concatenate the cells' diagnostic tables into ``out/probe.csv`` and ``out/collapse.csv``.
 
@@ -81,7 +85,7 @@ def collect_diagnostics(cell_dirs: Iterable[Path], out: Path) -> dict[str, pd.Da
     tables = {}
     for kind, (filename, columns) in TABLES.items():
         frames = [
-            pd.read_csv(d / filename)
+            _read(d / filename)
             for d in cell_dirs
             if (d / paths.DONE_FILE).is_file() and (d / filename).is_file()
         ]
@@ -97,15 +101,8 @@ def read_diagnostics(out: Path) -> dict[str, pd.DataFrame]:
     tables = {}
     for kind, (filename, columns) in TABLES.items():
         file = Path(out) / filename
-        frame = pd.read_csv(file) if file.is_file() else pd.DataFrame(columns=columns)
+        frame = _read(file) if file.is_file() else pd.DataFrame(columns=columns)
         for key in ("dataset", "task", "scenario", "model"):
             frame[key] = frame[key].astype(str)
         tables[kind] = frame
     return tables
-
-
-def finite(value: Any) -> bool:
-    try:
-        return math.isfinite(float(value))
-    except (TypeError, ValueError):
-        return False

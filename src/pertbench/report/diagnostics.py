@@ -41,6 +41,10 @@ def _full(frame: pd.DataFrame) -> pd.DataFrame:
     return frame[frame["scenario"] == FULL_SCENARIO]
 
 
+def _is_collapsed(spread_ratio: float) -> bool:
+    return math.isfinite(spread_ratio) and spread_ratio < SPREAD_THRESHOLD
+
+
 def _badge(kind: str, text: str, title: str) -> str:
     return f'<span class="{BADGE_CLASS} {kind}" title="{esc(title)}">{esc(text)}</span>'
 
@@ -58,7 +62,7 @@ def collapse_badges(out: Path, summary: pd.DataFrame) -> dict[BadgeKey, str]:
     ranks = ranks[ranks["metric"].astype(str).str.contains("_rank_") & (ranks["model"] != CEILING)]
     badges: dict[BadgeKey, list[str]] = {}
     for (dataset, task, model), row in per_model.iterrows():
-        if math.isfinite(row["spread_ratio"]) and row["spread_ratio"] < SPREAD_THRESHOLD:
+        if _is_collapsed(row["spread_ratio"]):
             badges.setdefault((dataset, task, model), []).append(
                 _badge(
                     "collapsed",
@@ -170,7 +174,7 @@ def _collapse_rows(collapse: pd.DataFrame, order: Mapping[str, int]) -> pd.DataF
                 "pairwise cosine": _mean_sd(block["mean_pairwise_cosine"]),
                 "observed cosine": _mean_sd(block["true_mean_pairwise_cosine"]),
                 "rank chance": _mean_sd(block["rank_chance"]),
-                "collapsed": "yes" if math.isfinite(spread) and spread < SPREAD_THRESHOLD else "no",
+                "collapsed": "yes" if _is_collapsed(spread) else "no",
             }
         )
     return _sorted(pd.DataFrame(rows), order).drop(columns="_order")
