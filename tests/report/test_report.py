@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -17,6 +18,7 @@ from pertbench.benchmark.runner import run_benchmark
 from pertbench.errors import InputFileError
 from pertbench.models.registry import BASELINE_MODELS
 from pertbench.report import write_report
+from pertbench.report.diagnostics import PROBE_TABLE_ID
 from pertbench.report.html import SUMMARY_CSV, SUMMARY_TABLE_ID
 
 EVIL = "<script>alert('x')</script>"
@@ -25,6 +27,28 @@ EVIL = "<script>alert('x')</script>"
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     return small_run(tmp_path_factory.mktemp("bench"))
+
+
+TINY_CPA = {
+    "n_latent": 8,
+    "hidden_dim": 16,
+    "n_layers_encoder": 1,
+    "n_layers_pert_emb": 1,
+    "adv_classifier_hidden_dim": 8,
+    "adv_classifier_n_layers": 1,
+}
+
+
+@pytest.fixture(scope="module")
+def latent_run(tmp_path_factory):
+    """A tiny benchmark with a model that has a basal latent (probe) beside the baselines."""
+    root = tmp_path_factory.mktemp("latent")
+    raw = small_config(
+        name="latent",
+        tasks={"transfer": {"task": "transfer", "options": {"fraction": 0.5}}},
+        models={"cpa": {"params": TINY_CPA}},
+    )
+    return run_benchmark(parse_config(raw, base_dir=root), out=root / "run", log=lambda m: None)
 
 
 def test_report_is_self_contained_with_all_sections(run):
@@ -73,6 +97,40 @@ def test_summary_matches_an_independent_aggregation(run):
         0
     ]
     assert f"{row['mean']:.4g}" in table
+
+
+def test_probe_and_collapse_tables_are_collected_and_reported(latent_run):
+    out = latent_run.out_dir
+    assert (latent_run.results["status"] == "ok").all(), latent_run.failures
+    probe = pd.read_csv(out / "probe.csv")
+    collapse = pd.read_csv(out / "collapse.csv")
+    # probe: the model with a latent only, two targets per seed; collapse: every cell
+    assert set(probe["model"]) == {"cpa"} and len(probe) == 2 * 2
+    cells = latent_run.results.query("model != 'ceiling'").drop_duplicates(["model", "seed"])
+    assert len(collapse) == len(cells)
+    by_model = collapse.groupby("model")["spread_ratio"].mean()
+    assert by_model["no_change"] == pytest.approx(0.0, abs=1e-6)
+    assert by_model["covariate_mean"] == pytest.approx(0.0, abs=1e-6)
+    assert by_model["perturbation_mean"] > 0.5
+    done = json.loads(
+        (paths.cell_dir(out, "sim", "transfer", "full", "cpa", 0) / "done.json").read_text()
+    )
+    assert done["probe"] is True
+    html = latent_run.report.read_text(encoding="utf-8")
+    for section in ("Disentanglement probe", "Collapse statistics"):
+        assert f">{section}</h2>" in html, section
+    probe_table = html.split(f'id="{PROBE_TABLE_ID}"')[1].split("</table>")[0]
+    for target in ("perturbation", "cell_type"):
+        accuracy = probe.loc[probe["target"] == target, "accuracy"]
+        cell = f"{accuracy.mean():.3g} ± {accuracy.std(ddof=1):.2g}"
+        assert cell in probe_table, (cell, probe_table)
+    # badges: the collapsed baselines carry one in the summary table, the ceiling none
+    summary = html.split(f'id="{SUMMARY_TABLE_ID}"')[1].split("</table>")[0]
+    rows = {re.findall(r'<td class="label">([^<]*)', r)[2]: r for r in summary.split("<tr")[2:]}
+    assert 'class="badge collapsed"' in rows["no_change"]
+    assert 'class="badge collapsed"' in rows["covariate_mean"]
+    assert "badge" not in rows["ceiling"]
+    assert "badge collapsed" not in rows["perturbation_mean"]
 
 
 def test_user_supplied_names_are_escaped(tmp_path, make_toy):
@@ -132,7 +190,7 @@ def _chromium() -> str | None:
 
 
 @pytest.mark.browser
-def test_report_renders_in_headless_chromium(tmp_path, run):
+def test_report_renders_in_headless_chromium(tmp_path, run, latent_run):
     browser = _chromium()
     if browser is None:
         pytest.skip(
@@ -166,6 +224,26 @@ def test_report_renders_in_headless_chromium(tmp_path, run):
     table = dom.stdout.split(f'id="{SUMMARY_TABLE_ID}"')[1].split("</table>")[0]
     n_models = 2 + len(BASELINE_MODELS)  # linear, the baselines, the ceiling
     assert table.count("<tr") == 1 + 2 * n_models  # header + 2 tasks x models
+    # one badge per (task, model) whose mean spread ratio is below the threshold (in the
+    # combo task no covariate has two test groups: undefined, no badge); no_change and
+    # covariate_mean of the transfer task are collapsed by construction
+    spread = pd.read_csv(run.out_dir / "collapse.csv").groupby(["task", "model"])["spread_ratio"]
+    n_collapsed = int((spread.mean() < 0.15).sum())
+    assert n_collapsed >= 2
+    assert table.count('class="badge collapsed"') == n_collapsed
+    # the probe section and the badges of a run with a latent model, as rendered
+    dom = subprocess.run(
+        [browser, *flags, "--dump-dom", latent_run.report.resolve().as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    assert ">Disentanglement probe</h2>" in dom.stdout
+    probe = dom.stdout.split(f'id="{PROBE_TABLE_ID}"')[1].split("</table>")[0]
+    assert probe.count("<tr") == 1 + 2  # header + cpa x (perturbation, cell_type)
+    summary = dom.stdout.split(f'id="{SUMMARY_TABLE_ID}"')[1].split("</table>")[0]
+    assert 'class="badge collapsed"' in summary
     # a real, non-blank screenshot
     from PIL import Image
 

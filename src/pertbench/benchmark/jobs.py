@@ -1,8 +1,9 @@
 """The job functions a backend runs: tune one model, or fit-predict-evaluate one cell.
 
 A *cell* is one (dataset, task, scenario, model, seed). Its folder holds
-``predictions.h5ad``, ``metrics.csv`` (tidy: one row per metric), ``per_group.csv`` and,
-written last and atomically, ``done.json``; a resumed run skips every cell that has it.
+``predictions.h5ad``, ``metrics.csv`` (tidy: one row per metric), ``per_group.csv``, the
+model diagnostics ``probe.csv`` and ``collapse.csv`` (:mod:`pertbench.benchmark.diagnostics`)
+and, written last and atomically, ``done.json``; a resumed run skips every cell that has it.
 A cell that raises writes ``error.json`` instead (no ``done.json``), so it is recorded and
 retried by the next ``--resume``, and the rest of the benchmark carries on.
 """
@@ -278,6 +279,7 @@ def run_cell_job(job: CellJob) -> JobOutcome:
 
 
 def _run_cell(job: CellJob, directory: Path) -> dict[str, Any]:
+    from pertbench.benchmark.diagnostics import write_cell_diagnostics
     from pertbench.data.keys import PerturbationKeys
     from pertbench.data.splits import read_split
     from pertbench.errors import ModelError
@@ -320,7 +322,19 @@ def _run_cell(job: CellJob, directory: Path) -> dict[str, Any]:
     per_group = getattr(evaluation, "per_group", None)
     if isinstance(per_group, pd.DataFrame):
         write_csv_atomic(directory / paths.PER_GROUP_FILE, per_group)
+    diagnostics = write_cell_diagnostics(
+        outcome.model,
+        adata,
+        split,
+        pred,
+        directory=directory,
+        labels=job.labels(),
+        keys=keys,
+        on=job.on,
+        seed=job.seed,
+    )
     return {
+        **diagnostics,
         **job.labels(),
         "status": "ok",
         "model_name": job.model,

@@ -29,6 +29,7 @@ from pertbench.benchmark.config import (
     dump_config,
     load_config,
 )
+from pertbench.benchmark.diagnostics import collect_diagnostics
 from pertbench.benchmark.jobs import (
     CEILING,
     CEILING_FILE,
@@ -387,6 +388,7 @@ def _run(
         execute(jobs, deps, run_job, runner, on_result=on_result, on_crash=on_crash, log=log)
 
         results, failures = collect_results(jobs)
+        collect_diagnostics((j.directory for j in jobs.values() if isinstance(j, CellJob)), out)
         write_parquet_atomic(out / paths.RESULTS_PARQUET, results)
         write_csv_atomic(out / paths.RESULTS_CSV, results)
         write_csv_atomic(out / paths.FAILURES_CSV, failures)
