@@ -263,7 +263,9 @@ def disentanglement_probe(
     if idx.size == 0:
         raise ConfigError(f"the split has no {_describe(on)} cells to probe; choose other parts")
     # an on-disk dataset (out-of-core training) reads only the probed rows
-    cells = adata.to_memory(idx) if hasattr(adata, "to_memory") else adata[idx]
+    from pertbench.data.ondisk import OnDiskData
+
+    cells = adata.to_memory(idx) if isinstance(adata, OnDiskData) else adata[idx]
     latent = model.basal_latent(cells)
     if latent is None:
         return None
