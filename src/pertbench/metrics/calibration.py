@@ -22,6 +22,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -217,3 +218,139 @@ def summarize_seeds(summaries: Sequence[pd.DataFrame]) -> pd.DataFrame:
         {"mean": grouped.mean(), "sd": grouped.std(ddof=1), "n": grouped.count()}
     ).reset_index()
     return out
+
+
+@dataclass(frozen=True)
+class BaselineComparison:
+    """How a model compares with every simple baseline on one metric.
+
+    Attributes
+    ----------
+    best
+        Name of the best baseline (in the metric's direction, on the groups where the
+        model, that baseline and the ceiling are all defined); ``None`` when no baseline
+        is defined anywhere.
+    normalized_best, ci_low, ci_high
+        The normalised score with ``best`` as the floor, and its bootstrap interval.
+    advantage
+        Per baseline: (mean advantage of the model in the metric's direction, its 95%
+        interval low, high), a paired bootstrap over the groups both define.
+    beats_all
+        True when the interval of the advantage lies above 0 for every baseline; False
+        when it does not for at least one; ``None`` when undecidable (no baseline, or a
+        baseline compared on fewer than 2 groups or without resampling).
+    """
+
+    best: str | None
+    normalized_best: float
+    ci_low: float
+    ci_high: float
+    advantage: dict[str, tuple[float, float, float]]
+    beats_all: bool | None
+
+
+def bootstrap_advantage(
+    model: np.ndarray,
+    baseline: np.ndarray,
+    *,
+    higher_is_better: bool,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+    level: float = CI_LEVEL,
+) -> tuple[float, float, float, int]:
+    """Mean advantage of ``model`` over ``baseline`` and its paired bootstrap interval.
+
+    The advantage is ``mean(model) - mean(baseline)`` for a metric where higher is
+    better, ``mean(baseline) - mean(model)`` otherwise (positive = the model is better),
+    over the groups where both are defined; every bootstrap replicate resamples those
+    groups once for both.
+
+    Returns
+    -------
+    value, ci_low, ci_high, n_groups
+    """
+    M = np.column_stack([model, baseline]).astype(np.float64)
+    M = M[~np.isnan(M).any(axis=1)]
+    if M.shape[0] == 0:
+        return float("nan"), float("nan"), float("nan"), 0
+    sign = 1.0 if higher_is_better else -1.0
+    diff = sign * (M[:, 0] - M[:, 1])
+    low = high = float("nan")
+    if n_bootstrap > 0 and M.shape[0] >= 2:
+        W = bootstrap_weights(M.shape[0], n_bootstrap, seed)
+        boot = (W @ diff) / W.sum(axis=1)
+        alpha = (1.0 - level) / 2.0
+        low, high = (float(q) for q in np.quantile(boot, [alpha, 1 - alpha]))
+    return float(diff.mean()), low, high, int(M.shape[0])
+
+
+def compare_with_baselines(
+    model: np.ndarray,
+    baselines: dict[str, np.ndarray],
+    ceiling: np.ndarray | None,
+    *,
+    higher_is_better: bool,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+) -> BaselineComparison:
+    """The best baseline as the floor of the normalised score, and whether the model
+    beats every baseline by more than its interval.
+
+    Parameters
+    ----------
+    model
+        Per-group values of the model.
+    baselines
+        Per-group values of each simple baseline, aligned with ``model``.
+    ceiling
+        Per-group ceiling values (``None``: no normalised score, only the comparison).
+    """
+    model = np.asarray(model, dtype=np.float64)
+    usable = ~np.isnan(model)
+    if ceiling is not None:
+        usable &= ~np.isnan(np.asarray(ceiling, dtype=np.float64))
+    sign = 1.0 if higher_is_better else -1.0
+    best, best_value = None, -np.inf
+    for name, values in baselines.items():
+        values = np.asarray(values, dtype=np.float64)
+        rows = usable & ~np.isnan(values)
+        if not rows.any():
+            continue
+        score = sign * float(values[rows].mean())
+        if score > best_value:  # ties keep the first (baselines come in a fixed order)
+            best, best_value = name, score
+    norm = low = high = float("nan")
+    if best is not None and ceiling is not None:
+        norm, low, high, _ = bootstrap_normalized(
+            model,
+            np.asarray(baselines[best], dtype=np.float64),
+            np.asarray(ceiling, dtype=np.float64),
+            higher_is_better=higher_is_better,
+            n_bootstrap=n_bootstrap,
+            seed=seed,
+        )
+    advantage = {}
+    decided: list[bool] = []
+    undecidable = not baselines
+    for name, values in baselines.items():
+        value, lo, hi, n = bootstrap_advantage(
+            model,
+            np.asarray(values, dtype=np.float64),
+            higher_is_better=higher_is_better,
+            n_bootstrap=n_bootstrap,
+            seed=seed,
+        )
+        advantage[name] = (value, lo, hi)
+        if n == 0:
+            continue  # a baseline defined nowhere the model is cannot be beaten or lost to
+        if np.isnan(lo):
+            undecidable = True
+        else:
+            decided.append(lo > 0)
+    if not all(decided):
+        beats: bool | None = False  # not clearly better than at least one baseline
+    elif undecidable or not decided:
+        beats = None
+    else:
+        beats = True
+    return BaselineComparison(best, norm, low, high, advantage, beats)

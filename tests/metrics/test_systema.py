@@ -1,0 +1,87 @@
+"""Systema's reference-aware metrics against direct numpy computations."""
+
+import numpy as np
+import pytest
+
+from pertbench.metrics.fit import pearson
+from pertbench.metrics.systema import (
+    centroid_accuracy,
+    centroid_deltas,
+    perturbation_centroid,
+    systematic_variation,
+)
+
+
+@pytest.fixture
+def profiles():
+    rng = np.random.default_rng(3)
+    truth = rng.normal(size=(6, 40))
+    pred = truth + rng.normal(scale=0.8, size=truth.shape)
+    control = rng.normal(size=40)
+    return pred, truth, control
+
+
+def test_centroid_is_the_unweighted_mean_of_perturbations(profiles):
+    _, truth, _ = profiles
+    np.testing.assert_allclose(perturbation_centroid(truth), truth.sum(0) / 6)
+    w = np.arange(1, 7, dtype=float)
+    np.testing.assert_allclose(
+        perturbation_centroid(truth, weights=w), (truth * w[:, None]).sum(0) / w.sum()
+    )
+    with pytest.raises(ValueError, match="weights"):
+        perturbation_centroid(truth, weights=np.zeros(6))
+
+
+def test_pearson_delta_centroid_matches_numpy(profiles):
+    pred, truth, _ = profiles
+    r = truth.mean(0)
+    p, t = centroid_deltas(pred, truth, r)
+    expected = [np.corrcoef(pred[i] - r, truth[i] - r)[0, 1] for i in range(6)]
+    np.testing.assert_allclose(pearson(p, t), expected, rtol=1e-12)
+
+
+def test_centroid_accuracy_matches_a_direct_count(profiles):
+    pred, truth, _ = profiles
+    n = len(truth)
+    expected = []
+    for i in range(n):
+        d = np.linalg.norm(pred[i][None, :] - truth, axis=1)
+        expected.append(np.mean([d[q] > d[i] for q in range(n) if q != i]))
+    np.testing.assert_allclose(centroid_accuracy(pred, truth), expected)
+    # perfect predictions are closer to their own truth than to any other
+    np.testing.assert_array_equal(centroid_accuracy(truth, truth), np.ones(n))
+
+
+def test_centroid_accuracy_of_a_collapsed_prediction_is_chance(profiles):
+    _, truth, _ = profiles
+    collapsed = np.repeat(truth.mean(0, keepdims=True), len(truth), axis=0)
+    acc = centroid_accuracy(collapsed, truth)
+    # one shared prediction ranks the truths identically for every perturbation: the
+    # accuracies are (n-1-k)/(n-1) for k = 0..n-1, whose mean is exactly one half
+    assert acc.mean() == pytest.approx(0.5)
+    same = np.repeat(truth[:1], 3, axis=0)
+    np.testing.assert_array_equal(centroid_accuracy(same, same), [0.5, 0.5, 0.5])
+    assert np.isnan(centroid_accuracy(truth[:1], truth[:1])).all()
+
+
+def test_systematic_variation_matches_numpy(profiles):
+    _, truth, control = profiles
+    r = truth.mean(0)
+    expected = [
+        (t - control) @ (r - control) / np.linalg.norm(t - control) / np.linalg.norm(r - control)
+        for t in truth
+    ]
+    np.testing.assert_allclose(systematic_variation(truth, control), expected, rtol=1e-12)
+
+
+def test_systematic_variation_near_one_when_effects_share_one_shift():
+    rng = np.random.default_rng(0)
+    control = rng.normal(size=200)
+    shift = rng.normal(size=200) * 2.0
+    truth = control + shift + rng.normal(scale=0.1, size=(8, 200))
+    assert systematic_variation(truth, control).min() > 0.99
+    # independent effects, no shared shift: cosines ~ 1/sqrt(n) on average
+    independent = control + rng.normal(size=(8, 200))
+    assert systematic_variation(independent, control).mean() < 0.5
+    # an effect of exactly zero has no direction
+    assert np.isnan(systematic_variation(np.vstack([control, truth]), control)[0])
