@@ -31,6 +31,7 @@ changing the class proportions changes classes, not the strengths of the other p
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -84,7 +85,8 @@ def class_weights(spec: Mapping[str, Any] | None) -> dict[str, float]:
     weights = {}
     for name in NON_ADDITIVE_CLASSES:
         value = spec.get(name, 0.0)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        # numbers.Real also admits numpy scalars, as read back from a file's uns
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value >= 0:
             raise ConfigError(f"interaction_classes.{name} must be a number >= 0, got {value!r}")
         weights[name] = float(value)
     total = sum(weights.values())
