@@ -126,16 +126,26 @@ def test_reproducible_and_thread_independent():
 
 
 def test_streaming_writer_matches_in_memory(tmp_path):
-    options = {**SMALL, "chunk_size": 50, "doses": (1, 10), "n_studies": 2}
+    options = {
+        **SMALL,
+        "chunk_size": 50,
+        "doses": (1, 10),
+        "n_studies": 2,
+        "interaction_classes": {"synergy": 1.0, "epistasis": 2.0},
+    }
     path = simulate_to_h5ad(tmp_path / "sim.h5ad", **options)
     streamed = ad.read_h5ad(path)
     memory = simulate(**options)
     assert (streamed.X != memory.X).nnz == 0
     assert (streamed.layers["counts"] != memory.layers["counts"]).nnz == 0
     pd.testing.assert_frame_equal(streamed.obs, memory.obs)
-    np.testing.assert_array_equal(
-        streamed.uns["simulation"]["true_effect"], memory.uns["simulation"]["true_effect"]
-    )
+    for key in ("true_effect", "interaction", "interaction_class", "interaction_coefficients"):
+        np.testing.assert_array_equal(
+            streamed.uns["simulation"][key], memory.uns["simulation"][key]
+        )
+    # the file's own settings re-simulate it (what the metric validation study relies on)
+    again = simulate(**dict(streamed.uns["simulation"]["params"]))
+    assert (again.X != memory.X).nnz == 0
     assert [p.name for p in tmp_path.iterdir()] == ["sim.h5ad"]  # no temporary left
 
 
