@@ -189,8 +189,8 @@ def _chromium() -> str | None:
     return None
 
 
-@pytest.mark.browser
-def test_report_renders_in_headless_chromium(tmp_path, run, latent_run):
+def _render(tmp_path, url: str, name: str):
+    """The DOM and a 1280 x 1600 screenshot (grey levels and RGB) of ``url`` in headless Chromium."""
     browser = _chromium()
     if browser is None:
         pytest.skip(
@@ -207,8 +207,7 @@ def test_report_renders_in_headless_chromium(tmp_path, run, latent_run):
         "--hide-scrollbars",
         f"--user-data-dir={tmp_path / 'profile'}",
     ]
-    url = run.report.resolve().as_uri()
-    shot = tmp_path / "report.png"
+    shot = tmp_path / f"{name}.png"
     proc = subprocess.run(
         [browser, *flags, "--window-size=1280,1600", f"--screenshot={shot}", url],
         capture_output=True,
@@ -220,8 +219,18 @@ def test_report_renders_in_headless_chromium(tmp_path, run, latent_run):
         [browser, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=120
     )
     assert dom.returncode == 0, dom.stderr[-2000:]
+    from PIL import Image
+
+    assert shot.stat().st_size > 20_000
+    rgb = np.asarray(Image.open(shot).convert("RGB"), dtype=float)
+    return dom.stdout, rgb
+
+
+@pytest.mark.browser
+def test_report_renders_in_headless_chromium(tmp_path, run, latent_run):
+    dom, rgb = _render(tmp_path, run.report.resolve().as_uri(), "report")
     # the rendered document holds the summary table with one row per (task, model)
-    table = dom.stdout.split(f'id="{SUMMARY_TABLE_ID}"')[1].split("</table>")[0]
+    table = dom.split(f'id="{SUMMARY_TABLE_ID}"')[1].split("</table>")[0]
     n_models = 2 + len(BASELINE_MODELS)  # linear, the baselines, the ceiling
     assert table.count("<tr") == 1 + 2 * n_models  # header + 2 tasks x models
     # one badge per (task, model) whose mean spread ratio is below the threshold (in the
@@ -232,22 +241,67 @@ def test_report_renders_in_headless_chromium(tmp_path, run, latent_run):
     assert n_collapsed >= 2
     assert table.count('class="badge collapsed"') == n_collapsed
     # the probe section and the badges of a run with a latent model, as rendered
-    dom = subprocess.run(
-        [browser, *flags, "--dump-dom", latent_run.report.resolve().as_uri()],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert dom.returncode == 0, dom.stderr[-2000:]
-    assert ">Disentanglement probe</h2>" in dom.stdout
-    probe = dom.stdout.split(f'id="{PROBE_TABLE_ID}"')[1].split("</table>")[0]
+    latent_dom, _ = _render(tmp_path, latent_run.report.resolve().as_uri(), "latent")
+    assert ">Disentanglement probe</h2>" in latent_dom
+    probe = latent_dom.split(f'id="{PROBE_TABLE_ID}"')[1].split("</table>")[0]
     assert probe.count("<tr") == 1 + 2  # header + cpa x (perturbation, cell_type)
-    summary = dom.stdout.split(f'id="{SUMMARY_TABLE_ID}"')[1].split("</table>")[0]
+    summary = latent_dom.split(f'id="{SUMMARY_TABLE_ID}"')[1].split("</table>")[0]
     assert 'class="badge collapsed"' in summary
     # a real, non-blank screenshot
-    from PIL import Image
-
-    image = np.asarray(Image.open(shot).convert("L"), dtype=float)
+    image = rgb.mean(axis=2)
     assert image.shape == (1600, 1280)
-    assert shot.stat().st_size > 20_000
     assert image.std() > 10  # text and figures, not a blank page
+
+
+@pytest.fixture(scope="module")
+def gi_run(tmp_path_factory):
+    """A combination benchmark (the fast test model) with the metric validation study."""
+    root = tmp_path_factory.mktemp("gi")
+    raw = small_config(
+        tasks={"combo": {"task": "combo", "options": {"fraction": 0.7}}},
+        models={"shift": {"model": SLEEPY}},
+        seeds=[0],
+        evaluation={"metrics": ["rmse_average", "rmse_rank_average"], "validate_metrics": True},
+    )
+    return run_benchmark(parse_config(raw, base_dir=root), out=root / "run", log=lambda m: None)
+
+
+def test_interaction_and_validation_sections(gi_run):
+    out = gi_run.out_dir
+    html = gi_run.report.read_text(encoding="utf-8")
+    assert ">Genetic interactions (combinations)</h2>" in html
+    assert ">Metric validation study</h2>" in html
+    assert '<p class="verdict">Interacting combinations:' in html
+    # the GI table shows the results' numbers, the additive reference first
+    section = html.split('id="gi-label-sim-combo"')[1].split("</table>")[0]
+    results = gi_run.results
+    for model in ("shift", "perturbation_mean"):
+        hit = (results["model"] == model) & (results["metric"] == "gi_rmse[interacting]")
+        assert f"{results.loc[hit, 'value'].iloc[0]:.3g}" in section
+    reference = results["metric"] == "gi_rmse_additive[interacting]"
+    additive = results.loc[reference, "value"].unique()
+    assert len(additive) == 1 and f"{additive[0]:.3g}" in section  # model-independent
+    assert section.index("additive (observed singles)") < section.index("shift")
+    # the validation study ran once, as its own job, and its heatmap is embedded
+    assert (out / "validation" / "sim" / "heatmap.png").is_file()
+    assert 'alt="Metric validation study, sim"' in html
+    assert len(list((out / "figures").glob("*_validation_sim.png"))) == 1
+    detection = pd.read_csv(out / "validation" / "sim" / "detection.csv")
+    assert "gi_rmse[interacting]" in set(detection["metric"])
+    assert detection["metric"].nunique() > 70  # the whole catalogue
+
+
+@pytest.mark.browser
+def test_validation_heatmap_renders_in_headless_chromium(tmp_path, gi_run):
+    dom, _ = _render(tmp_path, gi_run.report.resolve().as_uri(), "report")
+    assert 'alt="Metric validation study, sim"' in dom and 'id="gi-label-sim-combo"' in dom
+    # the heatmap exactly as embedded in the report, drawn alone: strong reds where the
+    # failures score worse than perfect
+    html = gi_run.report.read_text(encoding="utf-8")
+    figure = re.search(r'<img alt="Metric validation study, sim"[^>]*>', html)
+    assert figure is not None
+    page = tmp_path / "figure.html"
+    page.write_text(f"<!DOCTYPE html><html><body>{figure.group(0)}</body></html>")
+    _, rgb = _render(tmp_path, page.resolve().as_uri(), "figure")
+    red = (rgb[..., 0] > 150) & (rgb[..., 1] < 90) & (rgb[..., 2] < 90)
+    assert red.mean() > 0.02

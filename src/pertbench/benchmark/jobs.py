@@ -70,6 +70,7 @@ class CellJob:
     metrics: tuple[str, ...] | None = None
     on: str = "test"
     save_predictions: str = "cells"
+    interactions: bool = True
     threads: int | None = None
 
     @property
@@ -155,8 +156,8 @@ def _dataset(path: str, keys: Any) -> Any:
     return adata
 
 
-def run_job(job: CellJob | TuneJob) -> JobOutcome:
-    """Run one job (the function every backend executes)."""
+def run_job(job: Any) -> JobOutcome:
+    """Run one job: a cell, a tuning or a validation study (what every backend executes)."""
     if job.threads:
         import torch
 
@@ -164,7 +165,11 @@ def run_job(job: CellJob | TuneJob) -> JobOutcome:
             torch.set_num_threads(int(job.threads))
     if isinstance(job, TuneJob):
         return run_tune_job(job)
-    return run_cell_job(job)
+    if isinstance(job, CellJob):
+        return run_cell_job(job)
+    from pertbench.benchmark.validation import run_validation_job
+
+    return run_validation_job(job)
 
 
 def _error_record(exc: BaseException) -> dict[str, Any]:
@@ -279,6 +284,7 @@ def run_cell_job(job: CellJob) -> JobOutcome:
 
 
 def _run_cell(job: CellJob, directory: Path) -> dict[str, Any]:
+    from pertbench.benchmark.combinations import interaction_metric_rows
     from pertbench.benchmark.diagnostics import write_cell_diagnostics
     from pertbench.data.keys import PerturbationKeys
     from pertbench.data.splits import read_split
@@ -317,6 +323,12 @@ def _run_cell(job: CellJob, directory: Path) -> dict[str, Any]:
     _save_predictions(pred, directory, job, keys)
     evaluation = outcome.evaluations[job.on]
     metrics, ceiling = cell_metrics_table(evaluation, job, keys)
+    if job.interactions:  # genetic interactions of the held-out combinations, if any
+        gi_rows = interaction_metric_rows(
+            adata, pred, split, keys=keys, job=job, directory=directory, columns=METRIC_COLUMNS
+        )
+        if gi_rows is not None:
+            metrics = pd.concat([metrics, gi_rows], ignore_index=True)
     write_csv_atomic(directory / paths.METRICS_FILE, metrics)
     write_csv_atomic(directory / CEILING_FILE, ceiling)
     per_group = getattr(evaluation, "per_group", None)

@@ -390,8 +390,10 @@ def write_report(out: str | os.PathLike, *, title: str | None = None) -> Path:
 
             page.try_figure(draw, f"ranks_{dataset}_{task}", f"Rank metrics, {dataset} / {task}")
 
+    _interaction_section(page, results, summary, models)
     diagnostic_sections(page, out, models)
     _prediction_sections(page, results, manifest, config, models)
+    _validation_section(page, out)
     _scenario_sections(page, results, manifest, models, metrics)
     _tuning_section(page, out)
     _stability_section(page, results, models, metrics)
@@ -452,6 +454,22 @@ def write_report(out: str | os.PathLike, *, title: str | None = None) -> Path:
 # ---------------------------------------------------------------------------------------
 # Sections that need data beyond the results table
 # ---------------------------------------------------------------------------------------
+def _interaction_section(
+    page: _Page, results: pd.DataFrame, summary: pd.DataFrame, models: list[str]
+) -> None:
+    """Genetic-interaction tables by subgroup (:mod:`pertbench.report.interactions`)."""
+    from pertbench.report.interactions import interaction_section
+
+    interaction_section(page, results, summary, models)
+
+
+def _validation_section(page: _Page, out: Path) -> None:
+    """The metric validation heatmap (:mod:`pertbench.report.validation`)."""
+    from pertbench.report.validation import validation_section
+
+    validation_section(page, out)
+
+
 def _prediction_sections(
     page: _Page, results: pd.DataFrame, manifest: dict, config: dict, models: list[str]
 ) -> None:
