@@ -38,7 +38,7 @@ def test_higher_is_better_floor_is_the_highest_baseline():
     assert cmp.best == "perturbation_mean"
     assert cmp.normalized_best == pytest.approx((0.6 - 0.8) / (0.9 - 0.8), abs=1e-9)
     assert cmp.beats_all is False  # clearly worse than perturbation_mean
-    value, lo, hi = cmp.advantage["perturbation_mean"]
+    value, _low, hi = cmp.advantage["perturbation_mean"]
     assert value == pytest.approx(-0.2) and hi < 0
 
 

@@ -29,11 +29,12 @@ import pandas as pd
 from pertbench.benchmark import paths
 from pertbench.benchmark.config import FULL_SCENARIO
 from pertbench.benchmark.materialize import read_manifest
+from pertbench.report.calibration import BEATS_MARK
 from pertbench.utils.io import write_bytes_atomic, write_csv_atomic, write_text_atomic
 
 SUMMARY_TABLE_ID = "summary-table"
 SUMMARY_CSV = "summary.csv"
-BASELINE_ORDER = ("no_change", "perturbation_mean", "covariate_mean")
+BASELINE_ORDER = ("no_change", "perturbation_mean", "covariate_mean", "additive_within")
 CEILING = "ceiling"
 #: Headline metrics of the summary table, in order of preference (those present are shown).
 HEADLINE_METRICS = (
@@ -118,12 +119,27 @@ def summarize(results: pd.DataFrame) -> pd.DataFrame:
 
     One row per (dataset, task, scenario, model, metric) of the successful cells.
     """
-    ok = results[(results["status"] == "ok") & (results["metric"].astype(str) != "")]
+    ok = results[(results["status"] == "ok") & (results["metric"].astype(str) != "")].copy()
     columns = ["dataset", "task", "scenario", "model", "metric"]
+    stats = [
+        "mean",
+        "sd",
+        "ci_low",
+        "ci_high",
+        "normalized",
+        "normalized_best",
+        "best_baseline",
+        "beats_baselines",
+        "n_seeds",
+    ]
     if ok.empty:
-        return pd.DataFrame(
-            columns=[*columns, "mean", "sd", "ci_low", "ci_high", "normalized", "n_seeds"]
-        )
+        return pd.DataFrame(columns=[*columns, *stats])
+    for column in ("normalized_best", "beats_baselines"):  # results of older versions
+        if column not in ok:
+            ok[column] = math.nan
+    if "best_baseline" not in ok:
+        ok["best_baseline"] = ""
+    ok["best_baseline"] = ok["best_baseline"].fillna("").astype(str)
     grouped = ok.groupby(columns, sort=False)
     summary = grouped.agg(
         mean=("value", "mean"),
@@ -131,6 +147,13 @@ def summarize(results: pd.DataFrame) -> pd.DataFrame:
         ci_low=("ci_low", "mean"),
         ci_high=("ci_high", "mean"),
         normalized=("normalized", "mean"),
+        normalized_best=("normalized_best", "mean"),
+        # the floor most seeds chose; share of seeds in which the model beat every baseline
+        best_baseline=(
+            "best_baseline",
+            lambda v: v[v != ""].mode().iat[0] if (v != "").any() else "",
+        ),
+        beats_baselines=("beats_baselines", "mean"),
         n_seeds=("value", "count"),
     )
     return summary.reset_index()
@@ -193,6 +216,8 @@ def _summary_table(
     badges: Mapping[tuple[str, str, str], str] | None = None,
 ) -> str:
     """The summary table; ``badges`` maps (dataset, task, model) to HTML shown by the name."""
+    from pertbench.report.calibration import calibrated_cell
+
     badges = badges or {}
     full = summary[summary["scenario"] == FULL_SCENARIO]
     header = [
@@ -217,20 +242,9 @@ def _summary_table(
                     cells.append("<td>–</td>")
                     continue
                 r = hit.iloc[0]
-                sd = f" ± {_fmt(r['sd'], 2)}" if math.isfinite(r["sd"]) else ""
-                ci = (
-                    f'<span class="ci">[{_fmt(r["ci_low"], 3)}, {_fmt(r["ci_high"], 3)}]</span>'
-                    if math.isfinite(r["ci_low"]) and math.isfinite(r["ci_high"])
-                    else ""
-                )
-                norm = (
-                    f'<span class="ci">normalised {_fmt(r["normalized"], 3)}</span>'
-                    if math.isfinite(r["normalized"])
-                    else ""
-                )
                 is_best = model != CEILING and metric in best and r["mean"] == best[metric]
                 cls = ' class="best"' if is_best else ""
-                cells.append(f"<td{cls}>{_fmt(r['mean'])}{sd}{ci}{norm}</td>")
+                cells.append(f"<td{cls}>{calibrated_cell(r, _fmt, esc)}</td>")
             cls = ' class="baseline"' if model in BASELINE_ORDER or model == CEILING else ""
             rows.append(
                 f'<tr{cls}><td class="label">{esc(dataset)}</td><td class="label">{esc(task)}</td>'
@@ -345,11 +359,14 @@ def write_report(out: str | os.PathLike, *, title: str | None = None) -> Path:
     # -- summary ------------------------------------------------------------------------
     page.section("summary", "Summary")
     page.add(
-        '<p class="note">Mean over seeds ± sd across seeds; below it, the 95% bootstrap interval over '
-        "perturbations (averaged over seeds). Normalised: (model − no_change) / (ceiling − no_change): "
+        '<p class="note">First, large: the calibrated score (model − no_change) / (ceiling − no_change), '
         "0 = no better than predicting no change, 1 = as good as a perfect model can look given the "
-        "measurement noise (the noise ceiling). "
-        "Best model per metric in bold; ↓ lower is better, ↑ higher is better.</p>"
+        "measurement noise (the noise ceiling, validated on simulated truth: docs/metrics.md). "
+        "Below it: the raw value, mean over seeds ± sd across seeds, the 95% bootstrap interval over "
+        "perturbations (averaged over seeds), and 'vs B': the same score with the best simple "
+        f"baseline B of that metric as the floor (0 = no better than B). {BEATS_MARK}: beats every "
+        "simple baseline by more than its 95% interval in every seed. "
+        "Best raw value per metric in bold; ↓ lower is better, ↑ higher is better.</p>"
     )
     from pertbench.report.diagnostics import badge_legend, collapse_badges, diagnostic_sections
 
@@ -390,6 +407,10 @@ def write_report(out: str | os.PathLike, *, title: str | None = None) -> Path:
 
             page.try_figure(draw, f"ranks_{dataset}_{task}", f"Rank metrics, {dataset} / {task}")
 
+    from pertbench.report.calibration import baseline_section, systematic_variation_section
+
+    baseline_section(page, summary, metrics, BASELINE_ORDER)
+    systematic_variation_section(page, results)
     _interaction_section(page, results, summary, models)
     diagnostic_sections(page, out, models)
     _prediction_sections(page, results, manifest, config, models)
