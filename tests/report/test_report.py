@@ -305,3 +305,59 @@ def test_validation_heatmap_renders_in_headless_chromium(tmp_path, gi_run):
     _, rgb = _render(tmp_path, page.resolve().as_uri(), "figure")
     red = (rgb[..., 0] > 150) & (rgb[..., 1] < 90) & (rgb[..., 2] < 90)
     assert red.mean() > 0.02
+
+
+def _cell_scores(run, task, model, seed, label=None):
+    folder = run.out_dir / "cells" / "sim" / task / "full" / model / f"seed_{seed}"
+    table = pd.read_csv(folder / paths.PER_GROUP_FILE)
+    table = table[table["model"] == (label or model)].drop_duplicates(["cell_type", "condition"])
+    return table.set_index(["cell_type", "condition"])
+
+
+def test_results_carry_the_best_baseline_floor_and_verdict(run):
+    """normalized_best and beats_baselines recomputed from the cells' per-group tables."""
+    r = run.results
+    row = r[
+        (r["task"] == "transfer")
+        & (r["model"] == "linear")
+        & (r["seed"] == 0)
+        & (r["scenario"] == "full")
+        & (r["metric"] == "rmse_average")
+    ].iloc[0]
+    model = _cell_scores(run, "transfer", "linear", 0)["rmse_average"]
+    ceiling = _cell_scores(run, "transfer", "no_change", 0, "ceiling")["rmse_average"]
+    means = {}
+    for baseline in BASELINE_MODELS:
+        folder = run.out_dir / "cells" / "sim" / "transfer" / "full" / baseline / "seed_0"
+        if (folder / paths.PER_GROUP_FILE).is_file():
+            means[baseline] = _cell_scores(run, "transfer", baseline, 0)["rmse_average"]
+    frame = pd.DataFrame({"m": model, "c": ceiling, **means}).dropna(subset=["m", "c"])
+    # lower is better: the floor is the baseline with the smallest mean error
+    best = min(means, key=lambda b: frame[b].dropna().mean())
+    assert row["best_baseline"] == best
+    both = frame[["m", "c", best]].dropna()
+    expected = (both["m"].mean() - both[best].mean()) / (both["c"].mean() - both[best].mean())
+    assert row["normalized_best"] == pytest.approx(expected, rel=1e-9)
+    # a baseline's own row: its floor is itself or a better one, never beaten by itself
+    own = r[
+        (r["task"] == "transfer")
+        & (r["model"] == best)
+        & (r["seed"] == 0)
+        & (r["scenario"] == "full")
+        & (r["metric"] == "rmse_average")
+    ].iloc[0]
+    assert own["normalized_best"] == pytest.approx(0.0, abs=1e-12)
+    assert own["beats_baselines"] == 0.0
+    assert set(r.loc[r["status"] == "ok", "beats_baselines"].dropna().unique()) <= {0.0, 1.0}
+
+
+def test_report_says_whether_any_model_beats_every_baseline(run):
+    html = run.report.read_text(encoding="utf-8")
+    assert ">Does any model beat every simple baseline?</h2>" in html
+    verdicts = html.split('id="baseline-verdicts"')[1].split("</table>")[0]
+    summary = pd.read_csv(run.out_dir / SUMMARY_CSV)
+    linear = summary.query("task == 'transfer' and model == 'linear' and metric == 'rmse_average'")
+    beaten = linear["beats_baselines"].iloc[0] == 1.0
+    row = next(r for r in verdicts.split("<tr>") if "transfer" in r and "rmse_average" in r)
+    assert ("linear" in row) == beaten
+    assert "none" in row or beaten

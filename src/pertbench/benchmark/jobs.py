@@ -292,7 +292,6 @@ def _run_cell(job: CellJob, directory: Path) -> dict[str, Any]:
     from pertbench.data.keys import PerturbationKeys
     from pertbench.data.splits import read_split
     from pertbench.errors import ModelError
-    from pertbench.metrics.evaluator import BASELINES
     from pertbench.tuning.fitting import fit_and_evaluate
 
     keys = PerturbationKeys.from_dict(job.keys)
@@ -319,9 +318,7 @@ def _run_cell(job: CellJob, directory: Path) -> dict[str, Any]:
         device=job.device,
         max_epochs=job.max_epochs,
         log_dir=directory / "training",
-        # every simple baseline, so each result carries normalized_best and the
-        # "beats every baseline" verdict
-        baselines=BASELINES,
+        baselines=("no_change",),
         ceiling=True,  # the noise ceiling is always part of a benchmark
         model_name=job.model_label,
     )
@@ -399,8 +396,6 @@ def cell_metrics_table(
     summary["reference"], summary["name"] = reference, bare
     model = summary[summary["reference"] == ""].set_index("name")
     normalized = summary[summary["reference"] == "normalized"].set_index("name")["value"]
-    normalized_best = summary[summary["reference"] == "normalized_best"].set_index("name")["value"]
-    verdicts = _baseline_verdicts(getattr(evaluation, "calibration", None))
     per_group = getattr(evaluation, "per_group", None)
     n_groups = math.nan
     if isinstance(per_group, pd.DataFrame):
@@ -424,19 +419,12 @@ def cell_metrics_table(
         out["normalized"] = (
             norm.reindex(frame.index).to_numpy(dtype=float) if norm is not None else math.nan
         )
-        model_rows = norm is not None
-        out["normalized_best"] = (
-            normalized_best.reindex(frame.index).to_numpy(dtype=float) if model_rows else math.nan
-        )
-        out["best_baseline"] = (
-            verdicts["best_baseline"].reindex(frame.index).fillna("").to_numpy(dtype=object)
-            if model_rows
-            else ""
-        )
-        out["beats_baselines"] = (
-            verdicts["beats_baselines"].reindex(frame.index).to_numpy(dtype=float)
-            if model_rows
-            else math.nan
+        # filled when the benchmark's results are collected, from the baseline cells
+        # (pertbench.benchmark.comparison)
+        out["normalized_best"], out["best_baseline"], out["beats_baselines"] = (
+            math.nan,
+            "",
+            math.nan,
         )
         out["n_groups"] = n_groups
         for key, value in job.labels().items():
@@ -447,22 +435,6 @@ def cell_metrics_table(
 
     ceiling = summary[summary["reference"] == "ceiling"].set_index("name")
     return table(model, job.model_label, normalized), table(ceiling, CEILING, None)
-
-
-def _baseline_verdicts(calibration: Any) -> pd.DataFrame:
-    """Per metric: the best baseline's name and 1.0/0.0/NaN for "beats every baseline".
-
-    NaN where the evaluator could not decide (fewer than 2 groups, no interval) or did not
-    compare (no calibration table, e.g. an evaluation without baselines).
-    """
-    empty = pd.DataFrame(columns=["best_baseline", "beats_baselines"], dtype=object)
-    if not isinstance(calibration, pd.DataFrame) or "beats_baselines" not in calibration:
-        return empty
-    table = calibration.set_index(calibration["metric"].astype(str))
-    beats = table["beats_baselines"].map({True: 1.0, False: 0.0}).astype(float)
-    return pd.DataFrame(
-        {"best_baseline": table["best_baseline"].astype(object), "beats_baselines": beats}
-    )
 
 
 def _jsonable(obj: Any) -> Any:

@@ -23,6 +23,7 @@ import pandas as pd
 
 from pertbench.benchmark import paths
 from pertbench.benchmark.backends import execute, make_backend, threads_per_worker
+from pertbench.benchmark.comparison import add_baseline_comparison
 from pertbench.benchmark.config import (
     BenchmarkConfig,
     default_config_path,
@@ -248,6 +249,7 @@ def collect_results(jobs: Mapping[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame
             results[column] = math.nan
     results = results[RESULT_COLUMNS]
     results["seed"] = results["seed"].astype(int)
+    results = add_baseline_comparison(results, jobs)
     results["tuned"] = results["tuned"].astype(bool)
     results = results.sort_values(
         ["dataset", "task", "scenario", "model", "seed", "split", "metric"], kind="stable"
