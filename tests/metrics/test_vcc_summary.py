@@ -47,3 +47,22 @@ def test_intervals_are_seeded_and_resample_within_blocks(make_toy):
     none = vcc_summary(result, n_bootstrap=0)
     assert none["ci_low"].isna().all()
     pd.testing.assert_series_equal(none["value"], a["value"])
+
+
+def test_evaluate_vcc_takes_the_mean_baseline_from_training_cells(make_toy):
+    from pertbench.metrics.vcc_summary import evaluate_vcc
+
+    truth = make_toy(n_covariates=2, n_perturbations=5, n_genes=30)
+    perts = truth.obs["condition"].astype(str)
+    test = perts.isin(["P3", "P4"])  # make_toy names its perturbations P0..P4
+    assert test.any()
+    split = pd.Series(np.where(test, "test", "train"), index=truth.obs_names)
+    pred = truth[test.to_numpy()].copy()
+    result, summary = evaluate_vcc(truth, pred, keys=KEYS, split=split, n_bootstrap=50)
+    expected = vcc_mean_baseline(truth[(split == "train").to_numpy()], like=pred, keys=KEYS)
+    direct = vcc_metrics(truth, pred, keys=KEYS, baseline=expected)
+    pd.testing.assert_frame_equal(result.scores, direct.scores)
+    table = summary.set_index("metric")
+    # the observed cells themselves: perfect mae, so the normalised mae is 1
+    assert table.loc["mae", "value"] == 0.0
+    assert np.isclose(table.loc["vcc_score/mae", "value"], 1.0)

@@ -136,3 +136,52 @@ def vcc_summary(
         profile = [m for m in vcc.VCC_PROFILE if m in names]
         parts.append(rows(_scores(model, baseline, names), SCORE_PREFIX, [*profile, "avg_score"]))
     return pd.concat(parts, ignore_index=True)
+
+
+def evaluate_vcc(
+    truth,
+    pred,
+    *,
+    keys=None,
+    split: pd.Series | None = None,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+    n_jobs: int = 1,
+) -> tuple[VCCResult, pd.DataFrame]:
+    """cell-eval's metrics, its mean baseline and the VCC score of a prediction, with
+    intervals (what ``pertbench evaluate --profile vcc`` runs).
+
+    Parameters
+    ----------
+    truth, pred
+        AnnData or .h5ad paths, log1p-normalised (see
+        :func:`pertbench.metrics.vcc_eval.vcc_metrics`).
+    split
+        Split labels of ``truth``'s cells (aligned to its obs_names). Given, the mean
+        baseline averages the ``train`` cells' groups (what a model could have learned);
+        without it, every group of ``truth`` (cell-eval's ``baseline`` run on the real
+        data).
+
+    Returns
+    -------
+    (VCCResult, DataFrame)
+        The full result and :func:`vcc_summary` of it.
+    """
+    from pertbench.metrics.vcc_eval import _read, vcc_mean_baseline, vcc_metrics
+
+    truth = _read(truth, "truth")
+    pred = _read(pred, "pred")
+    reference = truth
+    if split is not None:
+        train = split.reindex(truth.obs_names).fillna("").to_numpy() == "train"
+        if not train.any():
+            from pertbench.errors import EvaluationError
+
+            raise EvaluationError(
+                "the split has no train cells for the mean baseline; pass a split with a "
+                "train part or none (the baseline then averages the truth)"
+            )
+        reference = truth[train]
+    baseline = vcc_mean_baseline(reference, like=pred, keys=keys)
+    result = vcc_metrics(truth, pred, keys=keys, baseline=baseline, n_jobs=n_jobs)
+    return result, vcc_summary(result, n_bootstrap=n_bootstrap, seed=seed)
