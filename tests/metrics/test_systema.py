@@ -85,3 +85,16 @@ def test_systematic_variation_near_one_when_effects_share_one_shift():
     assert systematic_variation(independent, control).mean() < 0.5
     # an effect of exactly zero has no direction
     assert np.isnan(systematic_variation(np.vstack([control, truth]), control)[0])
+
+
+def test_pooled_means_weight_splits_by_cells_and_drop_controls():
+    from pertbench.metrics.systema import pooled_perturbation_means
+
+    means = np.array([[1.0, 0.0], [3.0, 2.0], [5.0, 5.0], [9.0, 9.0], [0.0, 0.0]])
+    labels = ["A", "A", "B", "control", "C"]
+    n = [1, 3, 2, 10, 0]  # A in two splits (1 and 3 cells); C has no cells
+    names, avg = pooled_perturbation_means(
+        labels, means, n, is_control=[False, False, False, True, False]
+    )
+    assert names.tolist() == ["A", "B"]
+    np.testing.assert_allclose(avg, [[2.5, 1.5], [5.0, 5.0]])

@@ -127,3 +127,35 @@ def systematic_variation(truth, control, centroid=None) -> np.ndarray:
     with np.errstate(invalid="ignore", divide="ignore"):
         out = np.where(norms > 0, (effects @ shared) / np.where(norms > 0, norms, 1.0), np.nan)
     return np.clip(out, -1.0, 1.0)
+
+
+def pooled_perturbation_means(
+    labels, means, n_cells, *, is_control=None
+) -> tuple[np.ndarray, np.ndarray]:
+    """One average per perturbation from per-(perturbation, split) group averages.
+
+    A perturbation observed in several splits of a covariate combination (rows of the
+    same label) gets the cell-weighted mean of its rows, i.e. the average of all its
+    cells; control rows (``is_control``) and empty rows are left out.
+
+    Returns
+    -------
+    labels, averages
+        The perturbations (first-seen order) and their (perturbations x genes) averages.
+    """
+    import pandas as pd
+
+    labels = np.asarray(labels).astype(str)
+    means = _averages(means)
+    n = np.asarray(n_cells, dtype=np.float64)
+    keep = n > 0
+    if is_control is not None:
+        keep &= ~np.asarray(is_control, dtype=bool)
+    codes, uniques = pd.factorize(labels[keep])
+    if uniques.size == 0:
+        return np.asarray(uniques, dtype=str), np.zeros((0, means.shape[1]))
+    w = n[keep]
+    sums = np.zeros((uniques.size, means.shape[1]))
+    np.add.at(sums, codes, means[keep] * w[:, None])
+    totals = np.bincount(codes, weights=w, minlength=uniques.size)
+    return np.asarray(uniques, dtype=str), sums / totals[:, None]
