@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from pertbench.data.backed import is_backed_matrix
 from pertbench.data.groups import group_cells
 from pertbench.data.keys import PerturbationKeys
 from pertbench.errors import ConfigError, DataValidationError, InputFileError
@@ -75,10 +76,24 @@ def scan_values(X) -> ValueStats:
     """Count NaN/inf/negative values and detect integer-valued data, without densifying.
 
     Sparse matrices are scanned over their stored values (implicit zeros are finite,
-    non-negative integers); dense ones in row chunks.
+    non-negative integers); dense ones in row chunks; the on-disk matrix of a backed
+    AnnData chunk by chunk without loading it.
     """
     stats = ValueStats(minimum=np.inf, maximum=-np.inf)
-    if sp.issparse(X):
+    if is_backed_matrix(X):  # on disk: read the stored values chunk by chunk
+        stats.size = int(np.prod(X.shape))
+        if _x_format(X) in ("csr", "csc"):
+            data = X.group["data"]
+            n = int(data.shape[0])
+            has_implicit_zero = n < stats.size
+            chunks = (np.asarray(data[i : i + _SCAN_CHUNK]) for i in range(0, n, _SCAN_CHUNK))
+        else:
+            rows = max(1, _SCAN_CHUNK // max(int(X.shape[1]), 1))
+            has_implicit_zero = False
+            chunks = (
+                np.asarray(X[i : i + rows]).reshape(-1) for i in range(0, int(X.shape[0]), rows)
+            )
+    elif sp.issparse(X):
         values = X.data
         stats.size = int(np.prod(X.shape))
         chunks = (values[i : i + _SCAN_CHUNK] for i in range(0, values.size, _SCAN_CHUNK))
@@ -205,7 +220,8 @@ class ValidationReport:
 def _x_format(X) -> str:
     if sp.issparse(X):
         return X.format
-    return "dense"
+    fmt = getattr(X, "format", None)  # a backed sparse dataset
+    return fmt if fmt in ("csr", "csc") else "dense"
 
 
 def _missing_mask(values: pd.Series) -> np.ndarray:
@@ -550,8 +566,8 @@ def read_h5ad(
     if not validate and on_counts == "allow":
         return adata
     if backed:
-        if validate:
-            validate_adata(adata.to_memory(), keys=keys, expect="any")
+        if validate:  # X is scanned chunk by chunk on disk, never loaded whole
+            validate_adata(adata, keys=keys, expect="any")
         return adata
     stats = scan_values(adata.X) if adata.X is not None else ValueStats()
     if stats.value_type == "counts" and not (stats.n_nan or stats.n_negative or stats.n_posinf):

@@ -21,6 +21,8 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
+from pertbench.data.backed import RowReader
+
 AGGREGATIONS = ("average", "delta", "logfc", "var", "logp")
 DEFAULT_AGGREGATIONS = ("average", "delta", "logfc", "var")
 LOGFC_PSEUDOCOUNT = 0.1
@@ -44,7 +46,9 @@ def group_stats(
     Parameters
     ----------
     X
-        (n_cells, n_genes) dense or sparse matrix; only rows with a code >= 0 are read.
+        (n_cells, n_genes) dense or sparse matrix, or a :class:`~pertbench.data.backed.RowReader`
+        (rows read from disk chunk by chunk, so memory stays bounded); only rows with a
+        code >= 0 are read.
     codes
         Group code per row (-1: row belongs to no group).
     n_groups
@@ -74,8 +78,9 @@ def group_stats(
     s1 = np.zeros((n_groups, n_genes))  # sums over non-zero entries of (x - K)
     s2 = np.zeros((n_groups, n_genes))  # ... and of (x - K)^2
     nnz = np.zeros((n_groups, n_genes))  # non-zero entries
-    sparse = sp.issparse(X)
-    if sparse:
+    reader = isinstance(X, RowReader)
+    sparse = X.is_sparse if reader else sp.issparse(X)
+    if sparse and not reader:
         X = sp.csr_matrix(X)
     piece_rows = max(1, int(chunk_elements // max(n_genes, 1)))
     for lo, hi in _chunks(sorted_codes, group_start, piece_rows):
@@ -83,10 +88,11 @@ def group_stats(
         # rows are sorted by group: each group is one segment of the chunk
         seg = np.flatnonzero(np.r_[True, chunk_codes[1:] != chunk_codes[:-1]])
         seg_codes = chunk_codes[seg]
+        sub = X.read(rows[lo:hi]) if reader else X[rows[lo:hi]]
         if sparse:
-            c1, c2, cn = _sparse_sums(X[rows[lo:hi]], chunk_codes, seg, shift)
+            c1, c2, cn = _sparse_sums(sub, chunk_codes, seg, shift)
         else:
-            c1, c2, cn = _dense_sums(np.asarray(X[rows[lo:hi]]), seg, shift[seg_codes])
+            c1, c2, cn = _dense_sums(np.asarray(sub), seg, shift[seg_codes])
         s1[seg_codes] += c1
         s2[seg_codes] += c2
         nnz[seg_codes] += cn
@@ -155,7 +161,7 @@ def _chunks(sorted_codes: np.ndarray, group_start: np.ndarray, piece_rows: int):
 
 
 def _dense_rows(X, rows: np.ndarray) -> np.ndarray:
-    sub = X[rows]
+    sub = X.read(rows) if isinstance(X, RowReader) else X[rows]
     if sp.issparse(sub):
         return sub.toarray().astype(np.float64, copy=False)
     return np.asarray(sub, dtype=np.float64)
