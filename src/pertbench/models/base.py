@@ -175,27 +175,9 @@ class PerturbationModel(ABC):
         epoch_callback
             ``f(epoch, metrics)`` after each epoch; may raise to stop (used for pruning).
         """
-        split = align_split(adata, split)
-        train_mask = (split == "train").to_numpy()
-        val_mask = (split == "val").to_numpy()
-        if not train_mask.any():
-            raise ModelError("the split has no 'train' cells; check the split file")
-        self.seed = int(seed)
-        self.device = resolve_device(device)
-        self.genes = pd.Index(adata.var_names.astype(str), name="gene")
-        if not self.genes.is_unique:
-            raise DataValidationError(
-                "gene names (var_names) are not unique; make them unique before training"
-            )
+        train_mask, val_mask = self._begin_fit(adata, split, seed=seed, device=device)
         train = adata[train_mask]
         val = adata[val_mask] if val_mask.any() else None
-        missing_controls = _covariates_without_controls(train, self.keys)
-        if missing_controls and self.input_kind == "expression":
-            raise ModelError(
-                f"training cells of covariates {', '.join(missing_controls)} have no controls; "
-                "a split must keep control cells of every covariate in train"
-            )
-        self.encoding = CategoryEncoding.fit(adata[train_mask | val_mask].obs, self.keys)
         context = FitContext(
             seed=self.seed,
             device=self.device,
@@ -210,6 +192,33 @@ class PerturbationModel(ABC):
         self._fit(train, val, context)
         self.fit_seconds = time.perf_counter() - start
         return self
+
+    def _begin_fit(
+        self, adata: ad.AnnData, split: pd.Series | None, *, seed: int, device: str
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """What :meth:`fit` does before learning, from obs and var only: align the split,
+        check it, set seed, device, genes and the category encoding. Returns the train
+        and val masks."""
+        split = align_split(adata, split)
+        train_mask = (split == "train").to_numpy()
+        val_mask = (split == "val").to_numpy()
+        if not train_mask.any():
+            raise ModelError("the split has no 'train' cells; check the split file")
+        self.seed = int(seed)
+        self.device = resolve_device(device)
+        self.genes = pd.Index(adata.var_names.astype(str), name="gene")
+        if not self.genes.is_unique:
+            raise DataValidationError(
+                "gene names (var_names) are not unique; make them unique before training"
+            )
+        missing_controls = _covariates_without_controls(adata.obs[train_mask], self.keys)
+        if missing_controls and self.input_kind == "expression":
+            raise ModelError(
+                f"training cells of covariates {', '.join(missing_controls)} have no controls; "
+                "a split must keep control cells of every covariate in train"
+            )
+        self.encoding = CategoryEncoding.fit(adata.obs[train_mask | val_mask], self.keys)
+        return train_mask, val_mask
 
     @abstractmethod
     def _fit(self, train: ad.AnnData, val: ad.AnnData | None, context: FitContext) -> None:
@@ -537,8 +546,8 @@ def build_counterfactuals(
     return out
 
 
-def _covariates_without_controls(adata: ad.AnnData, keys: PerturbationKeys) -> list[str]:
-    grouping = group_cells(adata.obs, keys)
+def _covariates_without_controls(obs: pd.DataFrame, keys: PerturbationKeys) -> list[str]:
+    grouping = group_cells(obs, keys)
     has_ctrl = np.zeros(len(grouping.covariates), dtype=bool)
     has_ctrl[np.unique(grouping.covariate_codes[grouping.is_control])] = True
     return grouping.covariates.loc[~has_ctrl, "label"].tolist()
