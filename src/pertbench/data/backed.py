@@ -132,11 +132,7 @@ class RowReader:
         parts = []
         for lo, hi in _windows(rows, self.window_rows, self.max_gap):
             start, stop = int(rows[lo]), int(rows[hi - 1]) + 1
-            chunk = self.X[start:stop]
-            if sp.issparse(chunk):
-                chunk = sp.csr_matrix(chunk)
-            else:
-                chunk = np.asarray(chunk)
+            chunk = self._slice(start, stop)
             wanted = rows[lo:hi] - start
             if wanted.size != stop - start:
                 chunk = chunk[wanted]
@@ -148,6 +144,20 @@ class RowReader:
         if sp.issparse(parts[0]):
             return sp.vstack(parts, format="csr")
         return np.concatenate(parts, axis=0)
+
+    def _slice(self, start: int, stop: int) -> Any:
+        """Rows ``start:stop`` from disk, as stored (CSR arrays read directly: anndata's
+        own indexing re-validates its arguments on every call, which costs more than
+        the read for small windows)."""
+        if self.format != "csr":
+            return np.asarray(self.X[start:stop])
+        group = self.X.group
+        indptr = np.asarray(group["indptr"][start : stop + 1], dtype=np.int64)
+        lo, hi = int(indptr[0]), int(indptr[-1])
+        return sp.csr_matrix(
+            (group["data"][lo:hi], group["indices"][lo:hi], indptr - lo),
+            shape=(stop - start, int(self.X.shape[1])),
+        )
 
 
 def _storage_format(X: Any) -> str:

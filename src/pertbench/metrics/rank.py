@@ -20,6 +20,12 @@ baselines and the ceiling; rmse, mse and r2 share one Gram product; every kind o
 :data:`DISTANCE_BLOCK_ELEMENTS` entries, so memory stays ~ N x block instead of N^2 per
 kind. Time ~ N^2 x genes per kind and aggregation (BLAS products; ``mae`` is a
 non-BLAS L1 loop, the largest term).
+
+A matrix of at most :data:`DISTANCE_BLOCK_ELEMENTS` entries (N <= 2048) is computed in one
+piece. Column blocks change how BLAS sums a product, so a distance may differ in its last
+bits from the one-piece value; that can move a rank only between two distances equal to
+about 1e-15, i.e. exact mathematical ties between different predictions (possible for
+Spearman on few genes), which no floating-point matrix product resolves reliably anyway.
 """
 
 from __future__ import annotations
