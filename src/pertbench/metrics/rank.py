@@ -13,12 +13,13 @@ so such ties are exact rather than at the mercy of floating-point round-off.
 
 How the N x N matrices are shared (the cost model, see docs/metrics.md): every distance
 kind is built from per-row quantities (squared norms, unit rows, centred unit rows, row
-ranks) that :class:`ProfileOperands` computes once per profile matrix, so the truth side
-of a covariate block is prepared once per aggregation and reused by the model, the
-baselines and the ceiling; rmse, mse and r2 share one Gram product; every kind of one
-(prediction, truth) pair is evaluated in the same pass over column blocks of at most
-:data:`DISTANCE_BLOCK_ELEMENTS` entries, so memory stays ~ N x block instead of N^2 per
-kind. Time ~ N^2 x genes per kind and aggregation (BLAS products; ``mae`` is a
+ranks) kept by :class:`ProfileOperands`; rmse, mse and r2 share one Gram product per
+block; the observed profiles (and their ranks, which fit and rank metrics share) are
+made once per block and aggregation and reused by the model, the baselines and the
+ceiling; a prediction repeating one profile (``no_change``) costs one row. Matrices are
+evaluated in column blocks of at most :data:`DISTANCE_BLOCK_ELEMENTS` entries, one
+family of kinds at a time, so memory stays ~ N x genes + N x block instead of several
+N^2 matrices. Time ~ N^2 x genes per kind and aggregation (BLAS products; ``mae`` is a
 non-BLAS L1 loop, the largest term).
 
 A matrix of at most :data:`DISTANCE_BLOCK_ELEMENTS` entries (N <= 2048) is computed in one
@@ -144,7 +145,8 @@ class ProfileOperands:
         return self._cache[key]
 
     def take(self, rows) -> ProfileOperands:
-        """The same operands restricted to ``rows`` (an index array or a slice)."""
+        """The same operands restricted to ``rows`` (an index array, or a slice: then views,
+        no copy); what is computed on the result afterwards stays with the result."""
         out = ProfileOperands.__new__(ProfileOperands)
         out.M = self.M[rows]
         out._cache = {
@@ -233,17 +235,28 @@ def rank_family(
     if n < 2:
         return {k: np.full(n, np.nan) for k in kinds}
     unique, inverse, first = _dedupe(P)
-    U = ProfileOperands(unique, ranks=None if pred_ranks is None else pred_ranks[first])
+    u_ranks = None if pred_ranks is None else np.asarray(pred_ranks)[first]
     width = max(1, int(block_elements) // n)
     out = {k: np.empty(n) for k in kinds}
+    families: dict[str, list[str]] = {}
+    for kind in kinds:  # kinds sharing one matrix (rmse, mse, r2) are evaluated together
+        families.setdefault(_FAMILY.get(kind, kind), []).append(kind)
     with single_threaded_blas():
-        for lo in range(0, n, width):
-            cols = slice(lo, min(lo + width, n))
-            T = truth if (lo == 0 and cols.stop == n) else truth.take(cols)
-            shared: dict = {}
-            for kind in kinds:
-                out[kind][cols] = _column_ranks(_block_distance(U, T, kind, shared)[inverse], lo)
+        for members in families.values():
+            # the prediction's operands of this family only: memory stays ~ one (N, genes)
+            U = ProfileOperands(unique, ranks=u_ranks)
+            for lo in range(0, n, width):
+                cols = slice(lo, min(lo + width, n))
+                T = truth.take(cols)  # a view; its block operands are dropped after use
+                shared: dict = {}
+                for kind in members:
+                    D = _block_distance(U, T, kind, shared)[inverse]
+                    out[kind][cols] = _column_ranks(D, lo)
     return out
+
+
+#: Kinds computed from the same matrix.
+_FAMILY = {"rmse": "sse", "mse": "sse", "r2": "sse"}
 
 
 def distance_matrix(pred: np.ndarray, truth: np.ndarray, metric: str) -> np.ndarray:
