@@ -78,12 +78,39 @@ def block(n: int, genes: int, seed: int) -> tuple[np.ndarray, dict[str, np.ndarr
     return truth, sources
 
 
-def measure(fn):
-    """(seconds, peak MiB of traced allocations during fn, result)."""
+def per_metric(old, truth, sources) -> dict:
+    """Every rank metric its own call of the code before (7 N x N matrices per source)."""
+    return {
+        name: {m: old.rank_metrics(P, truth, [m])[m] for m in FIT_METRICS}
+        | {"matrix_distance": old.matrix_distance(P, truth)}
+        for name, P in sources.items()
+    }
+
+
+def before(old, truth, sources) -> dict:
+    """The code before, as the evaluator called it: one call per source."""
+    return {
+        name: old.rank_metrics(P, truth, FIT_METRICS)
+        | {"matrix_distance": old.matrix_distance(P, truth)}
+        for name, P in sources.items()
+    }
+
+
+def shared(truth, sources) -> dict:
+    """The shared engine: the truth's operands once for every source, blocked passes."""
+    ops = ProfileOperands(truth)
+    return {
+        name: rank_family(P, ops, FIT_METRICS) | {"matrix_distance": matrix_distance(P, truth)}
+        for name, P in sources.items()
+    }
+
+
+def measure(fn, *args):
+    """(seconds, peak MiB of traced allocations during fn(*args), result)."""
     tracemalloc.start()
     tracemalloc.reset_peak()
     start = time.perf_counter()
-    result = fn()
+    result = fn(*args)
     seconds = time.perf_counter() - start
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
@@ -104,41 +131,17 @@ def main() -> None:
     for n in (int(s) for s in args.sizes.split(",")):
         truth, sources = block(n, args.genes, args.seed)
 
-        def per_metric():
-            return {
-                name: {m: old.rank_metrics(P, truth, [m])[m] for m in FIT_METRICS}
-                | {"matrix_distance": old.matrix_distance(P, truth)}
-                for name, P in sources.items()
-            }
-
-        def before():
-            return {
-                name: old.rank_metrics(P, truth, FIT_METRICS)
-                | {"matrix_distance": old.matrix_distance(P, truth)}
-                for name, P in sources.items()
-            }
-
-        def shared():
-            ops = ProfileOperands(truth)  # the truth side, once for every source
-            return {
-                name: rank_family(P, ops, FIT_METRICS)
-                | {"matrix_distance": matrix_distance(P, truth)}
-                for name, P in sources.items()
-            }
-
         runs = {}
         if n <= args.per_metric_max:
-            runs["per-metric"] = measure(per_metric)
-        runs["before"] = measure(before)
-        runs["shared"] = measure(shared)
+            runs["per-metric"] = measure(per_metric, old, truth, sources)
+        runs["before"] = measure(before, old, truth, sources)
+        runs["shared"] = measure(shared, truth, sources)
         t_new, m_new, new = runs["shared"]
         for label, (t, m, _) in runs.items():
             ratio = "" if label == "shared" else f"{t / t_new:7.2f} {m / m_new:9.2f}"
             print(f"{n:>6} {label:<11} {t:8.2f} {m:9.1f} {ratio}")
         _, _, ref = runs["before"]
-        differ = sum(
-            int(np.sum(ref[s][k] != new[s][k])) for s in sources for k in FIT_METRICS
-        )
+        differ = sum(int(np.sum(ref[s][k] != new[s][k])) for s in sources for k in FIT_METRICS)
         md = max(abs(ref[s]["matrix_distance"] - new[s]["matrix_distance"]) for s in sources)
         print(
             f"{'':>6} ranks differing from before: {differ} of {4 * 7 * n:,}; "

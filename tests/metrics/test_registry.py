@@ -157,3 +157,52 @@ def test_register_metric_in_process(make_toy):
         assert res.value("mean_abs_logfc_gap") == 0.0
     finally:
         catalog.unregister_metric("mean_abs_logfc_gap")
+
+
+def test_block_metrics_see_every_group_of_their_covariate_block(make_toy):
+    """A needs='block' metric with all_groups=True: distance of the prediction to the
+    centroid of the block's training perturbations (Systema-like), against numpy."""
+    from pertbench.data import make_split
+
+    def to_train_centroid(view):
+        groups = view.all_groups
+        table = groups.table
+        train = (table["split"] == "train").to_numpy() & (
+            table["condition"] != "control"
+        ).to_numpy()
+        centroid = groups.mean[train].mean(axis=0)
+        assert (table.loc[table["evaluated"] >= 0, "split"] == "test").all()
+        return np.sqrt(((view.pred.mean[view.rows] - centroid) ** 2).mean(axis=1))
+
+    spec = MetricSpec(
+        "rmse_to_train_centroid", "toy", "rmse", None, needs="block", all_groups=True,
+        compute=to_train_centroid,
+    )  # fmt: skip
+    catalog.register_metric(spec)
+    try:
+        truth = make_toy(n_covariates=2, n_perturbations=4, n_genes=20)
+        obs = truth.obs
+        split = make_split(truth.obs_names, "train")
+        held = (obs["cell_type"] == "C1").to_numpy() & obs["condition"].isin(
+            ["P0", "P1"]
+        ).to_numpy()
+        split[held] = "test"
+        pred = truth[held].copy()
+        pred.X = pred.X.toarray() + 0.25
+        res = Evaluator(truth, pred, split=split, metrics="rmse_to_train_centroid").run()
+        X = truth.X.toarray().astype(np.float64)
+        in_c1 = (obs["cell_type"] == "C1").to_numpy()
+        train_means = [
+            X[in_c1 & (obs["condition"] == p).to_numpy() & (split == "train").to_numpy()].mean(0)
+            for p in ["P2", "P3"]
+        ]
+        centroid = np.mean(train_means, axis=0)
+        table = res.per_group.set_index("condition")
+        for p in ["P0", "P1"]:
+            mean = np.asarray(pred.X[(pred.obs["condition"] == p).to_numpy()], np.float64).mean(0)
+            expected = np.sqrt(((mean - centroid) ** 2).mean())
+            assert table.loc[p, "rmse_to_train_centroid"] == pytest.approx(expected, rel=1e-6)
+        with pytest.raises(ConfigError, match="reserved"):
+            MetricSpec("x", "toy", "x", "delta", reference="centroid", compute=max).check()
+    finally:
+        catalog.unregister_metric("rmse_to_train_centroid")

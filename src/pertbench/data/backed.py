@@ -94,6 +94,15 @@ class RowReader:
         else:
             self.loaded = False
 
+    def subset(self, rows: np.ndarray) -> RowReader:
+        """A reader of some of this reader's rows (reader row i = row ``rows[i]`` here)."""
+        out = RowReader.__new__(RowReader)
+        out.__dict__.update(self.__dict__)
+        rows = np.asarray(rows, dtype=np.int64)
+        out.rows = rows if self.rows is None else self.rows[rows]
+        out.shape = (int(rows.size), self.shape[1])
+        return out
+
     @property
     def is_sparse(self) -> bool:
         return self.format in ("csr", "csc")

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 
 from pertbench.data.backed import RowReader
@@ -61,6 +62,10 @@ class BlockSettings:
     @property
     def cell_specs(self) -> list[MetricSpec]:
         return [s for s in self.specs if s.needs == "cells"]
+
+    @property
+    def need_all_groups(self) -> bool:
+        return any(s.all_groups for s in self.specs)
 
 
 @dataclass
@@ -140,6 +145,20 @@ class Chunk:
 
 
 @dataclass
+class AllGroups:
+    """Observed aggregates of every group of a covariate block, whatever its split.
+
+    ``table`` has the perturbation column, ``split``, ``n_cells`` and ``evaluated`` (the
+    block-local index of the evaluated group these cells are, else -1); ``mean`` and
+    ``var`` have one row per table row. Controls are included (per split).
+    """
+
+    table: pd.DataFrame
+    mean: np.ndarray
+    var: np.ndarray
+
+
+@dataclass
 class BlockStats:
     """Everything the scoring stage needs about one block."""
 
@@ -147,6 +166,7 @@ class BlockStats:
     control_mean: np.ndarray  # (n_genes,)
     truth: SideStats
     sides: dict[str, list[tuple[SideStats, SideStats | None]]]
+    all_groups: AllGroups | None = None
 
 
 def check_finite(X, what: str, labels=None, codes: np.ndarray | None = None) -> None:
@@ -176,14 +196,21 @@ def check_finite(X, what: str, labels=None, codes: np.ndarray | None = None) -> 
 
 
 def measure(
-    cells: Cells, n_groups: int, reference, settings: BlockSettings
+    cells: Cells, n_groups: int, reference, settings: BlockSettings, cache: dict | None = None
 ) -> tuple[np.ndarray, ...]:
-    """Mean, variance, count (and z, FDR against ``reference``) of each chunk group."""
+    """Mean, variance, count (and z, FDR against ``reference``) of each chunk group.
+
+    A shared prediction is measured once: ``cache`` keeps its statistics for the next
+    chunks that bring the same matrix.
+    """
     if cells.shared is None:
         return _measure(cells.X, cells.codes, n_groups, reference, settings)
     # one prediction for several groups: its statistics are computed once
-    one = np.zeros(cells.X.shape[0], dtype=np.int64)
-    mean1, var1, n1, z1, fdr1 = _measure(cells.X, one, 1, reference, settings)
+    cache = {} if cache is None else cache
+    if id(cells.X) not in cache:
+        one = np.zeros(cells.X.shape[0], dtype=np.int64)
+        cache[id(cells.X)] = (cells.X, _measure(cells.X, one, 1, reference, settings))
+    mean1, var1, n1, z1, fdr1 = cache[id(cells.X)][1]
     shape = (n_groups, mean1.shape[1])
     mean, var = np.full(shape, np.nan), np.full(shape, np.nan)
     n = np.zeros(n_groups, dtype=np.int64)
@@ -261,6 +288,7 @@ def aggregate_block(
     *,
     labels: list[str] | None = None,
     extra_cells: np.ndarray | None = None,
+    all_groups: tuple[pd.DataFrame, np.ndarray, np.ndarray] | None = None,
 ) -> BlockStats:
     """Read a block chunk by chunk and compute the statistics of every side.
 
@@ -277,6 +305,9 @@ def aggregate_block(
         Group labels (for error messages), indexed by global group.
     extra_cells
         Cells per block group that sources generate (bounds the chunk size).
+    all_groups
+        ``EvaluationPlan.all_groups(block)`` when a metric needs them (their aggregates
+        are then computed, streamed, in :attr:`BlockStats.all_groups`).
     """
     n_genes = truth.shape[1]
     de = settings.need_de
@@ -290,6 +321,7 @@ def aggregate_block(
     truth_side = SideStats.empty(G, n_genes, de=de)
     sides: dict[str, list[tuple[SideStats, SideStats | None]]] = {}
     max_cells = max(1, int(settings.chunk_elements) // max(n_genes, 1))
+    shared: dict = {}  # statistics of predictions shared by all groups, per matrix
     for groups in block.chunks(max_cells, extra_cells):
         inside = (block.truth_codes >= groups.start) & (block.truth_codes < groups.stop)
         rows = block.truth_rows[inside]
@@ -313,7 +345,7 @@ def aggregate_block(
                 if getattr(source, "check_finite", False):
                     codes = block.groups[groups.start + pred.codes]
                     check_finite(pred.X, "predictions", labels, codes)
-                _store(pred_side, groups, measure(pred, n, reference, settings))
+                _store(pred_side, groups, measure(pred, n, reference, settings, shared))
                 if alt_truth is not None:
                     _store(truth_alt_side, groups, measure(alt_truth, n, reference, settings))
                 if cell_names:
@@ -327,4 +359,9 @@ def aggregate_block(
                     )
             del pairs
         del observed, chunk
-    return BlockStats(block=block, control_mean=control_mean, truth=truth_side, sides=sides)
+    every = None
+    if all_groups is not None:
+        table, rows, codes = all_groups
+        mean, var, _ = group_stats(truth.subset(rows), codes, len(table))
+        every = AllGroups(table=table, mean=mean, var=var)
+    return BlockStats(block, control_mean, truth_side, sides, all_groups=every)

@@ -35,6 +35,11 @@ covariate block with the block's scored groups, n of them):
   and gives every spec of that kind its column ranks: ``compute(ranks) -> (n,)``
   (``None``: the ranks themselves).
 - ``covariate`` (``per_covariate=True``): ``compute(pair) -> float`` for the block.
+- ``block``: ``compute(view) -> (n,)``, ``view`` a :class:`~pertbench.metrics.score.BlockView`
+  with everything known about the block (statistics of both sides, controls, and with
+  ``all_groups=True`` the observed aggregates of every group of the covariate block in the
+  truth, whatever its split): the hook for metrics that look beyond one group
+  (reference-aware metrics, genetic interactions).
 """
 
 from __future__ import annotations
@@ -52,10 +57,11 @@ from pertbench.metrics.fit import FIT_METRICS, HIGHER_IS_BETTER
 
 FAMILIES = ("fit", "rank", "de", "distribution")
 DISTRIBUTION_METRICS = ("edistance", "mmd", "mean_var_kde")
-NEEDS = ("profiles", "moments", "de", "cells", "distances", "covariate")
+NEEDS = ("profiles", "moments", "de", "cells", "distances", "covariate", "block")
 #: What delta-type metrics are taken against. ``control`` is the only one computed today;
 #: ``centroid`` (Systema's mean perturbation profile) is reserved for reference-aware metrics.
 REFERENCES = ("control", "centroid")
+COMPUTED_REFERENCES = ("control",)
 ENTRY_POINT_GROUP = "pertbench.metrics"
 
 
@@ -92,6 +98,9 @@ class MetricSpec:
         The function (signature by ``needs``).
     distance
         For ``needs="distances"``: the distance kind whose N x N matrix it ranks.
+    all_groups
+        The metric reads the observed aggregates of every group of its covariate block,
+        whatever the split (:attr:`BlockView.all_groups`); they are computed only then.
     description
         One line for the catalogue.
     source
@@ -109,6 +118,7 @@ class MetricSpec:
     best: float | None = None
     compute: Callable[..., Any] | None = field(default=None, compare=False, repr=False)
     distance: str | None = None
+    all_groups: bool = False
     description: str = ""
     source: str = "pertbench"
 
@@ -129,6 +139,11 @@ class MetricSpec:
             raise ConfigError(
                 f"metric '{self.name}' has reference {self.reference!r}; use one of "
                 f"{', '.join(REFERENCES)}"
+            )
+        if self.reference not in COMPUTED_REFERENCES:
+            raise ConfigError(
+                f"metric '{self.name}': reference '{self.reference}' is reserved and not "
+                "computed yet; compute it with needs='block' and all_groups=True"
             )
         if self.needs == "distances":
             from pertbench.metrics.rank import DISTANCE_KINDS

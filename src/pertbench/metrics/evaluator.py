@@ -310,6 +310,7 @@ class Evaluator:
             "model": self.model_label,
             "truth_columns": plan.truth_columns,
             "pred_columns": plan.pred_columns,
+            "all_groups": plan.all_groups(block) if settings.need_all_groups else None,
         }
 
     def _run_local(self, plan, sources, settings) -> list[dict[str, SourceScores]]:
@@ -434,6 +435,7 @@ def evaluate_block(job: dict, truth: RowReader, pred: RowReader) -> dict[str, So
         settings,
         labels=_LabelLookup(labels),
         extra_cells=extra,
+        all_groups=job["all_groups"],
     )
     combine = {s.name: s.estimator for s in job["sources"] if isinstance(s, CeilingSource)}
     return score_block(stats, settings, model=job["model"], combine=combine)

@@ -97,7 +97,9 @@ class EvaluationPlan:
     pred_codes: np.ndarray  # per pred row: evaluated group or -1
     control_rows: list[np.ndarray]  # per covariate combination
     truth_grouping: Grouping
+    truth_block: np.ndarray  # per truth row: its covariate block, or -1
     split: pd.Series | None
+    on: str
     blocks: list[Block]
     skipped: pd.DataFrame
     notes: list[str] = field(default_factory=list)
@@ -116,6 +118,33 @@ class EvaluationPlan:
         cov = self.covariates["label"].to_numpy()[self.cov_of_group]
         pert = self.groups[self.keys.perturbation_key].to_numpy()
         return [f"{c}:{p}" for c, p in zip(cov, pert, strict=True)]
+
+    def all_groups(self, block: Block) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
+        """Every group of the block's covariate combination in the truth, whatever its split.
+
+        Returns a table (perturbation column, ``split`` — ``all`` without a split —,
+        ``n_cells``, ``evaluated``: the block-local index of the evaluated group these
+        cells are, else -1), the truth rows of the block (controls included, ascending)
+        and the table row of each.
+        """
+        keys = self.keys
+        rows = np.flatnonzero(self.truth_block == block.index)
+        grouping = self.truth_grouping
+        labels = grouping.perturbations.to_numpy()[grouping.perturbation_codes[rows]]
+        splits = (
+            np.full(rows.size, "all", dtype=object)
+            if self.split is None
+            else self.split.to_numpy()[rows].astype(str)
+        )
+        index = pd.MultiIndex.from_arrays([labels.astype(str), splits])
+        codes, uniques = pd.factorize(index, sort=True)
+        table = uniques.to_frame(index=False, name=[keys.perturbation_key, "split"])
+        table["n_cells"] = np.bincount(codes, minlength=len(table))
+        local = pd.Index(self.groups[keys.perturbation_key].to_numpy()[block.groups].astype(str))
+        position = local.get_indexer(table[keys.perturbation_key])
+        scored_split = table["split"].to_numpy() == (self.on if self.split is not None else "all")
+        table["evaluated"] = np.where(scored_split & (position >= 0), position, -1)
+        return table, rows, codes.astype(np.int64)
 
     def requests(self) -> pd.DataFrame:
         """(covariates, perturbation) of every evaluated group, as prediction requests."""
@@ -273,7 +302,9 @@ def build_plan(
         pred_codes=pred_codes,
         control_rows=control_rows,
         truth_grouping=t_group,
+        truth_block=np.asarray(t_cov, dtype=np.int64),
         split=split,
+        on=on,
         blocks=blocks,
         skipped=pd.DataFrame(skipped_rows, columns=[*id_cols, "reason"]),
         notes=notes,

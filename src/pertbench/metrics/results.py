@@ -177,23 +177,16 @@ def assemble(
     cov_specs = [s for s in specs if s.per_covariate]
 
     def summary_of(scores: MergedScores, prefix: str = "") -> pd.DataFrame:
-        parts = []
-        if group_specs:
-            parts.append(
-                cal.bootstrap_means(
-                    scores.per_group[[s.name for s in group_specs]],
-                    n_bootstrap=n_bootstrap,
-                    seed=seed,
-                )
+        # groups are the bootstrap units of per-group metrics, covariate combinations
+        # those of per-covariate metrics
+        parts = [
+            cal.bootstrap_means(table[[s.name for s in chosen]], n_bootstrap=n_bootstrap, seed=seed)
+            for table, chosen in (
+                (scores.per_group, group_specs),
+                (scores.per_covariate, cov_specs),
             )
-        if cov_specs:
-            parts.append(
-                cal.bootstrap_means(
-                    scores.per_covariate[[s.name for s in cov_specs]],
-                    n_bootstrap=n_bootstrap,
-                    seed=seed,
-                )
-            )
+            if chosen
+        ]
         frame = pd.concat(parts, ignore_index=True)
         order = {s.name: i for i, s in enumerate(specs)}
         frame = frame.sort_values("metric", key=lambda m: m.map(order), kind="stable")

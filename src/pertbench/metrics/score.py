@@ -54,6 +54,25 @@ def _aggregations(settings: BlockSettings) -> tuple[str, ...]:
 
 
 @dataclass
+class BlockView:
+    """What a ``needs="block"`` metric sees: one source's scored groups of a block.
+
+    ``rows`` are the block-local indices of the scored groups (present on both sides);
+    ``truth`` and ``pred`` their :class:`~pertbench.metrics.aggregate.SideStats` (index
+    them with ``rows``); ``all_groups`` the observed aggregates of every group of the
+    covariate block, whatever its split (with ``all_groups=True`` on the spec).
+    """
+
+    block: object
+    rows: np.ndarray
+    truth: SideStats
+    pred: SideStats
+    control_mean: np.ndarray
+    all_groups: object
+    settings: BlockSettings
+
+
+@dataclass
 class _Pair:
     name: str
     truth: SideStats
@@ -161,6 +180,13 @@ def score_block(
 
     for pair in pairs:
         _score_groupwise(pair, specs, ctrl, settings)
+        block_specs = [s for s in specs if s.needs == "block"]
+        if block_specs and pair.rows.size:
+            view = BlockView(
+                stats.block, pair.rows, pair.truth, pair.pred, ctrl, stats.all_groups, settings
+            )
+            for s in block_specs:
+                pair.scores.per_group[s.name][pair.rows] = s.compute(view)
     return _merge_replicates(pairs, specs, combine or {})
 
 
