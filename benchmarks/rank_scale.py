@@ -14,7 +14,9 @@ computed three ways, in the same process and on the same arrays:
   (rmse, mse and r2 share one matrix; the truth side is recomputed in every call);
 - ``shared``: :func:`pertbench.metrics.rank.rank_family` with the truth's operands
   prepared once (:class:`~pertbench.metrics.rank.ProfileOperands`) and shared by the four
-  sources, all kinds in one pass over bounded column blocks.
+  sources, all kinds in one pass over bounded column blocks; single-threaded, and again
+  with ``--threads`` threads for the L1 distances of ``mae`` (as ``n_jobs`` does in the
+  evaluator; BLAS stays single-threaded).
 
 Time is wall-clock; memory is the peak of traced allocations (``tracemalloc``; NumPy
 buffers are traced) above the inputs. The script prints both and their ratios, and
@@ -96,11 +98,12 @@ def before(old, truth, sources) -> dict:
     }
 
 
-def shared(truth, sources) -> dict:
+def shared(truth, sources, n_jobs: int = 1) -> dict:
     """The shared engine: the truth's operands once for every source, blocked passes."""
     ops = ProfileOperands(truth)
     return {
-        name: rank_family(P, ops, FIT_METRICS) | {"matrix_distance": matrix_distance(P, truth)}
+        name: rank_family(P, ops, FIT_METRICS, n_jobs=n_jobs)
+        | {"matrix_distance": matrix_distance(P, truth)}
         for name, P in sources.items()
     }
 
@@ -124,9 +127,17 @@ def main() -> None:
     parser.add_argument("--before", default=BEFORE, help="commit of the code compared with")
     parser.add_argument("--per-metric-max", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=2,
+        help="also time the shared engine with this many "
+        "threads for the L1 (mae) distances, as the evaluator's n_jobs does (1: skip)",
+    )
     args = parser.parse_args()
     old = load_before(args.before)
     print(f"rank family, one block, one aggregation, 4 sources, {args.genes:,} genes")
+    print("ratios: this approach's time (memory) over that of the single-threaded shared one")
     print(f"{'N':>6} {'approach':<11} {'time s':>8} {'peak MiB':>9} {'time x':>7} {'memory x':>9}")
     for n in (int(s) for s in args.sizes.split(",")):
         truth, sources = block(n, args.genes, args.seed)
@@ -135,6 +146,8 @@ def main() -> None:
         if n <= args.per_metric_max:
             runs["per-metric"] = measure(per_metric, old, truth, sources)
         runs["before"] = measure(before, old, truth, sources)
+        if args.threads > 1:
+            runs[f"shared {args.threads}t"] = measure(shared, truth, sources, args.threads)
         runs["shared"] = measure(shared, truth, sources)
         t_new, m_new, new = runs["shared"]
         for label, (t, m, _) in runs.items():
@@ -143,6 +156,11 @@ def main() -> None:
         _, _, ref = runs["before"]
         differ = sum(int(np.sum(ref[s][k] != new[s][k])) for s in sources for k in FIT_METRICS)
         md = max(abs(ref[s]["matrix_distance"] - new[s]["matrix_distance"]) for s in sources)
+        for label, (_, _, other) in runs.items():
+            if label.startswith("shared "):  # threads must not change a single rank
+                assert all(
+                    np.array_equal(other[s][k], new[s][k]) for s in sources for k in FIT_METRICS
+                ), label
         print(
             f"{'':>6} ranks differing from before: {differ} of {4 * 7 * n:,}; "
             f"largest matrix_distance difference {md:.1e}",

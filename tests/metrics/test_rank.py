@@ -123,3 +123,16 @@ def test_matrix_distance_in_row_blocks_matches_the_whole_matrix():
     whole = matrix_distance(p, t)
     assert matrix_distance(p, t, block_elements=30 * 4) == pytest.approx(whole, rel=1e-12)
     assert matrix_distance(t, t, block_elements=30) == 0.0
+
+
+def test_threads_for_the_l1_distances_change_no_rank():
+    from pertbench.metrics.rank import ProfileOperands, rank_family
+
+    rng = np.random.default_rng(6)
+    truth = rng.gamma(2.0, 1.0, size=(300, 30))
+    pred = truth + rng.normal(scale=0.7, size=truth.shape)
+    one = rank_family(pred, ProfileOperands(truth), ["mae", "rmse"])
+    three = rank_family(pred, ProfileOperands(truth), ["mae", "rmse"], n_jobs=3)
+    for kind in ("mae", "rmse"):
+        np.testing.assert_array_equal(one[kind], three[kind])
+    np.testing.assert_array_equal(one["mae"], _rank_by_hand(distance_matrix(pred, truth, "mae")))

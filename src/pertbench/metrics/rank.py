@@ -166,6 +166,22 @@ def _similarity(p: tuple, t: tuple) -> np.ndarray:
     return S
 
 
+def _cityblock(U: np.ndarray, T: np.ndarray, n_jobs: int) -> np.ndarray:
+    """L1 distances of all row pairs; rows of ``U`` split across threads (scipy releases
+    the GIL; every entry is the same sum whatever the split, so results do not depend on
+    ``n_jobs``)."""
+    if n_jobs <= 1 or U.shape[0] < 2 * _MIN_ROWS_PER_THREAD:
+        return cdist(U, T, metric="cityblock")
+    from concurrent.futures import ThreadPoolExecutor
+
+    parts = np.array_split(np.arange(U.shape[0]), min(n_jobs, U.shape[0] // _MIN_ROWS_PER_THREAD))
+    with ThreadPoolExecutor(max_workers=len(parts)) as pool:
+        return np.vstack(list(pool.map(lambda rows: cdist(U[rows], T, metric="cityblock"), parts)))
+
+
+_MIN_ROWS_PER_THREAD = 64
+
+
 def _block_distance(U: ProfileOperands, T: ProfileOperands, kind: str, shared: dict) -> np.ndarray:
     """Distance matrix (unique predictions x observed rows) of one kind; ``shared``
     carries the Gram-based squared errors between the kinds of the same block."""
@@ -188,7 +204,7 @@ def _block_distance(U: ProfileOperands, T: ProfileOperands, kind: str, shared: d
             r2[:, flat] = np.where(exact, 1.0, 0.0)
         return -r2
     if kind == "mae":
-        return cdist(U.M, T.M, metric="cityblock") / n_genes
+        return _cityblock(U.M, T.M, shared.get("n_jobs", 1)) / n_genes
     if kind == "cosine":
         return -_similarity(U.get("unit"), T.get("unit"))
     if kind == "pearson":
@@ -205,6 +221,7 @@ def rank_family(
     *,
     pred_ranks: np.ndarray | None = None,
     block_elements: int = DISTANCE_BLOCK_ELEMENTS,
+    n_jobs: int = 1,
 ) -> dict[str, np.ndarray]:
     """Column ranks of several distance kinds between predictions and observations.
 
@@ -221,6 +238,9 @@ def rank_family(
         Row ranks of ``pred`` when already computed (spearman).
     block_elements
         Entries of one column block; all kinds are evaluated block by block.
+    n_jobs
+        Threads for the L1 distances of ``mae`` (the only non-BLAS kernel); BLAS runs
+        single-threaded. The ranks do not depend on it.
 
     Returns
     -------
@@ -248,7 +268,7 @@ def rank_family(
             for lo in range(0, n, width):
                 cols = slice(lo, min(lo + width, n))
                 T = truth.take(cols)  # a view; its block operands are dropped after use
-                shared: dict = {}
+                shared: dict = {"n_jobs": int(n_jobs)}
                 for kind in members:
                     D = _block_distance(U, T, kind, shared)[inverse]
                     out[kind][cols] = _column_ranks(D, lo)

@@ -163,6 +163,7 @@ def score_block(
                     truth_ops,
                     ranked,
                     pred_ranks=profiles.pred_ranks if "spearman" in ranked else None,
+                    n_jobs=settings.n_jobs,
                 )
                 for s in here:
                     if s.needs == "distances":
