@@ -16,7 +16,7 @@ from pertbench.report.html import lower_is_better
 
 PLUGIN_MODULE = '''
 import numpy as np
-from pertbench.metrics.catalog import MetricSpec
+from pertbench.metrics.catalog import MetricSpec, register_profile
 
 
 def max_abs_error(pair):
@@ -31,6 +31,9 @@ SPECS = [
                distance="rmse", compute=lambda ranks: 2 * ranks),
 ]
 BROKEN = MetricSpec("broken_metric", "toy", "x", None, needs="nonsense", compute=max)
+
+# a plug-in may also name a profile of its metrics (selectable with --profile)
+register_profile("toy_profile", ["max_abs_error_delta", "rmse_average"], replace=True)
 '''
 
 
@@ -102,6 +105,9 @@ def test_plugin_metrics_appear_in_the_catalogue_and_are_computed(plugin, make_to
     np.testing.assert_array_equal(table["rmse_rank_twice"], 2 * table["rmse_rank_average"])
     all_names = {s.name for s in catalog.resolve_metrics("all")}
     assert "max_abs_error_delta" in all_names
+    chosen = [s.name for s in catalog.resolve_metrics("toy_profile")]
+    assert chosen == ["rmse_average", "max_abs_error_delta"]  # catalogue order
+    catalog._PROFILES.pop("toy_profile", None)
 
 
 def test_profiles_select_metrics_in_python_and_on_the_command_line(make_toy, tmp_path, capsys):

@@ -35,8 +35,8 @@ from pertbench.metrics.de import wilcoxon_scores
 from pertbench.metrics.distribution import pca_basis, pca_rows, project, subsample
 from pertbench.metrics.plan import Block
 
-#: Cells (observed + predicted + generated) held in memory at once per chunk of groups,
-#: in units of 2,000-gene rows; see :class:`BlockSettings.chunk_elements`.
+#: Cells x genes (observed, predicted and generated together) of one chunk of a block's
+#: groups held in memory at once: 40 million = 20,000 cells of 2,000 genes.
 DEFAULT_CHUNK_ELEMENTS = 40_000_000
 
 

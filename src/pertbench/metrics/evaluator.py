@@ -245,7 +245,6 @@ class Evaluator:
         if int(chunk_elements) < 1:
             raise ConfigError(f"chunk_elements must be positive, got {chunk_elements}")
         self.chunk_elements = int(chunk_elements)
-        self.notes: list[str] = []
 
     # -- public ------------------------------------------------------------------------
     def run(self) -> EvaluationResult:
@@ -447,11 +446,15 @@ def evaluate_block_job(job: dict) -> dict[str, SourceScores]:
     truth_path, pred_path = job["files"]
     truth = _backed(truth_path)
     pred = _backed(pred_path)
-    return evaluate_block(
-        job,
-        RowReader(truth.X, columns=job["truth_columns"]),
-        RowReader(pred.X, columns=job["pred_columns"]),
-    )
+    try:
+        return evaluate_block(
+            job,
+            RowReader(truth.X, columns=job["truth_columns"]),
+            RowReader(pred.X, columns=job["pred_columns"]),
+        )
+    finally:
+        truth.file.close()
+        pred.file.close()
 
 
 class _LabelLookup:

@@ -137,15 +137,18 @@ def score_block(
         # one observed profile per truth, shared by every source compared with it
         truths: dict[int, tuple[np.ndarray, ProfileOperands]] = {}
         for pair in pairs:
-            key = id(pair.truth)
-            if key not in truths:
-                t_rows = np.flatnonzero(pair.truth.present)
-                truths[key] = (t_rows, ProfileOperands(_profile(pair.truth, t_rows, ctrl, agg)))
-            t_rows, t_ops = truths[key]
             rows = pair.rows
             keep = pair.keep and settings.keep_aggregates and agg in KEPT_AGGREGATIONS
             if not (here or keep) or rows.size == 0:
                 continue
+            key = id(pair.truth)
+            if key not in truths:
+                t_rows = np.flatnonzero(pair.truth.present)
+                t_ops = ProfileOperands(_profile(pair.truth, t_rows, ctrl, agg))
+                if need_ranks:  # row ranks of the truth: once for fit and rank metrics
+                    t_ops.get("ranks")
+                truths[key] = (t_rows, t_ops)
+            t_rows, t_ops = truths[key]
             truth_ops = t_ops.take(np.searchsorted(t_rows, rows))
             p_prof = _profile(pair.pred, rows, ctrl, agg)
             profiles = ProfilePair(
