@@ -60,12 +60,11 @@ Evaluator(truth, pred, split=split_path, baselines=refs, ceiling=refs, n_bootstr
 
 def make_files(folder: Path, n_cells: int, n_genes: int, seed: int = 0) -> tuple[Path, ...]:
     """Simulated truth, split and dense prediction for ``n_cells`` cells (reused if there)."""
-    import anndata as ad
     import h5py
     import pandas as pd
     from anndata.io import write_elem
 
-    from pertbench.data.backed import RowReader
+    from pertbench.data.backed import RowReader, read_backed
     from pertbench.data.simulate import simulate_to_h5ad
     from pertbench.data.splits import write_split
 
@@ -89,7 +88,7 @@ def make_files(folder: Path, n_cells: int, n_genes: int, seed: int = 0) -> tuple
         n_genes=n_genes,
         seed=seed,
     )
-    truth = ad.read_h5ad(truth_path, backed="r")
+    truth = read_backed(truth_path)
     obs = truth.obs
     pert = obs["condition"].astype(str).to_numpy()
     cov = obs["cell_type"].astype(str).to_numpy()

@@ -71,3 +71,18 @@ def test_group_stats_and_scan_values_from_disk_equal_in_memory(stored):
     for kind in ("csr", "dense"):
         in_memory, on_disk = (scan_values(M.X) for M in stored[kind])
         assert in_memory == on_disk
+
+
+def test_read_backed_reads_obs_and_var_only(make_toy, tmp_path, kang_path):
+    from pertbench.data.backed import read_backed
+
+    toy = make_toy(n_covariates=2, n_perturbations=3, n_genes=12)  # has a counts layer
+    toy.write_h5ad(tmp_path / "toy.h5ad")
+    opened = read_backed(tmp_path / "toy.h5ad")
+    assert opened.isbacked and is_backed_matrix(opened.X) and len(opened.layers) == 0
+    assert opened.obs.equals(toy.obs) and opened.var_names.equals(toy.var_names)
+    np.testing.assert_array_equal(
+        RowReader(opened.X).read(np.arange(5)).toarray(), toy.X[:5].toarray()
+    )
+    legacy = read_backed(kang_path)  # an old layout: anndata's own backed reader
+    assert legacy.isbacked and legacy.n_obs == 1975

@@ -30,6 +30,34 @@ DEFAULT_WINDOW_ROWS = 4096
 DEFAULT_MAX_GAP = 64
 
 
+def read_backed(path) -> Any:
+    """Open an .h5ad with ``X`` left on disk and only obs and var read into memory.
+
+    ``anndata.read_h5ad(path, backed="r")`` keeps X on disk but loads everything else,
+    layers included (a raw-count layer is as large as X); this reads obs and var only.
+    Files in anndata's legacy layouts fall back to ``anndata.read_h5ad(backed="r")``.
+    """
+    import warnings
+
+    import anndata as ad
+    import h5py
+    from anndata.io import read_elem
+
+    with h5py.File(path, "r") as f:
+        current = all(
+            isinstance(f.get(key), h5py.Group) and f[key].attrs.get("encoding-type") == "dataframe"
+            for key in ("obs", "var")
+        )
+        if current:
+            obs, var = read_elem(f["obs"]), read_elem(f["var"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", getattr(ad, "OldFormatWarning", FutureWarning))
+        if not current:
+            return ad.read_h5ad(path, backed="r")
+        return ad.AnnData(obs=obs, var=var, filename=path, filemode="r")
+
+
 def is_backed_matrix(X: Any) -> bool:
     """True for the on-disk ``X`` of a backed AnnData (HDF5/zarr dataset)."""
     if isinstance(X, np.ndarray) or sp.issparse(X):

@@ -36,8 +36,8 @@ from pertbench.metrics.distribution import pca_basis, pca_rows, project, subsamp
 from pertbench.metrics.plan import Block
 
 #: Cells x genes (observed, predicted and generated together) of one chunk of a block's
-#: groups held in memory at once: 40 million = 20,000 cells of 2,000 genes.
-DEFAULT_CHUNK_ELEMENTS = 40_000_000
+#: groups held in memory at once: 20 million = 10,000 cells of 2,000 genes.
+DEFAULT_CHUNK_ELEMENTS = 20_000_000
 
 
 @dataclass

@@ -74,7 +74,6 @@ def group_stats(
     present = counts > 0
     group_start = np.concatenate([[0], np.cumsum(counts)[:-1]])
     shift = np.zeros((n_groups, n_genes))
-    shift[present] = _dense_rows(X, rows[group_start[present]])
     s1 = np.zeros((n_groups, n_genes))  # sums over non-zero entries of (x - K)
     s2 = np.zeros((n_groups, n_genes))  # ... and of (x - K)^2
     nnz = np.zeros((n_groups, n_genes))  # non-zero entries
@@ -83,12 +82,16 @@ def group_stats(
     if sparse and not reader:
         X = sp.csr_matrix(X)
     piece_rows = max(1, int(chunk_elements // max(n_genes, 1)))
-    for lo, hi in _chunks(sorted_codes, group_start, piece_rows):
+    chunks = list(_chunks(sorted_codes, group_start, piece_rows))
+    for (lo, hi), sub in _chunk_rows(X, rows, chunks, READ_CHUNKS * piece_rows):
         chunk_codes = sorted_codes[lo:hi]
         # rows are sorted by group: each group is one segment of the chunk
         seg = np.flatnonzero(np.r_[True, chunk_codes[1:] != chunk_codes[:-1]])
         seg_codes = chunk_codes[seg]
-        sub = X.read(rows[lo:hi]) if reader else X[rows[lo:hi]]
+        # a group's first cell K is in the chunk where the group starts
+        starting = seg_codes[group_start[seg_codes] >= lo]
+        if starting.size:
+            shift[starting] = _dense(sub[group_start[starting] - lo])
         if sparse:
             c1, c2, cn = _sparse_sums(sub, chunk_codes, seg, shift)
         else:
@@ -160,8 +163,30 @@ def _chunks(sorted_codes: np.ndarray, group_start: np.ndarray, piece_rows: int):
         yield lo, int(sorted_codes.size)
 
 
-def _dense_rows(X, rows: np.ndarray) -> np.ndarray:
-    sub = X.read(rows) if isinstance(X, RowReader) else X[rows]
+def _chunk_rows(X, rows: np.ndarray, chunks: list[tuple[int, int]], read_rows: int):
+    """((lo, hi), rows[lo:hi] of X) for every chunk. From a RowReader, consecutive chunks
+    are read together, up to ``read_rows`` rows per read (few large reads from disk)."""
+    if not isinstance(X, RowReader):
+        for lo, hi in chunks:
+            yield (lo, hi), X[rows[lo:hi]]
+        return
+    i = 0
+    while i < len(chunks):
+        j = i + 1
+        while j < len(chunks) and chunks[j][1] - chunks[i][0] <= read_rows:
+            j += 1
+        start = chunks[i][0]
+        batch = X.read(rows[start : chunks[j - 1][1]])
+        for lo, hi in chunks[i:j]:
+            yield (lo, hi), batch[lo - start : hi - start]
+        i = j
+
+
+#: Chunks of rows read from disk at once by :func:`group_stats`.
+READ_CHUNKS = 8
+
+
+def _dense(sub) -> np.ndarray:
     if sp.issparse(sub):
         return sub.toarray().astype(np.float64, copy=False)
     return np.asarray(sub, dtype=np.float64)

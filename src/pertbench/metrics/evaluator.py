@@ -33,7 +33,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from pertbench.data.backed import RowReader
+from pertbench.data.backed import RowReader, read_backed
 from pertbench.data.keys import PerturbationKeys
 from pertbench.data.splits import SPLIT_NAMES
 from pertbench.errors import ConfigError, EvaluationError
@@ -444,8 +444,8 @@ def evaluate_block_job(job: dict) -> dict[str, SourceScores]:
     """A Ray task: open both files itself (backed, nothing copied through the driver)
     and score one block."""
     truth_path, pred_path = job["files"]
-    truth = _backed(truth_path)
-    pred = _backed(pred_path)
+    truth = read_backed(truth_path)
+    pred = read_backed(pred_path)
     try:
         return evaluate_block(
             job,
@@ -473,15 +473,6 @@ class _LabelLookup:
 def evaluate(truth, pred, **options: Any) -> EvaluationResult:
     """Shortcut for ``Evaluator(truth, pred, **options).run()``."""
     return Evaluator(truth, pred, **options).run()
-
-
-def _backed(path) -> ad.AnnData:
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        warnings.simplefilter("ignore", getattr(ad, "OldFormatWarning", FutureWarning))
-        return ad.read_h5ad(path, backed="r")
 
 
 def _open(value, label: str, keys: PerturbationKeys) -> ad.AnnData:
