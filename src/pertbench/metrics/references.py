@@ -6,9 +6,9 @@ sources alike, so calibration is bookkeeping:
 
 - :class:`PredictionSource`: the scored model's cells, read from the prediction file.
 - :class:`BaselineSource`: an analytic baseline (``no_change``, ``perturbation_mean``,
-  ``covariate_mean``), fitted once from training statistics streamed from the truth
-  (:func:`fit_baselines`) and asked to predict each chunk's groups from the block's
-  control cells, exactly as ``PerturbationModel.predict`` would.
+  ``covariate_mean``), fitted once on the truth's training cells read chunk by chunk
+  (:func:`fit_baselines`, ``PerturbationModel.fit_from_reader``) and asked to predict each
+  chunk's groups from the block's control cells with ``PerturbationModel.predict``.
 - :class:`CeilingSource`: the replicates of a :class:`CeilingEstimator`. A replicate is
   made of observed cells only: row indices into the truth (repeats allowed, e.g.
   bootstrap draws) taken as the "prediction" of each group, and optionally the rows it is
@@ -149,30 +149,24 @@ def fit_baselines(
     seed: int,
     notes: list[str],
 ) -> list[BaselineSource]:
-    """Fit the baselines from statistics of the truth's training cells (read in chunks).
+    """Fit the baselines on the truth's training cells, read in chunks (never all at once).
 
     A baseline that cannot be fitted or cannot predict any evaluated group is left out
     with a note; groups it cannot predict stay NaN (noted).
     """
-    from pertbench.models.baselines import training_statistics
     from pertbench.models.registry import create_model
 
     keys = plan.keys
     shell = ad.AnnData(obs=truth.obs, var=pd.DataFrame(index=plan.genes))
+    reader = RowReader(truth.X, columns=plan.truth_columns)
     requests = plan.requests()
     labels = plan.group_labels()
     pred_counts = plan.pred_counts()
     out = []
     for name in names:
         model = create_model(name, keys=keys)
-
-        def statistics(train_mask, model=model):
-            rows = np.flatnonzero(train_mask)
-            reader = RowReader(truth.X, rows=rows, columns=plan.truth_columns)
-            return training_statistics(reader, truth.obs.iloc[rows], keys, **model.statistics)
-
         try:
-            model.fit_from_statistics(shell, plan.split, statistics, seed=seed)
+            model.fit_from_reader(shell, plan.split, reader, seed=seed)
         except ModelError as exc:
             notes.append(f"baseline {name} could not be fitted: {exc}")
             continue

@@ -23,9 +23,8 @@ calibration treat them like any model.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import anndata as ad
 import numpy as np
@@ -37,86 +36,11 @@ from pertbench.errors import DataValidationError, ModelError
 from pertbench.metrics.aggregations import group_stats
 from pertbench.models.base import FitContext, PerturbationModel, PredictionInputs
 
-__all__ = [
-    "CovariateMean",
-    "NoChange",
-    "PerturbationMean",
-    "TrainingStatistics",
-    "training_statistics",
-]
+__all__ = ["CovariateMean", "NoChange", "PerturbationMean"]
 
 
 def _dense(X) -> np.ndarray:
     return X.toarray() if sp.issparse(X) else np.asarray(X)
-
-
-@dataclass
-class TrainingStatistics:
-    """Group statistics of training cells: everything the analytic baselines learn from.
-
-    Attributes
-    ----------
-    grouping
-        The (covariates, perturbation) grouping of the training cells.
-    group_mean, group_counts
-        Mean and cell count of every group of ``grouping`` (``None`` when not computed).
-    covariate_mean, covariate_counts
-        Per covariate combination of ``grouping``, mean and count of its perturbed cells.
-    pooled_mean
-        Mean of all perturbed training cells.
-    """
-
-    grouping: Any
-    group_mean: np.ndarray | None = None
-    group_counts: np.ndarray | None = None
-    covariate_mean: np.ndarray | None = None
-    covariate_counts: np.ndarray | None = None
-    pooled_mean: np.ndarray | None = None
-
-
-def training_statistics(
-    X, obs: pd.DataFrame, keys, *, groups: bool = True, covariates: bool = True
-) -> TrainingStatistics:
-    """Compute :class:`TrainingStatistics` of training cells.
-
-    Parameters
-    ----------
-    X
-        Expression of the training cells (rows aligned with ``obs``): a matrix, or a
-        :class:`~pertbench.data.backed.RowReader` over a file on disk (read chunk by
-        chunk, so memory does not grow with the cells).
-    obs
-        Their cell metadata.
-    groups, covariates
-        Which statistics to compute (per group; per covariate combination and pooled).
-
-    Group statistics are computed one covariate combination at a time (they do not
-    depend on what else is summed, see :func:`~pertbench.metrics.aggregations.group_stats`),
-    so temporary memory is bounded by the largest combination.
-    """
-    grouping = group_cells(obs, keys)
-    stats = TrainingStatistics(grouping=grouping)
-    n_genes = X.shape[1]
-    if groups:
-        mean = np.full((grouping.n_groups, n_genes), np.nan)
-        counts = np.zeros(grouping.n_groups, dtype=np.int64)
-        group_cov = grouping.groups["covariate_code"].to_numpy()
-        for c in range(len(grouping.covariates)):
-            members = np.flatnonzero(group_cov == c)
-            local = np.full(grouping.n_groups, -1, dtype=np.int64)
-            local[members] = np.arange(members.size)
-            m, _, n = group_stats(X, local[grouping.group_codes], members.size)
-            mean[members], counts[members] = m, n
-        stats.group_mean, stats.group_counts = mean, counts
-    if covariates:
-        perturbed = ~grouping.is_control
-        codes = np.where(perturbed, grouping.covariate_codes, -1)
-        stats.covariate_mean, _, stats.covariate_counts = group_stats(
-            X, codes, len(grouping.covariates)
-        )
-        pooled, _, _ = group_stats(X, np.where(perturbed, 0, -1), 1)
-        stats.pooled_mean = pooled[0]
-    return stats
 
 
 class _AnalyticBaseline(PerturbationModel):
@@ -126,40 +50,11 @@ class _AnalyticBaseline(PerturbationModel):
     perturbations or covariate values unseen in training are accepted wherever the
     baseline's definition still applies (see :meth:`can_predict`).
 
-    They learn only from group statistics of the training cells
-    (:class:`TrainingStatistics`): :meth:`fit_from_statistics` fits them from statistics
-    computed elsewhere (the evaluator streams them from a file on disk).
+    They learn from group statistics of ``train.X`` only, so they can be fitted from a
+    file on disk (:meth:`~pertbench.models.base.PerturbationModel.fit_from_reader`).
     """
 
-    #: Which training statistics the baseline learns from (``training_statistics`` flags).
-    statistics: ClassVar[dict[str, bool]] = {"groups": False, "covariates": False}
-
-    def _fit(self, train: ad.AnnData, val: ad.AnnData | None, context: FitContext) -> None:
-        if any(self.statistics.values()):
-            self._learn(training_statistics(train.X, train.obs, self.keys, **self.statistics))
-
-    def _learn(self, stats: TrainingStatistics) -> None:
-        """Set the parameters from training statistics."""
-
-    def fit_from_statistics(
-        self,
-        adata: ad.AnnData,
-        split: pd.Series | None,
-        stats: TrainingStatistics | Callable[[np.ndarray], TrainingStatistics] | None,
-        *,
-        seed: int = 0,
-    ) -> _AnalyticBaseline:
-        """Fit as :meth:`fit` would, from statistics of the ``train`` cells of ``split``.
-
-        ``adata`` gives obs and var only (it may be backed or have no X); ``stats`` must
-        come from :func:`training_statistics` of exactly those cells over ``adata``'s
-        genes, or be a function of the training-cell mask returning them (called after
-        the split has been checked, and only when the baseline learns anything).
-        """
-        train_mask, _ = self._begin_fit(adata, split, seed=seed, device="cpu")
-        if any(self.statistics.values()):
-            self._learn(stats(train_mask) if callable(stats) else stats)
-        return self
+    streams_training = True
 
     def prepare_inputs(self, counterfactual: ad.AnnData) -> PredictionInputs:
         self._require_fitted()
@@ -195,6 +90,9 @@ class NoChange(_AnalyticBaseline):
     description = "Control cells unchanged (the covariates' control profile)."
     input_kind = "expression"
 
+    def _fit(self, train: ad.AnnData, val: ad.AnnData | None, context: FitContext) -> None:
+        """Nothing to learn."""
+
     def _predict(self, inputs: PredictionInputs, *, seed: int) -> np.ndarray:
         return _dense(inputs.X)
 
@@ -219,12 +117,10 @@ class PerturbationMean(_AnalyticBaseline):
         self.combo_labels: list[str] = []
         self.combo_delta: np.ndarray | None = None  # (n_combos, n_genes)
 
-    statistics: ClassVar[dict[str, bool]] = {"groups": True, "covariates": False}
-
-    def _learn(self, stats: TrainingStatistics) -> None:
+    def _fit(self, train: ad.AnnData, val: ad.AnnData | None, context: FitContext) -> None:
         keys = self.keys
-        grouping = stats.grouping
-        mean, counts = stats.group_mean, stats.group_counts
+        grouping = group_cells(train.obs, keys)
+        mean, _, counts = group_stats(train.X, grouping.group_codes, grouping.n_groups)
         groups = grouping.groups
         cov = groups["covariate_code"].to_numpy()
         is_ctrl = groups["is_control"].to_numpy()
@@ -334,18 +230,21 @@ class CovariateMean(_AnalyticBaseline):
         self.means: np.ndarray | None = None  # (n_covariate_combinations, n_genes)
         self.pooled_mean: np.ndarray | None = None  # (n_genes,)
 
-    statistics: ClassVar[dict[str, bool]] = {"groups": False, "covariates": True}
-
-    def _learn(self, stats: TrainingStatistics) -> None:
-        grouping = stats.grouping
-        if grouping.is_control.all():
+    def _fit(self, train: ad.AnnData, val: ad.AnnData | None, context: FitContext) -> None:
+        grouping = group_cells(train.obs, self.keys)
+        perturbed = ~grouping.is_control
+        if not perturbed.any():
             raise ModelError("covariate_mean needs perturbed training cells; the split has none")
-        keep = stats.covariate_counts > 0
+        codes = np.where(perturbed, grouping.covariate_codes, -1)
+        n_cov = len(grouping.covariates)
+        mean, _, counts = group_stats(train.X, codes, n_cov)
+        keep = counts > 0
         cov_keys = list(self.keys.covariate_keys)
         table = grouping.covariates.loc[keep, cov_keys] if cov_keys else None
         self.covariate_labels = table.astype(str).to_numpy().tolist() if table is not None else [[]]
-        self.means = stats.covariate_mean[keep]
-        self.pooled_mean = stats.pooled_mean
+        self.means = mean[keep]
+        pooled, _, _ = group_stats(train.X, np.where(perturbed, 0, -1), 1)
+        self.pooled_mean = pooled[0]
 
     def _predict(self, inputs: PredictionInputs, *, seed: int) -> np.ndarray:
         cov_keys = list(self.keys.covariate_keys)
