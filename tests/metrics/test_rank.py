@@ -136,3 +136,17 @@ def test_threads_for_the_l1_distances_change_no_rank():
     for kind in ("mae", "rmse"):
         np.testing.assert_array_equal(one[kind], three[kind])
     np.testing.assert_array_equal(one["mae"], _rank_by_hand(distance_matrix(pred, truth, "mae")))
+
+
+def test_repeated_rows_are_found_even_when_hashes_collide(monkeypatch):
+    from pertbench.metrics import rank
+
+    rng = np.random.default_rng(7)
+    pred = rng.normal(size=(6, 4))
+    pred[4] = pred[1]
+    unique, codes, first = rank._dedupe(pred)
+    assert codes.tolist() == [0, 1, 2, 3, 1, 4] and first.tolist() == [0, 1, 2, 3, 5]
+    monkeypatch.setattr(rank, "hash", lambda _: 0, raising=False)  # every row collides
+    u2, c2, f2 = rank._dedupe(pred)
+    np.testing.assert_array_equal(u2, unique)
+    assert c2.tolist() == codes.tolist() and f2.tolist() == first.tolist()

@@ -81,12 +81,23 @@ def _column_ranks(D: np.ndarray, first: int) -> np.ndarray:
 
 def _dedupe(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Unique rows (in order of first appearance), the index of each row among them and
-    the position of each unique row's first appearance."""
+    the position of each unique row's first appearance.
+
+    Rows are told apart by a hash of their bytes (no copy of the matrix); rows sharing a
+    hash are compared value by value, so a collision can never merge different rows.
+    """
     import pandas as pd
 
     rows = np.ascontiguousarray(rows)
-    codes, _ = pd.factorize(np.array([r.tobytes() for r in rows], dtype=object))
+    hashes = np.fromiter((hash(r.tobytes()) for r in rows), dtype=np.int64, count=len(rows))
+    codes, _ = pd.factorize(hashes)
     _, first = np.unique(codes, return_index=True)
+    repeated = np.flatnonzero(first[codes] != np.arange(len(rows)))
+    if repeated.size and not (rows[repeated] == rows[first[codes[repeated]]]).all():
+        codes, _ = pd.factorize(np.array([r.tobytes() for r in rows], dtype=object))
+        _, first = np.unique(codes, return_index=True)
+    if first.size == len(rows):  # all distinct: no copy
+        return rows, codes, first
     return rows[first], codes, first
 
 
@@ -270,8 +281,11 @@ def rank_family(
                 T = truth.take(cols)  # a view; its block operands are dropped after use
                 shared: dict = {"n_jobs": int(n_jobs)}
                 for kind in members:
-                    D = _block_distance(U, T, kind, shared)[inverse]
+                    D = _block_distance(U, T, kind, shared)
+                    if unique.shape[0] != n:  # repeated predictions share one row
+                        D = D[inverse]
                     out[kind][cols] = _column_ranks(D, lo)
+                    del D
     return out
 
 
