@@ -257,6 +257,8 @@ class Evaluator:
                     f"the {' and '.join(needs)} baseline(s) learn from training cells; "
                     "pass the split (split=... or --split SPLIT.csv)"
                 )
+        if self.backend == "ray":  # refuse in-memory data before any work
+            files = (_file_of(self.truth, "truth"), _file_of(self.pred, "pred"))
         split = read_split_for(self.truth, self.split_arg)
         plan = build_plan(
             self.truth,
@@ -293,14 +295,15 @@ class Evaluator:
             replicates = {b.index: self.ceiling_estimator.replicates(b) for b in plan.blocks}
             sources.append(CeilingSource(self.ceiling_estimator, replicates))
         if self.backend == "ray":
-            blocks = self._run_ray(plan, sources, settings)
+            blocks = self._run_ray(plan, sources, settings, files)
         else:
             blocks = self._run_local(plan, sources, settings)
         return self._assemble(plan, specs, blocks, baselines, fit_notes, ceiling_notes)
 
     # -- running the blocks ------------------------------------------------------------
-    def _block_job(self, plan: EvaluationPlan, block: Block, sources, settings) -> dict:
-        labels = plan.group_labels()
+    def _block_job(
+        self, plan: EvaluationPlan, block: Block, sources, settings, labels: list[str]
+    ) -> dict:
         return {
             "block": block,
             "sources": [s.for_block(block.index) for s in sources],
@@ -315,21 +318,26 @@ class Evaluator:
     def _run_local(self, plan, sources, settings) -> list[dict[str, SourceScores]]:
         truth = RowReader(self.truth.X, columns=plan.truth_columns)
         pred = RowReader(self.pred.X, columns=plan.pred_columns)
+        labels = plan.group_labels()
         return [
-            evaluate_block(self._block_job(plan, block, sources, settings), truth, pred)
+            evaluate_block(self._block_job(plan, block, sources, settings, labels), truth, pred)
             for block in plan.blocks
         ]
 
-    def _run_ray(self, plan, sources, settings) -> list[dict[str, SourceScores]]:
+    def _run_ray(self, plan, sources, settings, files) -> list[dict[str, SourceScores]]:
+        from dataclasses import replace
+
         from pertbench.benchmark.backends import RayBackend
 
-        truth_path, pred_path = _file_of(self.truth, "truth"), _file_of(self.pred, "pred")
+        # a task has one CPU: its DE tests run in one thread (the numbers do not change)
+        settings = replace(settings, n_jobs=1)
+        labels = plan.group_labels()
         backend = RayBackend(self.workers or _available_cpus(), self.ray_address)
         try:
             handles = []
             for block in plan.blocks:
-                job = self._block_job(plan, block, sources, settings)
-                job["files"] = (truth_path, pred_path)
+                job = self._block_job(plan, block, sources, settings, labels)
+                job["files"] = files
                 handles.append(backend.submit(evaluate_block_job, job))
             return [backend.result(h) for h in handles]
         finally:
