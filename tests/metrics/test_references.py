@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from pertbench.metrics import Evaluator
@@ -60,3 +61,30 @@ def test_a_bootstrap_ceiling_estimator_plugs_into_the_calibration(make_toy):
             assert row["rmse_average"] == pytest.approx(np.mean(rmse) / 2, rel=1e-9)
             assert row["mae_average"] == pytest.approx(np.mean(mae), rel=1e-9)
             group += 1
+
+
+class OwnRuleCeiling(BootstrapCeiling):
+    """The same replicates, merged by the estimator's own rule from the block's sides."""
+
+    def score_block(self, view):
+        from pertbench.metrics.score import SourceScores
+
+        assert len(view.sides) == len(view.replicates) == self.n_replicates
+        scored = [view.score(pred, truth) for pred, truth in view.sides]
+        specs = view.settings.specs
+        per_group = {
+            s.name: self.combine(s, [sc.per_group[s.name] for sc in scored])
+            for s in specs
+            if not s.per_covariate
+        }
+        return SourceScores(per_group, {}, scored[0].n_perturbations)
+
+
+def test_an_estimator_with_its_own_rule_sees_every_replicate(make_toy):
+    truth = make_toy(n_covariates=2, n_perturbations=3, n_genes=15, n_cells=12)
+    pred = truth[truth.obs["condition"] != "control"].copy()
+    options = {"metrics": "rmse_average,pearson_delta,jaccard_top5", "n_bootstrap": 0}
+    generic = Evaluator(truth, pred, ceiling=BootstrapCeiling(), top_k=5, **options).run()
+    own = Evaluator(truth, pred, ceiling=OwnRuleCeiling(), top_k=5, **options).run()
+    assert OwnRuleCeiling().scores_itself and not BootstrapCeiling().scores_itself
+    pd.testing.assert_frame_equal(own.per_group, generic.per_group, check_exact=True)

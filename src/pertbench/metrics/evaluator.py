@@ -444,8 +444,8 @@ def evaluate_block(job: dict, truth: RowReader, pred: RowReader) -> dict[str, So
         extra_cells=extra,
         all_groups=job["all_groups"],
     )
-    combine = {s.name: s.estimator for s in job["sources"] if isinstance(s, CeilingSource)}
-    return score_block(stats, settings, model=job["model"], combine=combine)
+    ceilings = {s.name: s for s in job["sources"] if isinstance(s, CeilingSource)}
+    return score_block(stats, settings, model=job["model"], ceilings=ceilings)
 
 
 def evaluate_block_job(job: dict) -> dict[str, SourceScores]:

@@ -234,11 +234,26 @@ class CeilingEstimator:
     """How the ceiling is estimated: replicates of observed cells, merged per metric.
 
     :meth:`prepare` and :meth:`replicates` run where the evaluation is planned (they see
-    obs only); :meth:`combine` and :meth:`correct` run where a block is scored (possibly
-    a worker), so keep the state they need small.
+    obs only); :meth:`combine`, :meth:`correct` and :meth:`score_block` run where a block
+    is scored (possibly a worker), so keep the state they need small.
+
+    Two ways to turn replicates into a ceiling: by default each replicate is scored like a
+    prediction and :meth:`combine` merges the values of each metric; an estimator with
+    its own rules (e.g. corrections computed on profiles rather than on scores) overrides
+    :meth:`score_block`, which receives every replicate's statistics for the block.
     """
 
     name = CEILING
+
+    @property
+    def scores_itself(self) -> bool:
+        """True when the estimator overrides :meth:`score_block`."""
+        return type(self).score_block is not CeilingEstimator.score_block
+
+    def score_block(self, view):
+        """The ceiling's values for one block from a
+        :class:`~pertbench.metrics.score.CeilingView` (returns a ``SourceScores``)."""
+        raise NotImplementedError
 
     def prepare(self, plan: EvaluationPlan, *, seed: int) -> list[str]:
         """Look at the plan once before any block; return notes."""

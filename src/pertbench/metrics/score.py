@@ -100,7 +100,7 @@ def score_block(
     settings: BlockSettings,
     *,
     model: str,
-    combine: dict[str, Any] | None = None,
+    ceilings: dict[str, Any] | None = None,
 ) -> dict[str, SourceScores]:
     """Score every source of a block.
 
@@ -112,16 +112,71 @@ def score_block(
         Metric specs and options.
     model
         Name of the scored model's source (its aggregates are kept when asked for).
-    combine
-        ``{source name: estimator}`` for sources with several replicates (the ceiling):
-        ``estimator.combine(spec, values)`` merges the replicates' values of a spec.
+    ceilings
+        ``{source name: CeilingSource}``: sources made of replicates. Their estimator
+        either merges the replicates' scores (``estimator.combine(spec, values)``) or
+        computes the block's ceiling itself from a :class:`CeilingView`
+        (``estimator.score_block(view)``).
     """
-    G = stats.block.n_groups
-    specs = settings.specs
+    ceilings = ceilings or {}
     pairs: list[_Pair] = []
+    own_rule = {}
     for name, replicates in stats.sides.items():
+        source = ceilings.get(name)
+        if source is not None and source.estimator.scores_itself:
+            own_rule[name] = source
+            continue
         for pred, alt in replicates:
             pairs.append(_Pair(name, stats.truth if alt is None else alt, pred, name == model))
+    _score_pairs(stats, pairs, settings)
+    out = _merge_replicates(pairs, settings.specs, {n: s.estimator for n, s in ceilings.items()})
+    for name, source in own_rule.items():
+        view = CeilingView(
+            block=stats.block,
+            truth=stats.truth,
+            sides=stats.sides[name],
+            replicates=source.replicates[stats.block.index],
+            control_mean=stats.control_mean,
+            settings=settings,
+            stats=stats,
+        )
+        out[name] = source.estimator.score_block(view)
+    return out
+
+
+@dataclass
+class CeilingView:
+    """What a ceiling estimator with its own rule sees of one block.
+
+    ``sides[r]`` are the statistics of replicate r (its "prediction" and the cells it is
+    scored against, ``None`` = the observed groups) and ``replicates[r]`` its rows;
+    :meth:`score` scores any pair of sides with the standard path.
+    """
+
+    block: object
+    truth: SideStats
+    sides: list[tuple[SideStats, SideStats | None]]
+    replicates: list
+    control_mean: np.ndarray
+    settings: BlockSettings
+    stats: BlockStats
+
+    def score(
+        self, pred: SideStats, truth: SideStats | None = None, specs: list | None = None
+    ) -> SourceScores:
+        """Metric values of ``pred`` against ``truth`` (default: the observed groups)."""
+        from dataclasses import replace
+
+        settings = self.settings if specs is None else replace(self.settings, specs=list(specs))
+        pair = _Pair("ceiling", self.truth if truth is None else truth, pred, False)
+        _score_pairs(self.stats, [pair], settings)
+        return pair.scores
+
+
+def _score_pairs(stats: BlockStats, pairs: list[_Pair], settings: BlockSettings) -> None:
+    """Fill ``pair.scores`` of every (truth, prediction) pair of a block."""
+    G = stats.block.n_groups
+    specs = settings.specs
     for pair in pairs:
         columns = {s.name: np.full(G, np.nan) for s in specs if not s.per_covariate}
         per_cov = {s.name: float("nan") for s in specs if s.per_covariate}
@@ -191,7 +246,6 @@ def score_block(
             )
             for s in block_specs:
                 pair.scores.per_group[s.name][pair.rows] = s.compute(view)
-    return _merge_replicates(pairs, specs, combine or {})
 
 
 def _score_groupwise(pair: _Pair, specs, ctrl: np.ndarray, settings: BlockSettings) -> None:
