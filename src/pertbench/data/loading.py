@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from pertbench.data.backed import is_backed_matrix, read_backed
 from pertbench.data.groups import group_cells
 from pertbench.data.keys import PerturbationKeys
 from pertbench.errors import ConfigError, DataValidationError, InputFileError, PertbenchWarning
@@ -35,6 +36,8 @@ COUNTS_MIN_MAX = 20.0
 LOG_MAX = 30.0
 #: Values scanned per chunk, so checking a huge matrix needs little extra memory.
 _SCAN_CHUNK = 20_000_000
+#: Values scanned at once from a file on disk (its temporaries stay ~50 MB).
+_DISK_SCAN_CHUNK = 4_000_000
 #: Groups with fewer cells than this are reported (not an error).
 SMALL_GROUP = 5
 
@@ -75,10 +78,25 @@ def scan_values(X) -> ValueStats:
     """Count NaN/inf/negative values and detect integer-valued data, without densifying.
 
     Sparse matrices are scanned over their stored values (implicit zeros are finite,
-    non-negative integers); dense ones in row chunks.
+    non-negative integers); dense ones in row chunks; the on-disk matrix of a backed
+    AnnData chunk by chunk without loading it.
     """
     stats = ValueStats(minimum=np.inf, maximum=-np.inf)
-    if sp.issparse(X):
+    if is_backed_matrix(X):  # on disk: read the stored values chunk by chunk
+        stats.size = int(np.prod(X.shape))
+        step = _DISK_SCAN_CHUNK
+        if _x_format(X) in ("csr", "csc"):
+            data = X.group["data"]
+            n = int(data.shape[0])
+            has_implicit_zero = n < stats.size
+            chunks = (np.asarray(data[i : i + step]) for i in range(0, n, step))
+        else:
+            rows = max(1, step // max(int(X.shape[1]), 1))
+            has_implicit_zero = False
+            chunks = (
+                np.asarray(X[i : i + rows]).reshape(-1) for i in range(0, int(X.shape[0]), rows)
+            )
+    elif sp.issparse(X):
         values = X.data
         stats.size = int(np.prod(X.shape))
         chunks = (values[i : i + _SCAN_CHUNK] for i in range(0, values.size, _SCAN_CHUNK))
@@ -209,7 +227,8 @@ class ValidationReport:
 def _x_format(X) -> str:
     if sp.issparse(X):
         return X.format
-    return "dense"
+    fmt = getattr(X, "format", None)  # a backed sparse dataset
+    return fmt if fmt in ("csr", "csc") else "dense"
 
 
 def _missing_mask(values: pd.Series) -> np.ndarray:
@@ -552,7 +571,8 @@ def read_h5ad(
         cell to 1e4 and applies log1p with a :class:`DataWarning`, keeping the counts in
         ``layers['counts']``; ``"error"`` refuses with the fix; ``"allow"`` leaves X as is.
     backed
-        Open in backed (read-only, on-disk) mode; validation then reads X in full.
+        Open with X on disk (read-only); only obs and var are read into memory (layers,
+        obsm and uns are not loaded); validation scans X chunk by chunk.
 
     Returns
     -------
@@ -569,7 +589,7 @@ def read_h5ad(
             warnings.filterwarnings(
                 "ignore", category=getattr(ad, "OldFormatWarning", FutureWarning)
             )
-            adata = ad.read_h5ad(path, backed="r" if backed else None)
+            adata = read_backed(path) if backed else ad.read_h5ad(path)
     except Exception as exc:  # corrupt or truncated file of any kind
         raise InputFileError(
             f"cannot read '{path}' as AnnData: {type(exc).__name__}: {exc}"
@@ -578,8 +598,8 @@ def read_h5ad(
     if not validate and on_counts == "allow":
         return adata
     if backed:
-        if validate:
-            validate_adata(adata.to_memory(), keys=keys, expect="any")
+        if validate:  # X is scanned chunk by chunk on disk, never loaded whole
+            validate_adata(adata, keys=keys, expect="any")
         return adata
     stats = scan_values(adata.X) if adata.X is not None else ValueStats()
     if stats.value_type == "counts" and not (stats.n_nan or stats.n_negative or stats.n_posinf):

@@ -61,6 +61,20 @@ EpochCallback = Callable[[int, Mapping[str, float]], None]
 
 
 @dataclass
+class TrainingCells:
+    """Training cells whose expression ``X`` is read by rows (a
+    :class:`~pertbench.data.backed.RowReader`): what :meth:`PerturbationModel.fit_from_reader`
+    gives to ``_fit`` in place of an AnnData (obs and X only)."""
+
+    obs: pd.DataFrame
+    X: Any
+
+    @property
+    def n_obs(self) -> int:
+        return len(self.obs)
+
+
+@dataclass
 class FitContext:
     """Run settings of one :meth:`PerturbationModel.fit` call (not hyperparameters)."""
 
@@ -133,6 +147,9 @@ class PerturbationModel(ABC):
     #: False when the prediction of a cell depends on the other cells of the request (or
     #: the model keeps state about the whole request): then it is predicted in one chunk.
     chunked_prediction: ClassVar[bool] = True
+    #: True for models whose training reads ``train.X`` only by rows (group statistics),
+    #: so that they can be fitted from a file on disk (:meth:`fit_from_reader`).
+    streams_training: ClassVar[bool] = False
 
     def __init__(self, *, keys: PerturbationKeys | None = None, **params: Any) -> None:
         self.keys = keys if keys is not None else PerturbationKeys()
@@ -296,6 +313,34 @@ class PerturbationModel(ABC):
         train = data.to_memory(train_rows)
         val = data.to_memory(val_rows) if val_rows.size else None
         self._fit(train, val, context)
+
+    def fit_from_reader(
+        self, adata: ad.AnnData, split: pd.Series | None, reader: Any, *, seed: int = 0
+    ) -> PerturbationModel:
+        """Fit like :meth:`fit` (on CPU, without validation cells), reading expression by rows.
+
+        Parameters
+        ----------
+        adata
+            Gives obs and var (it may be backed, or have no X).
+        split
+            As for :meth:`fit`.
+        reader
+            A :class:`~pertbench.data.backed.RowReader` of ``adata``'s expression over its
+            genes (e.g. a file on disk): training cells are read from it chunk by chunk.
+        """
+        if not self.streams_training:
+            raise ModelError(
+                f"model '{self.name}' cannot be trained from rows read on demand; "
+                "load the data in memory and call fit()"
+            )
+        train_mask, _ = self._begin_fit(adata, split, seed=seed, device="cpu")
+        rows = np.flatnonzero(train_mask)
+        train = TrainingCells(obs=adata.obs.iloc[rows], X=reader.subset(rows))
+        start = time.perf_counter()
+        self._fit(train, None, FitContext(seed=self.seed, device=self.device, progress=False))
+        self.fit_seconds = time.perf_counter() - start
+        return self
 
     @abstractmethod
     def _fit(self, train: ad.AnnData, val: ad.AnnData | None, context: FitContext) -> None:
