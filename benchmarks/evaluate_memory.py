@@ -64,7 +64,7 @@ def make_files(folder: Path, n_cells: int, n_genes: int, seed: int = 0) -> tuple
     import pandas as pd
     from anndata.io import write_elem
 
-    from pertbench.data.backed import RowReader, read_backed
+    from pertbench.data.ondisk import RowReader, open_h5ad
     from pertbench.data.simulate import simulate_to_h5ad
     from pertbench.data.splits import write_split
 
@@ -88,7 +88,7 @@ def make_files(folder: Path, n_cells: int, n_genes: int, seed: int = 0) -> tuple
         n_genes=n_genes,
         seed=seed,
     )
-    truth = read_backed(truth_path)
+    truth = open_h5ad(truth_path, validate=False)
     obs = truth.obs
     pert = obs["condition"].astype(str).to_numpy()
     cov = obs["cell_type"].astype(str).to_numpy()
@@ -119,7 +119,7 @@ def make_files(folder: Path, n_cells: int, n_genes: int, seed: int = 0) -> tuple
             block = reader.read(rows[lo : lo + step]).toarray()
             noise = np.random.default_rng([seed, i]).normal(0.0, 0.2, size=block.shape)
             X[lo : lo + block.shape[0]] = np.maximum(block + noise, 0.0).astype(np.float32)
-    truth.file.close()
+    truth.close()
     return truth_path, split_path, pred_path
 
 

@@ -60,7 +60,7 @@ def test_streamed_kang_equals_in_memory(kang_path, kang_adata, tmp_path):
     }
     memory = Evaluator(kang_adata, pred, split=split, **options).run()
     ev = Evaluator(kang_path, tmp_path / "pred.h5ad", split=tmp_path / "split.csv", **options)
-    assert ev.truth.isbacked and ev.pred.isbacked  # read from disk, never loaded whole
+    assert not ev.truth.X.in_memory and not ev.pred.X.in_memory  # read by rows from disk
     streamed = ev.run()
     memory.settings["split"] = streamed.settings["split"]  # a Series vs the CSV path
     assert_same_result(memory, streamed)
@@ -116,8 +116,9 @@ def simulated_files(tmp_path_factory):
 
 
 def test_streamed_chunked_blocks_equal_in_memory_with_every_family(simulated_files):
-    """All metric families (distribution included, with subsampling), baselines and ceiling;
-    the streamed run cuts every block into chunks of a few groups."""
+    """All metric families (distribution included, with subsampling), baselines, the
+    bootstrap ceiling and replicate agreement; the streamed run cuts every block into
+    chunks of a few groups (so the ceiling's replicates are drawn chunk by chunk)."""
     truth, pred, split, keys, paths = simulated_files
     options = {
         "keys": keys,
@@ -125,6 +126,8 @@ def test_streamed_chunked_blocks_equal_in_memory_with_every_family(simulated_fil
         "metrics": "all",
         "baselines": True,
         "ceiling": True,
+        "ceiling_replicates": 4,
+        "replicate_agreement": True,
         "n_bootstrap": 30,
         "top_k": 10,
         "n_pcs": 5,
@@ -136,9 +139,35 @@ def test_streamed_chunked_blocks_equal_in_memory_with_every_family(simulated_fil
     ).run()
     assert_same_result(memory, chunked)
     blocks = memory.per_covariate.groupby("model").size()
-    assert len(blocks) == 5 and (blocks == 6).all()  # model, 3 baselines, ceiling x 6 blocks
+    # model, 3 baselines, ceiling, replicate agreement x 6 blocks
+    assert len(blocks) == 6 and (blocks == 6).all()
     table = memory.per_group[memory.per_group["model"] == "model"]
     assert np.isfinite(table[["edistance", "mmd", "mean_var_kde"]].to_numpy()).all()
+    ceiling = memory.per_group[memory.per_group["model"] == "ceiling"]
+    assert np.isfinite(ceiling[["rmse_logfc", "cosine_rank_logfc", "mean_var_kde"]]).all().all()
+
+
+def test_ceiling_draws_do_not_depend_on_the_order_of_blocks(simulated_files, monkeypatch):
+    """The ceiling's replicates are read at each group's place in one seeded stream: the
+    blocks processed last-first give the same tables."""
+    import pertbench.metrics.evaluator as evaluator_module
+
+    truth, pred, split, keys, paths = simulated_files
+    options = {"keys": keys, "split": split, "ceiling": True, "ceiling_replicates": 3}
+    options.update(metrics="rmse_logfc,pearson_rank_delta,jaccard_top10", n_bootstrap=0, top_k=10)
+    forward = Evaluator(truth, pred, **options).run()
+    build = evaluator_module.build_plan
+
+    def reversed_plan(*args, **kwargs):
+        plan = build(*args, **kwargs)
+        plan.blocks = plan.blocks[::-1]
+        return plan
+
+    monkeypatch.setattr(evaluator_module, "build_plan", reversed_plan)
+    backward = Evaluator(truth, pred, **options).run()
+    assert_same_result(forward, backward)
+    ceiling = forward.per_group[forward.per_group["model"] == "ceiling"]
+    assert ceiling[["rmse_logfc", "pearson_rank_delta", "jaccard_top10"]].notna().all().all()
 
 
 @pytest.mark.ray
@@ -146,7 +175,7 @@ def test_ray_per_covariate_evaluation_merges_to_the_local_tables(simulated_files
     ray = pytest.importorskip("ray", reason="the ray extra is not installed")
     truth, pred, split, keys, paths = simulated_files
     options = {"keys": keys, "split": split, "baselines": True, "ceiling": True}
-    options.update(n_bootstrap=30, top_k=10)
+    options.update(n_bootstrap=30, top_k=10, replicate_agreement=True)
     local = Evaluator(paths["truth"], paths["pred"], **options).run()
     try:
         on_ray = Evaluator(paths["truth"], paths["pred"], backend="ray", workers=2, **options).run()

@@ -20,7 +20,6 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from pertbench.data.backed import is_backed_matrix, read_backed
 from pertbench.data.groups import group_cells
 from pertbench.data.keys import PerturbationKeys
 from pertbench.errors import ConfigError, DataValidationError, InputFileError, PertbenchWarning
@@ -36,8 +35,6 @@ COUNTS_MIN_MAX = 20.0
 LOG_MAX = 30.0
 #: Values scanned per chunk, so checking a huge matrix needs little extra memory.
 _SCAN_CHUNK = 20_000_000
-#: Values scanned at once from a file on disk (its temporaries stay ~50 MB).
-_DISK_SCAN_CHUNK = 4_000_000
 #: Groups with fewer cells than this are reported (not an error).
 SMALL_GROUP = 5
 
@@ -78,25 +75,16 @@ def scan_values(X) -> ValueStats:
     """Count NaN/inf/negative values and detect integer-valued data, without densifying.
 
     Sparse matrices are scanned over their stored values (implicit zeros are finite,
-    non-negative integers); dense ones in row chunks; the on-disk matrix of a backed
-    AnnData chunk by chunk without loading it.
+    non-negative integers); dense ones in row chunks; a matrix on disk (the X of a backed
+    AnnData, an :class:`~pertbench.data.ondisk.OnDiskMatrix`) chunk by chunk without
+    loading it (:func:`~pertbench.data.ondisk.scan_matrix`).
     """
+    from pertbench.data.ondisk import OnDiskMatrix, is_backed_matrix, scan_matrix
+
+    if is_backed_matrix(X):
+        return scan_matrix(X if isinstance(X, OnDiskMatrix) else OnDiskMatrix(X, name="X"))
     stats = ValueStats(minimum=np.inf, maximum=-np.inf)
-    if is_backed_matrix(X):  # on disk: read the stored values chunk by chunk
-        stats.size = int(np.prod(X.shape))
-        step = _DISK_SCAN_CHUNK
-        if _x_format(X) in ("csr", "csc"):
-            data = X.group["data"]
-            n = int(data.shape[0])
-            has_implicit_zero = n < stats.size
-            chunks = (np.asarray(data[i : i + step]) for i in range(0, n, step))
-        else:
-            rows = max(1, step // max(int(X.shape[1]), 1))
-            has_implicit_zero = False
-            chunks = (
-                np.asarray(X[i : i + rows]).reshape(-1) for i in range(0, int(X.shape[0]), rows)
-            )
-    elif sp.issparse(X):
+    if sp.issparse(X):
         values = X.data
         stats.size = int(np.prod(X.shape))
         chunks = (values[i : i + _SCAN_CHUNK] for i in range(0, values.size, _SCAN_CHUNK))
@@ -571,8 +559,9 @@ def read_h5ad(
         cell to 1e4 and applies log1p with a :class:`DataWarning`, keeping the counts in
         ``layers['counts']``; ``"error"`` refuses with the fix; ``"allow"`` leaves X as is.
     backed
-        Open with X on disk (read-only); only obs and var are read into memory (layers,
-        obsm and uns are not loaded); validation scans X chunk by chunk.
+        Open with X on disk (anndata's backed mode, read-only; validation scans X chunk by
+        chunk). To read obs and var only (no layers, obsm or uns) and X by rows, use
+        :func:`pertbench.data.ondisk.open_h5ad`.
 
     Returns
     -------
@@ -589,7 +578,7 @@ def read_h5ad(
             warnings.filterwarnings(
                 "ignore", category=getattr(ad, "OldFormatWarning", FutureWarning)
             )
-            adata = read_backed(path) if backed else ad.read_h5ad(path)
+            adata = ad.read_h5ad(path, backed="r" if backed else None)
     except Exception as exc:  # corrupt or truncated file of any kind
         raise InputFileError(
             f"cannot read '{path}' as AnnData: {type(exc).__name__}: {exc}"

@@ -11,7 +11,11 @@ of the block); the scoring stage (:mod:`pertbench.metrics.score`) works on nothi
 
 A source is any object with ``name`` and ``cells(chunk) -> list of (pred, truth)``
 :class:`Cells` pairs (``truth`` ``None`` = the observed cells): predictions of a model,
-of a baseline and a ceiling replicate are the same kind of object here.
+of a baseline and a ceiling replicate are the same kind of object here. A source that
+*folds* (``folds`` true, e.g. the bootstrap noise ceiling with its many replicates)
+instead gets every chunk through ``fold(view)`` (a :class:`ChunkView`: the chunk, the
+observed statistics of its groups, and how to measure more cells like any side) and
+keeps only the summaries it needs, so its replicates never accumulate per block.
 
 Every statistic of a group depends only on that group's cells (and the controls), never
 on the other groups of the chunk (see :func:`~pertbench.metrics.aggregations.group_stats`
@@ -27,9 +31,9 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from pertbench.data.backed import RowReader
+from pertbench.data.ondisk import RowReader
 from pertbench.errors import DataValidationError, EvaluationError
-from pertbench.metrics.aggregations import group_stats
+from pertbench.metrics.aggregations import aggregate, group_stats
 from pertbench.metrics.catalog import MetricSpec
 from pertbench.metrics.de import wilcoxon_scores
 from pertbench.metrics.distribution import pca_basis, pca_rows, project, subsample
@@ -122,6 +126,18 @@ class SideStats:
         return self.n > 0
 
 
+def profile(side: SideStats, rows: np.ndarray, control_mean: np.ndarray, aggregation: str):
+    """One aggregation (``average``, ``delta``, ...) of a side's groups ``rows``:
+    (len(rows), genes), against the block's control mean."""
+    return aggregate(
+        side.mean[rows],
+        side.var[rows],
+        control_mean[None, :],
+        aggregations=(aggregation,),
+        de_scores=None if side.z is None else side.z[rows],
+    )[aggregation]
+
+
 @dataclass
 class Chunk:
     """What a source sees of one chunk of a block's groups."""
@@ -142,6 +158,31 @@ class Chunk:
         if at.size and (at.max() >= self.truth_rows.size or (self.truth_rows[at] != rows).any()):
             raise EvaluationError("replicate rows must be observed cells of the chunk's groups")
         return Cells(self.truth.X[at], np.asarray(codes, dtype=np.int64))
+
+
+@dataclass
+class ChunkView:
+    """What a folding source sees of one chunk (rows of every side: the chunk's groups).
+
+    ``truth`` holds the observed statistics of the chunk's groups; :meth:`measure` gives
+    any other cells of these groups the same statistics as every side (Wilcoxon tests
+    against the block's controls only with ``de``), :meth:`profile` their aggregations.
+    """
+
+    chunk: Chunk
+    truth: SideStats
+    control_mean: np.ndarray
+    reference: Any  # the block's controls, as the Wilcoxon tests take them
+    settings: BlockSettings
+
+    def measure(self, cells: Cells, *, de: bool) -> SideStats:
+        parts = _measure(
+            cells.X, cells.codes, self.chunk.n_groups, self.reference, self.settings, de=de
+        )
+        return SideStats(*parts)
+
+    def profile(self, side: SideStats, rows: np.ndarray, aggregation: str) -> np.ndarray:
+        return profile(side, rows, self.control_mean, aggregation)
 
 
 @dataclass
@@ -222,10 +263,11 @@ def measure(
     return mean, var, n, z, fdr
 
 
-def _measure(X, codes, n_groups, reference, settings: BlockSettings):
+def _measure(X, codes, n_groups, reference, settings: BlockSettings, *, de: bool | None = None):
     mean, var, n = group_stats(X, codes, n_groups)
     z = fdr = None
-    if settings.need_de and (codes >= 0).any():
+    need_de = settings.need_de if de is None else de
+    if need_de and (codes >= 0).any():
         res = wilcoxon_scores(
             X,
             codes,
@@ -235,7 +277,7 @@ def _measure(X, codes, n_groups, reference, settings: BlockSettings):
             n_jobs=settings.n_jobs,
         )
         z, fdr = res.scores, res.pvals_adj
-    elif settings.need_de:
+    elif need_de:
         z, fdr = np.zeros_like(mean), np.ones_like(mean)
     return mean, var, n, z, fdr
 
@@ -329,8 +371,13 @@ def aggregate_block(
         check_finite(observed.X, "truth")
         chunk = Chunk(block, groups, observed, rows, controls)
         n = chunk.n_groups
-        _store(truth_side, groups, measure(observed, n, reference, settings))
+        parts = measure(observed, n, reference, settings)
+        _store(truth_side, groups, parts)
+        view = ChunkView(chunk, SideStats(*parts), control_mean, reference, settings)
         for source in sources:
+            if getattr(source, "folds", False):
+                source.fold(view)
+                continue
             pairs = source.cells(chunk)
             slots = sides.setdefault(source.name, [])
             for r, (pred, alt_truth) in enumerate(pairs):
@@ -358,7 +405,7 @@ def aggregate_block(
                         settings,
                     )
             del pairs
-        del observed, chunk
+        del observed, chunk, view
     every = None
     if all_groups is not None:
         table, rows, codes = all_groups

@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
-from pertbench.data.backed import RowReader
+from pertbench.data.ondisk import RowReader
 
 AGGREGATIONS = ("average", "delta", "logfc", "var", "logp")
 DEFAULT_AGGREGATIONS = ("average", "delta", "logfc", "var")
@@ -46,7 +46,7 @@ def group_stats(
     Parameters
     ----------
     X
-        (n_cells, n_genes) dense or sparse matrix, or a :class:`~pertbench.data.backed.RowReader`
+        (n_cells, n_genes) dense or sparse matrix, or a :class:`~pertbench.data.ondisk.RowReader`
         (rows read from disk chunk by chunk, so memory stays bounded); only rows with a
         code >= 0 are read.
     codes

@@ -3,8 +3,9 @@
 ``Evaluator(truth, pred, ...).run()`` computes, for every (covariates, perturbation)
 group present in both, the selected metrics (see :mod:`pertbench.metrics.catalog`),
 their means over groups with bootstrap 95% intervals, and optionally the calibration
-references: the three analytic baselines fitted on the training split, the split-half
-noise ceiling and normalised scores.
+references: the three analytic baselines fitted on the training split, the noise ceiling
+(the expected score of a perfect model, :mod:`pertbench.metrics.ceiling`), the split-half
+replicate agreement and normalised scores.
 
 The work is done in stages, one module each:
 
@@ -33,18 +34,21 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from pertbench.data.backed import RowReader, read_backed
 from pertbench.data.keys import PerturbationKeys
+from pertbench.data.ondisk import OnDiskData, RowReader, open_h5ad
 from pertbench.data.splits import SPLIT_NAMES
 from pertbench.errors import ConfigError, EvaluationError
 from pertbench.metrics.aggregate import DEFAULT_CHUNK_ELEMENTS, BlockSettings, aggregate_block
 from pertbench.metrics.catalog import resolve_metrics
+from pertbench.metrics.ceiling import DEFAULT_REPLICATES
 from pertbench.metrics.distribution import DEFAULT_MAX_CELLS, DEFAULT_N_PCS
 from pertbench.metrics.plan import Block, EvaluationPlan, build_plan, read_split_for
 from pertbench.metrics.references import (
     BASELINE_CELL_BUDGET,
     BASELINES,
     CEILING,
+    REPLICATE_AGREEMENT,
+    BootstrapCeiling,
     CeilingEstimator,
     CeilingSource,
     PredictionSource,
@@ -74,6 +78,7 @@ __all__ = [
     "NORMALIZED",
     "PER_COVARIATE_FILE",
     "PER_GROUP_FILE",
+    "REPLICATE_AGREEMENT",
     "SUMMARY_FILE",
     "EvaluationResult",
     "Evaluator",
@@ -113,12 +118,21 @@ class Evaluator:
     baselines
         ``True`` for all three baselines, a list of names, or ``False``.
     ceiling
-        Also score the noise ceiling: ``True`` (split-half) or a
+        Also estimate the noise ceiling: the expected score of a perfect model (one
+        predicting each group's population profile) against the observed cells; ``True``
+        for :class:`~pertbench.metrics.references.BootstrapCeiling` (the rules of
+        :mod:`pertbench.metrics.ceiling`), or any
         :class:`~pertbench.metrics.references.CeilingEstimator`.
+    ceiling_replicates
+        Bootstrap replicates (and posterior draws) per group for the ceiling.
+    replicate_agreement
+        Also score one random half of each group's observed cells against the other
+        half (reference ``replicate_agreement``: how two half-size replicates of the
+        experiment agree; not a ceiling and not used for normalised scores).
     skip_missing
         Skip (and report) groups missing on one side instead of failing.
     seed
-        Seeds every random choice (bootstrap, subsampling, ceiling halves).
+        Seeds every random choice (bootstrap, subsampling, ceiling replicates, halves).
     top_k, fdr
         DE metric settings: top-k genes and the significance level.
     n_pcs, max_cells
@@ -160,6 +174,8 @@ class Evaluator:
         on: str = "test",
         baselines: bool | list[str] | tuple[str, ...] = False,
         ceiling: bool | CeilingEstimator = False,
+        ceiling_replicates: int = DEFAULT_REPLICATES,
+        replicate_agreement: bool = False,
         skip_missing: bool = False,
         seed: int = 0,
         top_k: int = 100,
@@ -205,11 +221,17 @@ class Evaluator:
                     f"unknown baseline(s) {', '.join(unknown)}; choose from {', '.join(BASELINES)}"
                 )
             self.baselines = [b for b in BASELINES if b in names]
+        if int(ceiling_replicates) < 1:
+            raise ConfigError(f"ceiling_replicates must be at least 1, got {ceiling_replicates}")
+        self.ceiling_replicates = int(ceiling_replicates)
         if isinstance(ceiling, CeilingEstimator):
             self.ceiling_estimator: CeilingEstimator | None = ceiling
         else:
-            self.ceiling_estimator = SplitHalfCeiling() if ceiling else None
+            self.ceiling_estimator = (
+                BootstrapCeiling(n_replicates=self.ceiling_replicates) if ceiling else None
+            )
         self.ceiling = self.ceiling_estimator is not None
+        self.replicate_agreement = bool(replicate_agreement)
         self.skip_missing = bool(skip_missing)
         self.seed = int(seed)
         if int(top_k) < 1:
@@ -231,7 +253,7 @@ class Evaluator:
         self.model_name = str(model_name)
         # scoring the no_change model with the no_change baseline is legitimate: keep the
         # tables unambiguous by labelling the model's rows and column distinctly
-        taken = {*self.baselines, CEILING, NORMALIZED}
+        taken = {*self.baselines, CEILING, REPLICATE_AGREEMENT, NORMALIZED}
         self.model_label = (
             f"{self.model_name} (model)" if self.model_name in taken else self.model_name
         )
@@ -289,16 +311,24 @@ class Evaluator:
                 [name], self.truth, plan, seed=self.seed, notes=fit_notes[name]
             )
         sources: list[Any] = list(baselines)
-        ceiling_notes: list[str] = []
-        if self.ceiling_estimator is not None:
-            ceiling_notes = self.ceiling_estimator.prepare(plan, seed=self.seed)
-            replicates = {b.index: self.ceiling_estimator.replicates(b) for b in plan.blocks}
-            sources.append(CeilingSource(self.ceiling_estimator, replicates))
+        reference_notes: dict[str, list[str]] = {}
+        for estimator in self._replicate_estimators():
+            notes = estimator.prepare(plan, seed=self.seed) + estimator.describe(specs)
+            reference_notes[estimator.name] = notes
+            replicates = {b.index: estimator.replicates(b) for b in plan.blocks}
+            sources.append(CeilingSource(estimator, replicates))
         if self.backend == "ray":
             blocks = self._run_ray(plan, sources, settings, files)
         else:
             blocks = self._run_local(plan, sources, settings)
-        return self._assemble(plan, specs, blocks, baselines, fit_notes, ceiling_notes)
+        return self._assemble(plan, specs, blocks, baselines, fit_notes, reference_notes)
+
+    def _replicate_estimators(self) -> list[CeilingEstimator]:
+        """The references made of observed cells: the ceiling, then replicate agreement."""
+        out = [] if self.ceiling_estimator is None else [self.ceiling_estimator]
+        if self.replicate_agreement:
+            out.append(SplitHalfCeiling(REPLICATE_AGREEMENT))
+        return out
 
     # -- running the blocks ------------------------------------------------------------
     def _block_job(
@@ -344,7 +374,7 @@ class Evaluator:
             backend.shutdown()
 
     # -- assembling ----------------------------------------------------------------------
-    def _assemble(self, plan, specs, blocks, baselines, fit_notes, ceiling_notes):
+    def _assemble(self, plan, specs, blocks, baselines, fit_notes, reference_notes):
         notes = list(plan.notes)
         model = merge_blocks(plan, specs, blocks, self.model_label)
         names = {s.name for s in specs}
@@ -372,10 +402,10 @@ class Evaluator:
             if name in fitted:
                 refs[name] = merge_blocks(plan, specs, blocks, name)
                 _single_cell_note(refs[name], notes)
-        if self.ceiling_estimator is not None:
-            notes.extend(ceiling_notes)
-            refs[CEILING] = merge_blocks(plan, specs, blocks, CEILING)
-            _single_cell_note(refs[CEILING], notes)
+        for name, own_notes in reference_notes.items():
+            notes.extend(own_notes)
+            refs[name] = merge_blocks(plan, specs, blocks, name)
+            _single_cell_note(refs[name], notes)
         return assemble(
             plan,
             specs,
@@ -401,6 +431,8 @@ class Evaluator:
             else ("given" if split is not None else None),
             "baselines": list(self.baselines),
             "ceiling": self.ceiling,
+            "ceiling_replicates": self.ceiling_replicates,
+            "replicate_agreement": self.replicate_agreement,
             "normalize_by": self.normalize_by,
             "seed": self.seed,
             "top_k": self.top_k,
@@ -452,17 +484,15 @@ def evaluate_block_job(job: dict) -> dict[str, SourceScores]:
     """A Ray task: open both files itself (backed, nothing copied through the driver)
     and score one block."""
     truth_path, pred_path = job["files"]
-    truth = read_backed(truth_path)
-    pred = read_backed(pred_path)
-    try:
+    with (
+        open_h5ad(truth_path, validate=False) as truth,
+        open_h5ad(pred_path, validate=False) as pred,
+    ):
         return evaluate_block(
             job,
             RowReader(truth.X, columns=job["truth_columns"]),
             RowReader(pred.X, columns=job["pred_columns"]),
         )
-    finally:
-        truth.file.close()
-        pred.file.close()
 
 
 class _LabelLookup:
@@ -483,28 +513,46 @@ def evaluate(truth, pred, **options: Any) -> EvaluationResult:
     return Evaluator(truth, pred, **options).run()
 
 
-def _open(value, label: str, keys: PerturbationKeys) -> ad.AnnData:
-    """An AnnData as given, or opened backed from a path (truth is checked against the
-    data contract, scanning X chunk by chunk; predictions only get the evaluator's own
-    checks). A file holding raw counts is read into memory and normalised, as before."""
-    if isinstance(value, ad.AnnData):
+def _open(value, label: str, keys: PerturbationKeys) -> ad.AnnData | OnDiskData:
+    """An AnnData in memory as given; a path (or a backed AnnData) opened by rows: obs and
+    var in memory, X on disk (:func:`~pertbench.data.ondisk.open_h5ad`). A file's truth
+    is checked against the data contract, scanning X chunk by chunk; predictions only get
+    the evaluator's own checks. A file holding raw counts, or a column-compressed X (which
+    cannot be read by rows), is read into memory (counts normalised), as before."""
+    from pertbench.data.loading import read_h5ad
+    from pertbench.data.ondisk import ColumnCompressedError, validate_on_disk
+
+    if isinstance(value, OnDiskData):
         return value
-    if isinstance(value, (str, os.PathLike)):
-        from pertbench.data.loading import read_h5ad, validate_adata
+    if isinstance(value, ad.AnnData):
+        if not value.isbacked:
+            return value
+        try:
+            return open_h5ad(value, validate=False)
+        except ColumnCompressedError:
+            return value.to_memory()
+    if not isinstance(value, (str, os.PathLike)):
+        raise EvaluationError(
+            f"{label} must be an AnnData or an .h5ad path, got {type(value).__name__}"
+        )
+    try:
+        data = open_h5ad(value, keys=keys, validate=False)
+    except ColumnCompressedError:
+        return read_h5ad(value, keys=keys, validate=label == "truth")
+    try:
+        report = validate_on_disk(data, keys=keys, expect="any", raise_errors=label == "truth")
+    except BaseException:
+        data.close()
+        raise
+    if report.value_type == "counts":
+        data.close()
+        return read_h5ad(value, keys=keys, validate=label == "truth")
+    return data
 
-        adata = read_h5ad(value, keys=keys, validate=False, on_counts="allow", backed=True)
-        report = validate_adata(adata, keys=keys, expect="any", raise_errors=label == "truth")
-        if report.value_type == "counts":
-            return read_h5ad(value, keys=keys, validate=label == "truth")
-        return adata
-    raise EvaluationError(
-        f"{label} must be an AnnData or an .h5ad path, got {type(value).__name__}"
-    )
 
-
-def _file_of(adata: ad.AnnData, label: str) -> str:
-    if adata.isbacked and adata.filename is not None:
-        return str(adata.filename)
+def _file_of(data, label: str) -> str:
+    if isinstance(data, OnDiskData) and data.path is not None:
+        return str(data.path)
     raise ConfigError(
         f"backend='ray' reads the files in every worker: give {label} as an .h5ad path "
         "(or an AnnData opened with backed='r')"

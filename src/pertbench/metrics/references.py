@@ -14,8 +14,15 @@ sources alike, so calibration is bookkeeping:
   bootstrap draws) taken as the "prediction" of each group, and optionally the rows it is
   scored against (default: the whole observed group). The estimator merges the scores
   of its replicates per metric (:meth:`CeilingEstimator.combine`: average, then a
-  per-metric :meth:`~CeilingEstimator.correct` hook). :class:`SplitHalfCeiling` is the
-  split-half ceiling (one replicate: half A scored as the prediction of half B).
+  per-metric :meth:`~CeilingEstimator.correct` hook), or computes the block's ceiling
+  itself (:meth:`CeilingEstimator.score_block`), or *folds* its replicates chunk by chunk
+  (:attr:`CeilingEstimator.folds`: it makes them from each chunk's observed cells and
+  keeps only the sums its rules need, so nothing accumulates per replicate).
+- :class:`BootstrapCeiling` is the noise ceiling (the default): the validated rules of
+  :mod:`pertbench.metrics.ceiling`, folded chunk by chunk
+  (:class:`~pertbench.metrics.ceiling_fold.BlockCeiling`).
+  :class:`SplitHalfCeiling` (one replicate: half A scored as the prediction of half B)
+  is the ``replicate_agreement`` reference, never the ceiling.
 
 Every random choice is derived from the evaluation seed and the identity of the cells
 (the obs table), never from the order in which blocks are processed.
@@ -24,21 +31,25 @@ Every random choice is derived from the evaluation seed and the identity of the 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import anndata as ad
 import numpy as np
 import pandas as pd
 
-from pertbench.data.backed import RowReader
-from pertbench.errors import ModelError
+from pertbench.data.ondisk import RowReader
+from pertbench.errors import ConfigError, EvaluationError, ModelError
 from pertbench.metrics import calibration as cal
 from pertbench.metrics.aggregate import Cells, Chunk
 from pertbench.metrics.catalog import MetricSpec
+from pertbench.metrics.ceiling import DEFAULT_REPLICATES, MIN_CELLS
 from pertbench.metrics.distribution import subsample
 from pertbench.metrics.plan import Block, EvaluationPlan
 
 BASELINES = ("no_change", "perturbation_mean", "covariate_mean")
 CEILING = "ceiling"
+#: Split-half agreement of the observed cells: a reference, never the ceiling.
+REPLICATE_AGREEMENT = "replicate_agreement"
 #: Baselines whose prediction ignores the perturbation: one prediction per block serves
 #: all its groups (their statistics are computed once per block).
 PERTURBATION_FREE = frozenset({"no_change", "covariate_mean"})
@@ -244,6 +255,9 @@ class CeilingEstimator:
     """
 
     name = CEILING
+    #: True for an estimator that makes its replicates chunk by chunk itself
+    #: (:meth:`start_block`) instead of listing them (:meth:`replicates`).
+    folds = False
 
     @property
     def scores_itself(self) -> bool:
@@ -259,8 +273,21 @@ class CeilingEstimator:
         """Look at the plan once before any block; return notes."""
         return []
 
+    def describe(self, specs: list[MetricSpec]) -> list[str]:
+        """Notes about the selected metrics (e.g. those it has no rule for)."""
+        return []
+
     def replicates(self, block: Block) -> list[Replicate]:
         raise NotImplementedError
+
+    def start_block(self, block: Block, settings):
+        """A folding estimator's accumulator for one block: ``fold(chunk_view)`` per chunk,
+        then ``finish(ceiling_view)`` returns the block's ``SourceScores``."""
+        raise NotImplementedError
+
+    def generated_cells(self, block: Block) -> np.ndarray:
+        """Replicate cells a folding estimator holds at once per group (bounds chunks)."""
+        return np.zeros(block.n_groups, dtype=np.int64)
 
     def correct(self, spec: MetricSpec, value: np.ndarray) -> np.ndarray:
         """Per-metric correction of the averaged replicate scores (identity here)."""
@@ -274,11 +301,17 @@ class CeilingEstimator:
 
 
 class SplitHalfCeiling(CeilingEstimator):
-    """Split-half ceiling: a random half of each group's observed cells (floor(n/2)) is
-    scored as the prediction of the other half. Groups with fewer than 2 cells have no
-    ceiling (NaN, noted)."""
+    """Split-half agreement: a random half of each group's observed cells (floor(n/2)) is
+    scored as the prediction of the other half. Groups with fewer than 2 cells get NaN
+    (noted).
 
-    def __init__(self) -> None:
+    How two half-size replicates of the experiment agree: the evaluator's
+    ``replicate_agreement`` reference (its default ``name``), not a ceiling (a half has
+    twice the noise of the whole group and the other half adds its own).
+    """
+
+    def __init__(self, name: str = REPLICATE_AGREEMENT) -> None:
+        self.name = name
         self._halves: tuple[np.ndarray, np.ndarray] | None = None
 
     def prepare(self, plan: EvaluationPlan, *, seed: int) -> list[str]:
@@ -287,8 +320,9 @@ class SplitHalfCeiling(CeilingEstimator):
         self._halves = cal.split_halves(plan.truth_codes, plan.n_groups, seed=seed)
         too_small = int((plan.truth_counts() < 2).sum())
         if too_small:
+            what = "replicate agreement" if self.name == REPLICATE_AGREEMENT else self.name
             return [
-                f"the ceiling is undefined (NaN) for {too_small} group(s) with fewer than 2 "
+                f"{what} is undefined (NaN) for {too_small} group(s) with fewer than 2 "
                 "observed cells (they cannot be split in halves)"
             ]
         return []
@@ -309,19 +343,132 @@ class SplitHalfCeiling(CeilingEstimator):
         ]
 
     def __getstate__(self) -> dict:
-        return {"_halves": None}  # workers only combine; the halves travel as replicates
+        # workers only combine; the halves travel as replicates
+        return {"name": self.name, "_halves": None}
+
+
+class BootstrapCeiling(CeilingEstimator):
+    """The noise ceiling: the expected score of a perfect model (rules and validation in
+    :mod:`pertbench.metrics.ceiling`), from ``n_replicates`` bootstrap replicates of each
+    group (and replicates of those) and as many posterior draws of its DE effects.
+
+    It folds: each chunk's replicates are drawn from the chunk's observed cells, measured
+    and reduced to the sums of the rules at once
+    (:class:`~pertbench.metrics.ceiling_fold.BlockCeiling`), so a block holds at most two
+    replicates of a chunk at a time. Every draw is read from one seeded stream per kind at
+    the position of the group it is for (:func:`~pertbench.metrics.ceiling.stream_at`):
+    the replicates of replicate ``r`` of all groups come one after the other, group by
+    group, so a group's draws do not depend on how the groups are cut into blocks and
+    chunks, nor on the order in which those are processed.
+
+    Parameters
+    ----------
+    n_replicates
+        Bootstrap replicates per group (and posterior draws of the DE effects).
+    """
+
+    folds = True
+
+    def __init__(self, n_replicates: int = DEFAULT_REPLICATES) -> None:
+        if int(n_replicates) < 1:
+            raise ConfigError(f"ceiling_replicates must be at least 1, got {n_replicates}")
+        self.n_replicates = int(n_replicates)
+        self.seed = 0
+        self._layout: dict[str, np.ndarray | int] | None = None
+
+    def prepare(self, plan: EvaluationPlan, *, seed: int) -> list[str]:
+        self.seed = int(seed)
+        counts = plan.truth_counts()
+        eligible = counts >= MIN_CELLS
+        drawn = np.where(eligible, counts, 0)
+        # where each group's draws start in a replicate's run of draws, and its rank
+        # among the groups with a ceiling (the order of the DE posterior draws)
+        self._layout = {
+            "offset": np.concatenate([[0], np.cumsum(drawn)[:-1]]).astype(np.int64),
+            "n_drawn": int(drawn.sum()),
+            "usable_index": np.where(eligible, np.cumsum(eligible) - 1, -1).astype(np.int64),
+            "n_usable": int(eligible.sum()),
+        }
+        few = int(((counts > 0) & (counts < MIN_CELLS)).sum())
+        if few:
+            return [
+                f"the ceiling is undefined (NaN) for {few} group(s) with fewer than "
+                f"{MIN_CELLS} observed cells (one cell says nothing about its sampling noise)"
+            ]
+        return []
+
+    def describe(self, specs: list[MetricSpec]) -> list[str]:
+        from pertbench.metrics.ceiling_fold import without_rule
+
+        missing = without_rule(specs)
+        if missing:
+            return [
+                f"the ceiling has no rule for {', '.join(missing[:10])}"
+                + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+                + ": left NaN (no normalised score)"
+            ]
+        return []
+
+    def replicates(self, block: Block) -> list[Replicate]:
+        return []  # made chunk by chunk (start_block)
+
+    def start_block(self, block: Block, settings):
+        from pertbench.metrics.ceiling_fold import BlockCeiling
+
+        if self._layout is None:
+            raise EvaluationError("BootstrapCeiling.prepare(plan, seed=...) must run first")
+        at = block.groups
+        return BlockCeiling(
+            block,
+            settings,
+            n_replicates=self.n_replicates,
+            seed=self.seed,
+            offset=self._layout["offset"][at],
+            n_drawn=self._layout["n_drawn"],
+            usable_index=self._layout["usable_index"][at],
+            n_usable=self._layout["n_usable"],
+        )
+
+    def generated_cells(self, block: Block) -> np.ndarray:
+        counts = block.truth_counts()
+        return np.where(counts >= MIN_CELLS, 2 * counts, 0)  # a replicate and its inner one
 
 
 class CeilingSource:
-    """The replicates of a ceiling estimator for one or more blocks, as a source."""
+    """The replicates of a ceiling estimator for one or more blocks, as a source.
+
+    A folding estimator's replicates are made in :meth:`fold`, chunk by chunk, into one
+    accumulator per block; :meth:`finish` turns it into the block's scores.
+    """
 
     def __init__(self, estimator: CeilingEstimator, replicates: dict[int, list[Replicate]]):
         self.estimator = estimator
         self.name = estimator.name
         self.replicates = replicates
+        self._folded: dict[int, Any] = {}
+
+    @property
+    def folds(self) -> bool:
+        return bool(self.estimator.folds)
 
     def for_block(self, b: int) -> CeilingSource:
-        return CeilingSource(self.estimator, {b: self.replicates[b]})
+        return CeilingSource(self.estimator, {b: self.replicates.get(b, [])})
+
+    def fold(self, view) -> None:
+        """Fold one chunk (a :class:`~pertbench.metrics.aggregate.ChunkView`)."""
+        block = view.chunk.block
+        if block.index not in self._folded:
+            self._folded[block.index] = self.estimator.start_block(block, view.settings)
+        self._folded[block.index].fold(view)
+
+    def finish(self, view):
+        """The folded block's scores (``view``: its
+        :class:`~pertbench.metrics.score.CeilingView`); the accumulator is dropped."""
+        block = view.block
+        folded = self._folded.pop(block.index, None)
+        if folded is None:  # a block without chunks: nothing was observed
+            folded = self.estimator.start_block(block, view.settings)
+        return folded.finish(view)
 
     def cells(self, chunk: Chunk) -> list[tuple[Cells, Cells | None]]:
         lo = chunk.groups.start
@@ -337,6 +484,8 @@ class CeilingSource:
         return out
 
     def generated_cells(self, block: Block) -> np.ndarray:
+        if self.folds:
+            return np.asarray(self.estimator.generated_cells(block), dtype=np.int64)
         reps = self.replicates[block.index]
         total = np.zeros(block.n_groups, dtype=np.int64)
         for rep in reps:

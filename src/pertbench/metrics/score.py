@@ -20,8 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from pertbench.metrics.aggregate import BlockSettings, BlockStats, SideStats
-from pertbench.metrics.aggregations import aggregate
+from pertbench.metrics.aggregate import BlockSettings, BlockStats, SideStats, profile
 from pertbench.metrics.de import DEPair
 from pertbench.metrics.fit import ProfilePair
 from pertbench.metrics.rank import ProfileOperands, rank_family
@@ -85,16 +84,6 @@ class _Pair:
         self.rows = np.flatnonzero(self.truth.present & self.pred.present)
 
 
-def _profile(side: SideStats, rows: np.ndarray, control_mean: np.ndarray, agg: str):
-    return aggregate(
-        side.mean[rows],
-        side.var[rows],
-        control_mean[None, :],
-        aggregations=(agg,),
-        de_scores=None if side.z is None else side.z[rows],
-    )[agg]
-
-
 def score_block(
     stats: BlockStats,
     settings: BlockSettings,
@@ -116,15 +105,18 @@ def score_block(
         ``{source name: CeilingSource}``: sources made of replicates. Their estimator
         either merges the replicates' scores (``estimator.combine(spec, values)``) or
         computes the block's ceiling itself from a :class:`CeilingView`
-        (``estimator.score_block(view)``).
+        (``estimator.score_block(view)``; always for an estimator that folds its
+        replicates chunk by chunk).
     """
     ceilings = ceilings or {}
+    own_rule = {
+        name: source
+        for name, source in ceilings.items()
+        if source.estimator.scores_itself or source.estimator.folds
+    }
     pairs: list[_Pair] = []
-    own_rule = {}
     for name, replicates in stats.sides.items():
-        source = ceilings.get(name)
-        if source is not None and source.estimator.scores_itself:
-            own_rule[name] = source
+        if name in own_rule:
             continue
         for pred, alt in replicates:
             pairs.append(_Pair(name, stats.truth if alt is None else alt, pred, name == model))
@@ -134,13 +126,13 @@ def score_block(
         view = CeilingView(
             block=stats.block,
             truth=stats.truth,
-            sides=stats.sides[name],
-            replicates=source.replicates[stats.block.index],
+            sides=stats.sides.get(name, []),
+            replicates=source.replicates.get(stats.block.index, []),
             control_mean=stats.control_mean,
             settings=settings,
             stats=stats,
         )
-        out[name] = source.estimator.score_block(view)
+        out[name] = source.finish(view) if source.folds else source.estimator.score_block(view)
     return out
 
 
@@ -149,8 +141,10 @@ class CeilingView:
     """What a ceiling estimator with its own rule sees of one block.
 
     ``sides[r]`` are the statistics of replicate r (its "prediction" and the cells it is
-    scored against, ``None`` = the observed groups) and ``replicates[r]`` its rows;
-    :meth:`score` scores any pair of sides with the standard path.
+    scored against, ``None`` = the observed groups) and ``replicates[r]`` its rows (both
+    empty for an estimator that folds its replicates chunk by chunk); :meth:`score`
+    scores any pair of sides with the standard path, :meth:`profile` gives a side's
+    aggregation.
     """
 
     block: object
@@ -171,6 +165,10 @@ class CeilingView:
         pair = _Pair("ceiling", self.truth if truth is None else truth, pred, False)
         _score_pairs(self.stats, [pair], settings)
         return pair.scores
+
+    def profile(self, side: SideStats, rows: np.ndarray, aggregation: str) -> np.ndarray:
+        """One aggregation of a side's groups ``rows`` (block-local)."""
+        return profile(side, rows, self.control_mean, aggregation)
 
 
 def _score_pairs(stats: BlockStats, pairs: list[_Pair], settings: BlockSettings) -> None:
@@ -199,13 +197,13 @@ def _score_pairs(stats: BlockStats, pairs: list[_Pair], settings: BlockSettings)
             key = id(pair.truth)
             if key not in truths:
                 t_rows = np.flatnonzero(pair.truth.present)
-                t_ops = ProfileOperands(_profile(pair.truth, t_rows, ctrl, agg))
+                t_ops = ProfileOperands(profile(pair.truth, t_rows, ctrl, agg))
                 if need_ranks:  # row ranks of the truth: once for fit and rank metrics
                     t_ops.get("ranks")
                 truths[key] = (t_rows, t_ops)
             t_rows, t_ops = truths[key]
             truth_ops = t_ops.take(np.searchsorted(t_rows, rows))
-            p_prof = _profile(pair.pred, rows, ctrl, agg)
+            p_prof = profile(pair.pred, rows, ctrl, agg)
             profiles = ProfilePair(
                 p_prof,
                 truth_ops.M,

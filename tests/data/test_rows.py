@@ -1,4 +1,5 @@
-"""RowReader: rows of X from memory or from a backed .h5ad, identical to plain indexing."""
+"""RowReader: rows of X from memory or from a file on disk, identical to plain indexing; files
+opened by rows read obs and var only."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from pertbench.data.backed import RowReader, _windows, is_backed_matrix
 from pertbench.data.loading import scan_values
+from pertbench.data.ondisk import RowReader, _windows, is_backed_matrix, open_h5ad
 from pertbench.metrics.aggregations import group_stats
 
 
@@ -73,16 +74,21 @@ def test_group_stats_and_scan_values_from_disk_equal_in_memory(stored):
         assert in_memory == on_disk
 
 
-def test_read_backed_reads_obs_and_var_only(make_toy, tmp_path, kang_path):
-    from pertbench.data.backed import read_backed
-
+def test_open_h5ad_reads_obs_and_var_only_and_x_by_rows(make_toy, tmp_path, kang_path, kang_adata):
     toy = make_toy(n_covariates=2, n_perturbations=3, n_genes=12)  # has a counts layer
     toy.write_h5ad(tmp_path / "toy.h5ad")
-    opened = read_backed(tmp_path / "toy.h5ad")
-    assert opened.isbacked and is_backed_matrix(opened.X) and len(opened.layers) == 0
-    assert opened.obs.equals(toy.obs) and opened.var_names.equals(toy.var_names)
-    np.testing.assert_array_equal(
-        RowReader(opened.X).read(np.arange(5)).toarray(), toy.X[:5].toarray()
-    )
-    legacy = read_backed(kang_path)  # an old layout: anndata's own backed reader
-    assert legacy.isbacked and legacy.n_obs == 1975
+    with open_h5ad(tmp_path / "toy.h5ad", validate=False) as opened:
+        # layers and X stay on disk (HDF5 objects), only obs and var are in memory
+        assert not opened.X.in_memory and not opened.layer("counts").in_memory
+        assert opened.obs.equals(toy.obs) and opened.var_names.equals(toy.var_names)
+        np.testing.assert_array_equal(
+            RowReader(opened.X).read(np.arange(5)).toarray(), toy.X[:5].toarray()
+        )
+    # an old layout (obs as a structured array, X in the h5sparse layout): anndata's own
+    # backed reader, X still read by rows
+    with open_h5ad(kang_path, validate=False) as legacy:
+        assert legacy.n_obs == 1975 and not legacy.X.in_memory and legacy.X.format == "csr"
+        rows = np.array([1900, 3, 3, 700])
+        np.testing.assert_array_equal(
+            RowReader(legacy.X).read(rows).toarray(), kang_adata.X[rows].toarray()
+        )
