@@ -323,8 +323,17 @@ def iterated(first: np.ndarray, inner: np.ndarray) -> np.ndarray:
 
 
 def _nanmean_rows(values: np.ndarray) -> np.ndarray:
+    """Mean over rows (replicates) ignoring NaN, per column.
+
+    The rows are added one after the other, whatever the number of columns (numpy's
+    ``sum(axis=0)`` adds a single column pairwise but several columns row by row), so a
+    group's value does not depend on how many groups are averaged with it.
+    """
+    values = np.atleast_2d(values)
     present = ~np.isnan(values)
-    total = np.where(present, values, 0.0).sum(axis=0)
+    total = np.zeros(values.shape[1:])
+    for row, ok in zip(values, present, strict=True):
+        total += np.where(ok, row, 0.0)
     count = present.sum(axis=0)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(count > 0, total / np.maximum(count, 1), np.nan)
