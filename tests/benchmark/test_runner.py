@@ -63,9 +63,15 @@ def test_small_benchmark_results_table(tmp_path_factory):
     # one row per cell x metric: 2 tasks x (linear + 6 baselines) x 2 seeds, 3 metrics each
     assert set(cells["model"]) == {"linear", *BASELINES}
     assert len(cells.drop_duplicates(["task", "model", "seed"])) == 2 * 7 * 2
-    assert (cells.groupby(["task", "model", "seed"]).size() == 3).all()
+    interactions = cells["metric"].str.startswith("gi_")
+    evaluated = cells[~interactions]
+    assert (evaluated.groupby(["task", "model", "seed"]).size() == 3).all()
     assert (results["status"] == "ok").all()
-    assert set(results["metric"]) == {"rmse_average", "pearson_delta", "rmse_rank_average"}
+    assert set(evaluated["metric"]) == {"rmse_average", "pearson_delta", "rmse_rank_average"}
+    # genetic-interaction metrics of the held-out combinations, the same rows in every cell
+    gi = cells[interactions & (cells["task"] == "combo")]
+    assert {"gi_rmse[all]", "gi_pearson[all]", "gi_roc_auc[all]"} <= set(gi["metric"])
+    assert gi.groupby(["model", "seed"]).size().nunique() == 1
     # the noise ceiling once per (task, seed)
     ceiling = results[results["model"] == "ceiling"]
     assert len(ceiling.drop_duplicates(["task", "seed"])) == 4 and len(ceiling) == 12
@@ -152,7 +158,9 @@ def test_tuned_model_cells_use_the_best_parameters(tmp_path):
     # save_predictions: mean keeps one row per predicted group
     cell = paths.cell_dir(tmp_path / "t", "sim", "transfer", "full", "tuned", 0)
     means = ad.read_h5ad(cell / paths.PREDICTIONS_FILE)
-    row = result.results.query("model == 'tuned' and seed == 0").iloc[0]
+    row = result.results.query("model == 'tuned' and seed == 0 and metric == 'rmse_average'").iloc[
+        0
+    ]
     assert means.n_obs == row["n_groups"] and (means.obs["n_cells"] > 0).all()
     tuning = paths.tuning_dir(tmp_path / "t", "sim", "transfer", "full", "tuned")
     best = json.loads((tuning / "best_params.json").read_text())

@@ -60,15 +60,28 @@ def test_truth_layout():
     for label in sim["perturbations"][:3]:
         assert frame.loc[f"CT0/{label}", label] < 0
     # combination effect = sum of its singles' effects + interaction (per covariate, before softmax)
-    for combo in sim["combinations"]:
+    assert sim["interaction"].shape == (3, 2, 80)
+    for j, combo in enumerate(sim["combinations"]):
         a, b = combo.split("+")
-        j = list(sim["combinations"]).index(combo)
-        for cov in ("CT0", "CT1"):
+        for c, cov in enumerate(("CT0", "CT1")):
             interaction = (
                 frame.loc[f"{cov}/{combo}"] - frame.loc[f"{cov}/{a}"] - frame.loc[f"{cov}/{b}"]
             )
-            support = np.flatnonzero(np.abs(interaction.to_numpy()) > 1e-5)
-            assert set(support) <= set(np.flatnonzero(sim["interaction"][j]))
+            np.testing.assert_allclose(interaction, sim["interaction"][j, c], atol=1e-5)
+
+
+def test_without_classes_the_previous_simulator_is_reproduced():
+    # interaction_fraction=0 with the sparse random term of the previous version: every pair
+    # is additive plus a covariate-scaled copy of one sparse vector gamma
+    adata = simulate(**SMALL, interaction_fraction=0.0, interaction_scale=0.5)
+    sim = adata.uns["simulation"]
+    assert set(sim["interaction_class"]) == {"additive"}
+    for j in range(len(sim["combinations"])):
+        per_cov = sim["interaction"][j].astype(np.float64)
+        support = np.flatnonzero(np.abs(per_cov).max(axis=0) > 0)
+        assert 0 < support.size <= round(0.5 * round(0.05 * 80))
+        ratio = per_cov[1, support] / per_cov[0, support]
+        np.testing.assert_allclose(ratio, ratio[0], rtol=1e-4)  # a[AB, c] * gamma[AB, g]
 
 
 def test_counts_follow_the_truth():
@@ -113,16 +126,26 @@ def test_reproducible_and_thread_independent():
 
 
 def test_streaming_writer_matches_in_memory(tmp_path):
-    options = {**SMALL, "chunk_size": 50, "doses": (1, 10), "n_studies": 2}
+    options = {
+        **SMALL,
+        "chunk_size": 50,
+        "doses": (1, 10),
+        "n_studies": 2,
+        "interaction_classes": {"synergy": 1.0, "epistasis": 2.0},
+    }
     path = simulate_to_h5ad(tmp_path / "sim.h5ad", **options)
     streamed = ad.read_h5ad(path)
     memory = simulate(**options)
     assert (streamed.X != memory.X).nnz == 0
     assert (streamed.layers["counts"] != memory.layers["counts"]).nnz == 0
     pd.testing.assert_frame_equal(streamed.obs, memory.obs)
-    np.testing.assert_array_equal(
-        streamed.uns["simulation"]["true_effect"], memory.uns["simulation"]["true_effect"]
-    )
+    for key in ("true_effect", "interaction", "interaction_class", "interaction_coefficients"):
+        np.testing.assert_array_equal(
+            streamed.uns["simulation"][key], memory.uns["simulation"][key]
+        )
+    # the file's own settings re-simulate it (what the metric validation study relies on)
+    again = simulate(**dict(streamed.uns["simulation"]["params"]))
+    assert (again.X != memory.X).nnz == 0
     assert [p.name for p in tmp_path.iterdir()] == ["sim.h5ad"]  # no temporary left
 
 

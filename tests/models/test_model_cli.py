@@ -130,7 +130,7 @@ def test_models_lists_every_model_with_parameters(capsys):
     text = capsys.readouterr().out
     for name in NEURAL_MODELS:
         assert f"{name}: " in text
-    assert "adv_steps = 2 (int)" in text and "inputs = 'both' (str) [both | covariates" in text
+    assert "adv_steps = 5 (int)" in text and "inputs = 'both' (str) [both | covariates" in text
     assert main(["models", "--json"]) == 0
     listing = {m["name"]: m for m in json.loads(capsys.readouterr().out)}
     assert set(NEURAL_MODELS) <= set(listing)
@@ -150,3 +150,47 @@ def test_every_command_has_help(capsys):
             build_app()([command, "--help"], prog_name="pertbench")
         assert exc.value.code == 0
         assert "Usage" in capsys.readouterr().out
+
+
+SMALL_CPA = [
+    *("--set", "n_latent=8", "--set", "hidden_dim=16", "--set", "n_layers_encoder=1"),
+    *("--set", "adv_classifier_hidden_dim=8", "--set", "adv_classifier_n_layers=1"),
+]
+
+
+def test_train_writes_the_probe_of_held_out_cells(files, tmp_path):
+    from pertbench.models.probe import PROBE_COLUMNS
+
+    _, data, split = files
+    run = tmp_path / "cpa"
+    args = ["train", str(data), "--model", "cpa", "--split", str(split), "--out", str(run)]
+    assert main([*args, "--epochs", "2", "--no-progress", *SMALL_CPA]) == 0
+    probe = pd.read_csv(run / "probe.csv")
+    assert list(probe.columns) == PROBE_COLUMNS
+    assert list(probe["target"]) == ["perturbation", "cell_type"]
+    values = probe[["accuracy", "chance", "reference_accuracy"]].to_numpy()
+    assert np.isfinite(values).all() and (values >= 0).all() and (values <= 1).all()
+    held_out = read_split(split).isin(["val", "test"]).sum()
+    assert (probe["n_cells"] <= held_out).all() and (probe["latent_dim"] == 8).all()
+    meta = json.loads((run / "run.json").read_text())
+    assert meta["probe"] == "val+test"
+    # --no-probe, and a model without a latent space, write none
+    assert (
+        main(
+            [
+                *args[:-1],
+                str(tmp_path / "np"),
+                "--epochs",
+                "1",
+                "--no-progress",
+                "--no-probe",
+                *SMALL_CPA,
+            ]
+        )
+        == 0
+    )
+    assert not (tmp_path / "np" / "probe.csv").exists()
+    linear = ["train", str(data), "--model", "linear", "--split", str(split)]
+    assert main([*linear, "--out", str(tmp_path / "lin"), "--epochs", "1", "--no-progress"]) == 0
+    assert not (tmp_path / "lin" / "probe.csv").exists()
+    assert json.loads((tmp_path / "lin" / "run.json").read_text())["probe"] is None

@@ -109,13 +109,15 @@ class LocalBackend:
 
     def deaths(self) -> list[str]:
         """How the pool's dead workers ended, e.g. ``pid 123 killed by signal 9``."""
-        from multiprocessing.connection import wait
+        import time
 
-        # A worker's pipe closes a moment before the kernel reports its exit status.
-        ended = set(wait([p.sentinel for p in self._processes.values()], timeout=0))
-        for process in self._processes.values():
-            if process.sentinel in ended:
-                process.join(timeout=2)
+        # A worker's pipe closes (and the pool breaks) a moment before the kernel reports
+        # its exit status, so poll the exit codes briefly instead of reading them once.
+        deadline = time.monotonic() + 5.0
+        while time.monotonic() < deadline:
+            if any(p.exitcode not in (None, 0) for p in self._processes.values()):
+                break
+            time.sleep(0.05)
         out = []
         for pid, process in sorted(self._processes.items()):
             code = process.exitcode

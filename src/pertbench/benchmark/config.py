@@ -69,7 +69,7 @@ _SCENARIO = {"tasks", "seed", "options"}
 _MODEL = {"model", "params", "tune", "max_epochs"}
 _TUNE = {"n_trials", "timeout", "objective", "direction", "search_space", "pruner"}
 _TRAINING = {"max_epochs", "device"}
-_EVALUATION = {"metrics", "split", "save_predictions"}
+_EVALUATION = {"metrics", "split", "save_predictions", "interactions", "validate_metrics"}
 
 
 def _fail(where: str, message: str) -> ConfigError:
@@ -276,6 +276,10 @@ class BenchmarkConfig:
     metrics: tuple[str, ...] | None
     on: str
     save_predictions: str
+    interactions: bool = True
+    """Genetic-interaction metrics of held-out combinations, by subgroup, in every cell."""
+    validate_metrics: bool = False
+    """Run the metric validation study on every simulated dataset (report heatmap)."""
 
     def to_dict(self) -> dict[str, Any]:
         """Canonical mapping (absolute paths, defaults filled), YAML-ready, re-runnable."""
@@ -299,6 +303,8 @@ class BenchmarkConfig:
                 "metrics": list(self.metrics) if self.metrics is not None else None,
                 "split": self.on,
                 "save_predictions": self.save_predictions,
+                "interactions": self.interactions,
+                "validate_metrics": self.validate_metrics,
             },
         }
 
@@ -420,6 +426,11 @@ def parse_config(raw: Any, *, base_dir: Path) -> BenchmarkConfig:
     save_predictions = str(evaluation.get("save_predictions", "cells"))
     if save_predictions not in SAVE_PREDICTIONS:
         raise _fail("evaluation.save_predictions", f"must be one of {', '.join(SAVE_PREDICTIONS)}")
+    switches = {}
+    for key, default in (("interactions", True), ("validate_metrics", False)):
+        switches[key] = evaluation.get(key, default)
+        if not isinstance(switches[key], bool):
+            raise _fail(f"evaluation.{key}", f"must be true or false, got {switches[key]!r}")
 
     return BenchmarkConfig(
         name=str(top.get("name", "benchmark")),
@@ -435,6 +446,7 @@ def parse_config(raw: Any, *, base_dir: Path) -> BenchmarkConfig:
         metrics=metrics,
         on=on,
         save_predictions=save_predictions,
+        **switches,
     )
 
 

@@ -1,8 +1,9 @@
 """The job functions a backend runs: tune one model, or fit-predict-evaluate one cell.
 
 A *cell* is one (dataset, task, scenario, model, seed). Its folder holds
-``predictions.h5ad``, ``metrics.csv`` (tidy: one row per metric), ``per_group.csv`` and,
-written last and atomically, ``done.json``; a resumed run skips every cell that has it.
+``predictions.h5ad``, ``metrics.csv`` (tidy: one row per metric), ``per_group.csv``, the
+model diagnostics ``probe.csv`` and ``collapse.csv`` (:mod:`pertbench.benchmark.diagnostics`)
+and, written last and atomically, ``done.json``; a resumed run skips every cell that has it.
 A cell that raises writes ``error.json`` instead (no ``done.json``), so it is recorded and
 retried by the next ``--resume``, and the rest of the benchmark carries on.
 """
@@ -69,6 +70,7 @@ class CellJob:
     metrics: tuple[str, ...] | None = None
     on: str = "test"
     save_predictions: str = "cells"
+    interactions: bool = True
     threads: int | None = None
 
     @property
@@ -154,8 +156,8 @@ def _dataset(path: str, keys: Any) -> Any:
     return adata
 
 
-def run_job(job: CellJob | TuneJob) -> JobOutcome:
-    """Run one job (the function every backend executes)."""
+def run_job(job: Any) -> JobOutcome:
+    """Run one job: a cell, a tuning or a validation study (what every backend executes)."""
     if job.threads:
         import torch
 
@@ -163,7 +165,11 @@ def run_job(job: CellJob | TuneJob) -> JobOutcome:
             torch.set_num_threads(int(job.threads))
     if isinstance(job, TuneJob):
         return run_tune_job(job)
-    return run_cell_job(job)
+    if isinstance(job, CellJob):
+        return run_cell_job(job)
+    from pertbench.benchmark.validation import run_validation_job
+
+    return run_validation_job(job)
 
 
 def _error_record(exc: BaseException) -> dict[str, Any]:
@@ -278,6 +284,8 @@ def run_cell_job(job: CellJob) -> JobOutcome:
 
 
 def _run_cell(job: CellJob, directory: Path) -> dict[str, Any]:
+    from pertbench.benchmark.combinations import interaction_metric_rows
+    from pertbench.benchmark.diagnostics import write_cell_diagnostics
     from pertbench.data.keys import PerturbationKeys
     from pertbench.data.splits import read_split
     from pertbench.errors import ModelError
@@ -315,12 +323,30 @@ def _run_cell(job: CellJob, directory: Path) -> dict[str, Any]:
     _save_predictions(pred, directory, job, keys)
     evaluation = outcome.evaluations[job.on]
     metrics, ceiling = cell_metrics_table(evaluation, job, keys)
+    if job.interactions:  # genetic interactions of the held-out combinations, if any
+        gi_rows = interaction_metric_rows(
+            adata, pred, split, keys=keys, job=job, directory=directory, columns=METRIC_COLUMNS
+        )
+        if gi_rows is not None:
+            metrics = pd.concat([metrics, gi_rows], ignore_index=True)
     write_csv_atomic(directory / paths.METRICS_FILE, metrics)
     write_csv_atomic(directory / CEILING_FILE, ceiling)
     per_group = getattr(evaluation, "per_group", None)
     if isinstance(per_group, pd.DataFrame):
         write_csv_atomic(directory / paths.PER_GROUP_FILE, per_group)
+    diagnostics = write_cell_diagnostics(
+        outcome.model,
+        adata,
+        split,
+        pred,
+        directory=directory,
+        labels=job.labels(),
+        keys=keys,
+        on=job.on,
+        seed=job.seed,
+    )
     return {
+        **diagnostics,
         **job.labels(),
         "status": "ok",
         "model_name": job.model,

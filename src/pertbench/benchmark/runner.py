@@ -29,6 +29,7 @@ from pertbench.benchmark.config import (
     dump_config,
     load_config,
 )
+from pertbench.benchmark.diagnostics import collect_diagnostics
 from pertbench.benchmark.jobs import (
     CEILING,
     CEILING_FILE,
@@ -42,6 +43,7 @@ from pertbench.benchmark.jobs import (
     run_job,
 )
 from pertbench.benchmark.materialize import materialize, split_key
+from pertbench.benchmark.validation import ValidationJob, validation_failure, validation_jobs
 from pertbench.errors import ConfigError
 from pertbench.utils.io import write_csv_atomic, write_parquet_atomic, write_text_atomic
 from pertbench.utils.outputs import check_output, results_folder
@@ -157,6 +159,7 @@ def build_jobs(
                             metrics=config.metrics,
                             on=config.on,
                             save_predictions=config.save_predictions,
+                            interactions=config.interactions,
                         )
                         jobs[cell.id] = cell
                         deps[cell.id] = {tune_job.id} if tune_job else set()
@@ -178,6 +181,11 @@ def collect_results(jobs: Mapping[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame
     """
     frames, failures = [], []
     for job in jobs.values():
+        if isinstance(job, ValidationJob):
+            failure = validation_failure(job)
+            if failure is not None:
+                failures.append(failure)
+            continue
         if isinstance(job, TuneJob):
             error_file = job.directory / paths.ERROR_FILE
             done_file = job.directory / paths.DONE_FILE
@@ -347,6 +355,7 @@ def _run(
         runner = make_backend(backend, workers, ray_address)
         threads = threads_per_worker(workers) if backend == "ray" or workers > 1 else None
         jobs, deps = build_jobs(config, out, manifest, threads=threads)
+        jobs.update(validation_jobs(config, out, manifest, threads=threads))
         n_total = len(jobs)
         outcomes: dict[str, JobOutcome] = {}
 
@@ -371,7 +380,9 @@ def _run(
             )
             return JobOutcome(
                 jid,
-                "tune" if isinstance(job, TuneJob) else "cell",
+                "tune"
+                if isinstance(job, TuneJob)
+                else ("validation" if isinstance(job, ValidationJob) else "cell"),
                 "failed",
                 message.splitlines()[0],
             )
@@ -387,6 +398,7 @@ def _run(
         execute(jobs, deps, run_job, runner, on_result=on_result, on_crash=on_crash, log=log)
 
         results, failures = collect_results(jobs)
+        collect_diagnostics((j.directory for j in jobs.values() if isinstance(j, CellJob)), out)
         write_parquet_atomic(out / paths.RESULTS_PARQUET, results)
         write_csv_atomic(out / paths.RESULTS_CSV, results)
         write_csv_atomic(out / paths.FAILURES_CSV, failures)

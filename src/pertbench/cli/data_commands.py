@@ -118,9 +118,23 @@ def register(app: typer.Typer) -> None:
         modulation_sd: Annotated[
             float, typer.Option(help="Covariate-specific modulation of effects (log sd).")
         ] = 0.3,
+        interaction_fraction: Annotated[
+            float, typer.Option(help="Share of measured pairs that interact (Norman 2019: 0.82).")
+        ] = 0.82,
+        interaction_classes: Annotated[
+            str | None,
+            typer.Option(
+                help="Weights of the non-additive classes, e.g. 'synergy=2,epistasis=1' "
+                "(default Norman 2019: synergy=30,buffering=8,suppression=12,epistasis=9,"
+                "neomorphic=13)."
+            ),
+        ] = None,
+        interaction_strength: Annotated[
+            float, typer.Option(help="Scale of the departures from additivity (0: additive).")
+        ] = 1.0,
         interaction_scale: Annotated[
-            float, typer.Option(help="Interaction effect sd of combinations.")
-        ] = 0.5,
+            float, typer.Option(help="Sd of an extra sparse random interaction term (0: off).")
+        ] = 0.0,
         library_size: Annotated[float, typer.Option(help="Mean counts per cell.")] = 1000.0,
         dispersion: Annotated[float, typer.Option(help="Negative binomial dispersion.")] = 0.2,
         imbalance: Annotated[float, typer.Option(help="Log-normal sd of group sizes.")] = 0.0,
@@ -154,6 +168,16 @@ def register(app: typer.Typer) -> None:
             dose_values = [float(d) for d in _csv_list(doses)] if doses else None
         except ValueError as exc:
             raise ConfigError(f"--doses must be comma-separated numbers, got '{doses}'") from exc
+        class_weights = None
+        if interaction_classes:
+            try:
+                pairs = [item.split("=", 1) for item in _csv_list(interaction_classes) or []]
+                class_weights = {name.strip(): float(value) for name, value in pairs}
+            except ValueError as exc:
+                raise ConfigError(
+                    "--interaction-classes must be comma-separated name=weight pairs, got "
+                    f"'{interaction_classes}'"
+                ) from exc
         options = dict(
             n_covariates=n_covariates,
             n_perturbations=n_perturbations,
@@ -164,6 +188,9 @@ def register(app: typer.Typer) -> None:
             program_size=program_size,
             effect_scale=effect_scale,
             modulation_sd=modulation_sd,
+            interaction_fraction=interaction_fraction,
+            interaction_classes=class_weights,
+            interaction_strength=interaction_strength,
             interaction_scale=interaction_scale,
             library_size=library_size,
             dispersion=dispersion,

@@ -24,6 +24,7 @@ from pertbench.errors import PertbenchError, PertbenchWarning
 COMMAND_MODULES = (
     "pertbench.cli.data_commands",
     "pertbench.cli.evaluate_command",
+    "pertbench.cli.validation_command",
     "pertbench.cli.model_commands",
     "pertbench.cli.workflow_commands",
     "pertbench.cli.benchmark_commands",

@@ -72,6 +72,25 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+def _write_probe(estimator, adata, split, out: Path, seed: int) -> str | None:
+    """Probe the basal latent of the split's held-out cells into ``out/probe.csv``.
+
+    Returns the probed split parts (``val+test``), or ``None`` when the model has no basal
+    latent or the split holds out no cells.
+    """
+    from pertbench.models.probe import HELD_OUT, PROBE_FILE, disentanglement_probe
+    from pertbench.utils.io import write_csv_atomic
+
+    parts = [part for part in HELD_OUT if (split == part).any()]
+    if not parts:
+        return None
+    table = disentanglement_probe(estimator, adata, split, on=parts, seed=seed)
+    if table is None:
+        return None
+    write_csv_atomic(out / PROBE_FILE, table)
+    return "+".join(parts)
+
+
 def model_listing() -> list[dict[str, Any]]:
     """Every installed model with its hyperparameters (default, type, help) and search space."""
     import dataclasses
@@ -129,7 +148,7 @@ def register(app: typer.Typer) -> None:
             typer.Option(
                 "--out",
                 "-o",
-                help="Run folder: saved model, training_log.csv, split.csv and run.json.",
+                help="Run folder: saved model, training_log.csv, split.csv, run.json and probe.csv.",
             ),
         ],
         max_epochs: MaxEpochsOpt = None,
@@ -144,6 +163,14 @@ def register(app: typer.Typer) -> None:
         device: DeviceOpt = "auto",
         progress: ProgressOpt = True,
         overwrite: OverwriteOpt = False,
+        probe: Annotated[
+            bool,
+            typer.Option(
+                "--probe/--no-probe",
+                help="Write probe.csv: what a fresh classifier reads from the basal latent of "
+                "the held-out (val + test) cells (models with a latent space).",
+            ),
+        ] = True,
         perturbation_key: PerturbationKeyOpt = "condition",
         control: ControlOpt = "control",
         covariates: CovariatesOpt = "cell_type",
@@ -194,6 +221,7 @@ def register(app: typer.Typer) -> None:
             if estimator.history is not None and not (tmp / LOG_FILE).exists():
                 write_csv_atomic(tmp / LOG_FILE, estimator.history)
             write_split(split_series, tmp / SPLIT_FILE)
+            probe_cells = _write_probe(estimator, adata, split_series, tmp, seed) if probe else None
             counts = split_series.value_counts()
             history = estimator.history
             run = {
@@ -219,6 +247,7 @@ def register(app: typer.Typer) -> None:
                     else None
                 ),
                 "fit_seconds": estimator.fit_seconds,
+                "probe": probe_cells,
                 "started": started,
                 "finished": _now(),
                 "versions": _versions(),

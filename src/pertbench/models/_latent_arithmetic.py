@@ -453,6 +453,10 @@ class LatentVAEModel(PerturbationModel):
         self._require_fitted()
         return self._encode(align_genes(adata, self.genes))
 
+    def basal_latent(self, adata: ad.AnnData) -> np.ndarray:
+        """The latent space these models shift: :meth:`latent` (encoder means)."""
+        return self.latent(adata)
+
     def prepare_inputs(self, counterfactual: ad.AnnData) -> PredictionInputs:
         self._require_fitted()
         return tolerant_prediction_inputs(counterfactual, self.keys, self.genes, self.encoding)

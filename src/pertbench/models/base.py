@@ -488,6 +488,18 @@ class PerturbationModel(ABC):
         """Control expression restricted to the training genes, in training order."""
         return align_genes(adata, self.genes)
 
+    def basal_latent(self, adata: ad.AnnData) -> np.ndarray | None:
+        """The model's basal (cell-state) latent of ``adata``'s cells, or ``None``.
+
+        Models with a latent space return one row per cell (deterministic: encoder
+        means, no sampling) of the cells *as observed* (their own perturbation and
+        covariates in obs); the disentanglement probe
+        (:func:`pertbench.models.probe.disentanglement_probe`) reads it. Models without
+        one (analytic baselines, linear, decoder_only) return ``None``.
+        """
+        self._require_fitted()
+        return None
+
     @abstractmethod
     def _predict(self, inputs: PredictionInputs, *, seed: int) -> np.ndarray:
         """Return a dense (n_cells x n_genes) array of predicted log expression."""

@@ -84,6 +84,10 @@ class BiolordNet(LossModule):
     def predict_batch(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self._decode(self.encoder(batch["x"]), batch)
 
+    def basal_latent(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The unknown-attributes latent ``u = Enc(x)`` (no noise)."""
+        return self.encoder(batch["x"])
+
 
 class Biolord(NeuralModel):
     """Biolord* with one-hot perturbations and a penalised unknown-attributes latent."""

@@ -15,19 +15,32 @@ logits over raw counts (``likelihood="nb"``, see :class:`~pertbench.models.layer
 
 Adversary
 ---------
-Classifiers try to predict the perturbation (multi-label, so combinations work) and each
-covariate from ``z_basal``. They have their OWN Adam optimiser and training alternates,
-as in the CPA paper: of every ``adv_steps`` consecutive steps, ``adv_steps - 1`` update
-the classifiers on ``z_basal.detach()`` (cross-entropy plus ``penalty_weight`` times the
-squared norm of the gradient of their logits with respect to ``z_basal``), and one updates
-the autoencoder, which MAXIMISES the classifiers' loss::
+Classifiers try to predict, from the basal latent (the encoder mean, what prediction and
+the disentanglement probe read, standardised with the batch's statistics), the
+perturbation (a softmax over the components plus "none": a combination ``A+B`` is the
+target 1/2, 1/2) and each covariate with more than one value. They have their OWN Adam
+optimiser (``adv_lr``). Every training step first updates the classifiers
+``adv_steps - 1`` times on the detached latent of the batch (cross-entropy, plus
+``penalty_weight`` times the squared norm of the gradient of their logits with respect to
+the latent), then updates the autoencoder once with::
 
-    loss_AE  = NLL + kl_weight * KL - adv_weight * CE_adversary(z_basal)
-    loss_adv = CE_adversary(z_basal.detach()) + penalty_weight * ||d logits / d z_basal||^2
+    loss_AE = NLL + kl_weight * KL + w(epoch) * adv_weight * confusion(z_basal)
 
-(PerturBench's CPA* added the classifier loss, with a plus sign, to one optimiser: the
-encoder then *helped* the classifiers, the opposite of disentanglement.) ``cpa_noadv`` is
-the same model without adversary.
+``confusion`` (the default ``adv_objective``) is the Kullback-Leibler divergence from the
+batch's label frequencies to the classifiers' predictions: bounded below by 0, reached
+exactly when the predictions carry no information. The CPA paper's encoder instead
+*maximises* the classifiers' cross-entropy (``adv_objective="maximize"``: ``- w *
+adv_weight * CE``), which is unbounded: the encoder wins by making the classifiers
+confidently wrong while the information stays (measured with the probe, see
+docs/models.md). ``w(epoch)`` is CPA's schedule: 0 for ``adv_warmup_epochs`` (the
+classifiers learn first), then a linear ramp to 1 over ``adv_ramp_epochs``.
+
+Why standardised: a variational basal latent is often nearly collapsed (means of size
+~0.03 against unit posterior noise); a classifier on the raw means then needs large,
+penalised weights and reads little, while the information is all there at that scale (a
+probe on standardised features reads it). (PerturBench's CPA* added the classifier loss,
+with a plus sign, to one optimiser: the encoder then *helped* the classifiers.)
+``cpa_noadv`` is the same model without adversary.
 
 Prediction is counterfactual and deterministic: the basal latent of a control cell is the
 encoder mean (no sampling), the requested perturbation and covariates are added, and the
@@ -45,11 +58,18 @@ from torch.nn import functional as F
 
 from pertbench.errors import ConfigError
 from pertbench.models.base import params_field
-from pertbench.models.layers import MLP, GaussianEncoder, kl_standard_normal, make_likelihood
+from pertbench.models.layers import (
+    MLP,
+    GaussianEncoder,
+    kl_standard_normal,
+    make_likelihood,
+    reparameterize,
+)
 from pertbench.models.neural import LossModule, NeuralModel, NeuralParams
 from pertbench.models.training import adam, optimizer_step
 
 LIKELIHOODS = ("gaussian", "nb")
+ADV_OBJECTIVES = ("confusion", "maximize")
 DOSE_SCALINGS = ("linear", "log1p", "sigmoid")
 
 
@@ -90,16 +110,45 @@ class CPAParams(CPANoAdvParams):
         128, "Width of the adversarial classifiers' hidden layers."
     )
     adv_steps: int = params_field(
-        2,
-        "Alternation period: of every adv_steps steps, adv_steps-1 train the adversary "
-        "and one the autoencoder (>= 2).",
+        5,
+        "Each training step updates the classifiers adv_steps-1 times on the batch, then "
+        "the autoencoder once (>= 2).",
+    )
+    adv_objective: str = params_field(
+        "confusion",
+        "The autoencoder's adversarial term: confusion (bounded: KL from the label "
+        "frequencies to the classifiers' predictions, 0 when they know nothing) or maximize "
+        "(minus the classifiers' cross-entropy, unbounded, as in the CPA paper).",
+        choices=ADV_OBJECTIVES,
     )
     adv_weight: float = params_field(
-        1.0, "Weight of the adversary's loss that the autoencoder maximises."
+        20.0, "Weight of the adversarial term in the autoencoder's loss (after the ramp)."
     )
+    adv_warmup_epochs: int = params_field(
+        0,
+        "Epochs at the start in which only the classifiers learn (the autoencoder is not "
+        "pushed yet).",
+    )
+    adv_ramp_epochs: int = params_field(
+        5, "Epochs over which the adversarial weight then rises linearly to adv_weight."
+    )
+    adv_lr: float = params_field(1e-2, "Learning rate of the classifiers' own Adam optimiser.")
     penalty_weight: float = params_field(
-        10.0, "Weight of the adversary's gradient penalty (smoothness of the classifiers)."
+        0.0, "Weight of the classifiers' gradient penalty (smoothness; it also slows them)."
     )
+
+
+def adversary_schedule(epoch: int, warmup_epochs: int, ramp_epochs: int) -> float:
+    """Fraction of ``adv_weight`` applied in ``epoch`` (0-based).
+
+    0 during the ``warmup_epochs`` (the classifiers learn, the autoencoder is not pushed),
+    then rising linearly over ``ramp_epochs`` to 1, as CPA's adversarial warm-up.
+    """
+    if epoch < warmup_epochs:
+        return 0.0
+    if ramp_epochs <= 0:
+        return 1.0
+    return float(min(1.0, (epoch - warmup_epochs + 1) / ramp_epochs))
 
 
 class DoseScaling(nn.Module):
@@ -126,7 +175,7 @@ class DoseScaling(nn.Module):
 
 
 class CPANet(LossModule):
-    """The CPA network with an optional alternating adversary."""
+    """The CPA network with an optional adversary (classifiers with their own optimiser)."""
 
     def __init__(
         self,
@@ -174,11 +223,27 @@ class CPANet(LossModule):
                 raise ConfigError(
                     f"adv_steps must be >= 2 (one autoencoder step per adv_steps), got {q.adv_steps}"
                 )
+            if q.adv_objective not in ADV_OBJECTIVES:
+                raise ConfigError(
+                    f"adv_objective must be one of {', '.join(ADV_OBJECTIVES)}, "
+                    f"got '{q.adv_objective}'"
+                )
+            if min(q.adv_warmup_epochs, q.adv_ramp_epochs) < 0:
+                raise ConfigError("adv_warmup_epochs and adv_ramp_epochs must be >= 0")
+            if min(q.adv_weight, q.penalty_weight) < 0 or q.adv_lr <= 0:
+                raise ConfigError("adv_weight and penalty_weight must be >= 0 and adv_lr positive")
             self.adv_steps = int(q.adv_steps)
+            self.adv_objective = q.adv_objective
             self.adv_weight = float(q.adv_weight)
+            self.adv_warmup_epochs = int(q.adv_warmup_epochs)
+            self.adv_ramp_epochs = int(q.adv_ramp_epochs)
+            self.adv_lr = float(q.adv_lr)
             self.penalty_weight = float(q.penalty_weight)
+            #: Fraction of adv_weight in force in the current epoch (adversary_schedule).
+            self.adv_scale = adversary_schedule(0, self.adv_warmup_epochs, self.adv_ramp_epochs)
+            # One class per perturbation component plus one for "no perturbation".
             self.pert_classifier = MLP(
-                latent, q.adv_classifier_hidden_dim, n_perts, q.adv_classifier_n_layers
+                latent, q.adv_classifier_hidden_dim, n_perts + 1, q.adv_classifier_n_layers
             )
             # A covariate with one value carries no information to remove.
             self.cov_classifiers = nn.ModuleDict(
@@ -205,19 +270,28 @@ class CPANet(LossModule):
         ae = adam(self.autoencoder_parameters(), lr=self.lr, weight_decay=self.wd)
         if not self.adversary:
             return [ae]
-        adv = adam(self.adversary_parameters(), lr=self.lr, weight_decay=self.wd)
+        adv = adam(self.adversary_parameters(), lr=self.adv_lr, weight_decay=self.wd)
         return [ae, adv]
 
+    def epoch_start(self, epoch: int) -> None:
+        if self.adversary:
+            self.adv_scale = adversary_schedule(epoch, self.adv_warmup_epochs, self.adv_ramp_epochs)
+
     # -- forward pieces --------------------------------------------------------------------
+    def _encode(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Encoder mean and log-variance (``None`` for a plain encoder)."""
+        if not self.variational:
+            return self.encoder(batch["x"]), None
+        return self.encoder(batch["x"])
+
     def basal(
         self, batch: dict[str, torch.Tensor], *, sample: bool
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(z_basal, kl per cell)``: sampled in training, the mean otherwise."""
-        x = batch["x"]
-        if not self.variational:
-            return self.encoder(x), None
-        mu, logvar = self.encoder(x)
-        z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu) if sample else mu
+        mu, logvar = self._encode(batch)
+        if logvar is None:
+            return mu, None
+        z = reparameterize(mu, logvar) if sample else mu
         return z, kl_standard_normal(mu, logvar)
 
     def perturbation_latent(self, pert: torch.Tensor) -> torch.Tensor:
@@ -232,48 +306,101 @@ class CPANet(LossModule):
             z = z + embedding(codes[:, k])
         return z
 
+    def adversary_logits(self, z_basal: torch.Tensor) -> list[torch.Tensor]:
+        """Logits of the perturbation classifier, then of each covariate classifier.
+
+        The classifiers read the latent standardised with the batch's (detached) mean and
+        sd, so no scale of the latent hides information from them.
+        """
+        mean = z_basal.mean(dim=0, keepdim=True).detach()
+        sd = z_basal.std(dim=0, keepdim=True).detach().clamp_min(1e-6)
+        z = (z_basal - mean) / sd
+        return [self.pert_classifier(z)] + [head(z) for head in self.cov_classifiers.values()]
+
+    def adversary_targets(self, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """Per classifier, each cell's label as a distribution over its classes.
+
+        Perturbation: uniform over the applied components (a combination ``A+B`` puts
+        1/2 on each part), or all on the extra "no perturbation" class for a control.
+        Covariates: one-hot.
+        """
+        applied = (batch["pert"] > 0).to(batch["x"].dtype)
+        n_applied = applied.sum(dim=-1, keepdim=True)
+        none = (n_applied == 0).to(applied.dtype)
+        codes = batch["cov_codes"]
+        return [torch.cat([applied / n_applied.clamp_min(1.0), none], dim=-1)] + [
+            F.one_hot(codes[:, int(k)], head.out_dim).to(applied.dtype)
+            for k, head in self.cov_classifiers.items()
+        ]
+
     def adversary_loss(
         self, z_basal: torch.Tensor, batch: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Classifiers' cross-entropy (perturbation BCE + covariate CE) and their logits."""
-        pert_logits = self.pert_classifier(z_basal)
-        target = (batch["pert"] > 0).to(pert_logits.dtype)
-        loss = F.binary_cross_entropy_with_logits(pert_logits, target)
-        logits = [pert_logits]
-        codes = batch["cov_codes"]
-        for k, classifier in self.cov_classifiers.items():
-            cov_logits = classifier(z_basal)
-            loss = loss + F.cross_entropy(cov_logits, codes[:, int(k)])
-            logits.append(cov_logits)
+        """Classifiers' cross-entropy (summed over classifiers, mean over cells) and logits."""
+        logits = self.adversary_logits(z_basal)
+        loss = z_basal.new_zeros(())
+        for block, target in zip(logits, self.adversary_targets(batch), strict=True):
+            loss = loss - (target * F.log_softmax(block, dim=-1)).sum(dim=-1).mean()
         return loss, logits
+
+    def confusion_loss(self, z_basal: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """How far the classifiers' predictions are from knowing nothing (>= 0).
+
+        The target of every prediction is the batch's label frequencies (the mean of the
+        cells' label distributions): what a classifier that learned nothing from the basal
+        latent predicts. The term is the Kullback-Leibler divergence from those
+        frequencies to each prediction (cross-entropy minus the frequencies' entropy),
+        averaged over cells and summed over the classifiers. It is 0 exactly when every
+        prediction equals the frequencies and, by convexity, its mean over cells is
+        smallest when the predictions do not depend on the latent at all: unlike the
+        negative cross-entropy, the encoder gains nothing by making the classifiers
+        confidently wrong.
+        """
+        logits = self.adversary_logits(z_basal)
+        loss = z_basal.new_zeros(())
+        for block, target in zip(logits, self.adversary_targets(batch), strict=True):
+            freq = target.mean(dim=0)
+            entropy = -(freq * torch.log(freq.clamp_min(1e-12))).sum()
+            cross = -(freq * F.log_softmax(block, dim=-1)).sum(dim=-1).mean()
+            loss = loss + cross - entropy
+        return loss
 
     def autoencoder_terms(
         self, batch: dict[str, torch.Tensor], *, sample: bool, with_adversary: bool
     ) -> dict[str, torch.Tensor]:
-        z_basal, kl = self.basal(batch, sample=sample)
+        mu, logvar = self._encode(batch)
+        z_basal = reparameterize(mu, logvar) if sample and logvar is not None else mu
         out = self.decoder(z_basal + self.attribute_latent(batch))
         nll = self.likelihood.nll(out, batch).mean()
         terms = {"nll": nll}
         loss = nll
-        if kl is not None:
-            terms["kl"] = kl.mean()
+        if logvar is not None:
+            terms["kl"] = kl_standard_normal(mu, logvar).mean()
             loss = loss + self.kl_weight * terms["kl"]
         if with_adversary and self.adversary:
-            adv_ce, _ = self.adversary_loss(z_basal, batch)
-            terms["adv_ce"] = adv_ce
-            # The autoencoder maximises the adversary's loss: note the minus sign.
-            loss = loss - self.adv_weight * adv_ce
+            # The classifiers read the mean, so it is the mean the encoder must clean.
+            weight = self.adv_weight * self.adv_scale
+            if self.adv_objective == "confusion":
+                terms["adv_confusion"] = self.confusion_loss(mu, batch)
+                loss = loss + weight * terms["adv_confusion"]
+            else:
+                terms["adv_ce"] = self.adversary_loss(mu, batch)[0]
+                # The autoencoder maximises the classifiers' loss: note the minus sign.
+                loss = loss - weight * terms["adv_ce"]
         terms["loss"] = loss
         return terms
 
-    def adversary_terms(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Classifier loss on a detached basal latent, plus the gradient penalty."""
-        with torch.no_grad():
-            z_basal, _ = self.basal(batch, sample=True)
+    def adversary_terms(
+        self, batch: dict[str, torch.Tensor], z_basal: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Classifier loss on the detached basal latent (encoder mean), plus the penalty."""
+        if z_basal is None:
+            with torch.no_grad():
+                z_basal = self.basal(batch, sample=False)[0]
         z_basal = z_basal.detach().requires_grad_(True)
         ce, logits = self.adversary_loss(z_basal, batch)
         penalty = z_basal.new_zeros(())
-        for block in logits:
+        for block in logits if self.penalty_weight > 0 else ():
             (grad,) = torch.autograd.grad(block.sum(), z_basal, create_graph=True)
             penalty = penalty + grad.pow(2).sum(dim=-1).mean()
         return {
@@ -283,30 +410,40 @@ class CPANet(LossModule):
         }
 
     # -- training interface ----------------------------------------------------------------
-    def is_adversary_step(self, step: int) -> bool:
-        return self.adversary and step % self.adv_steps != 0
-
     def training_step(
         self, batch: dict[str, torch.Tensor], optimizers: list[torch.optim.Optimizer], step: int
     ) -> dict[str, float]:
-        if self.is_adversary_step(step):
-            terms = self.adversary_terms(batch)
-            optimizer_step(terms["adv_loss"], optimizers[1], gradient_clip=self.gradient_clip)
-        else:
-            terms = self.autoencoder_terms(batch, sample=True, with_adversary=True)
-            optimizer_step(terms["loss"], optimizers[0], gradient_clip=self.gradient_clip)
+        terms: dict[str, torch.Tensor] = {}
+        if self.adversary:
+            # The classifiers catch up with the current encoder on this batch first, so
+            # the autoencoder is pushed by classifiers that read what the latent holds.
+            with torch.no_grad():
+                z_basal = self.basal(batch, sample=False)[0]
+            for _ in range(self.adv_steps - 1):
+                terms = self.adversary_terms(batch, z_basal)
+                optimizer_step(terms["adv_loss"], optimizers[1], gradient_clip=self.gradient_clip)
+        terms.update(self.autoencoder_terms(batch, sample=True, with_adversary=True))
+        optimizer_step(terms["loss"], optimizers[0], gradient_clip=self.gradient_clip)
         return {k: float(v.detach()) for k, v in terms.items()}
 
     def loss_terms(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Validation terms: the generative fit (NLL + KL) at the encoder mean.
 
-        The adversarial term is reported (``adv_ce``) but excluded from ``loss``: early
+        The classifiers' cross-entropy is reported (``adv_ce``), and with the bounded
+        objective their confusion term too, but neither is part of ``loss``: early
         stopping monitors how well the model fits, not the state of the two-player game.
         """
         terms = self.autoencoder_terms(batch, sample=False, with_adversary=False)
         if self.adversary:
-            terms["adv_ce"] = self.adversary_loss(self.basal(batch, sample=False)[0], batch)[0]
+            mu = self.basal(batch, sample=False)[0]
+            terms["adv_ce"] = self.adversary_loss(mu, batch)[0]
+            if self.adv_objective == "confusion":
+                terms["adv_confusion"] = self.confusion_loss(mu, batch)
         return terms
+
+    def basal_latent(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The basal latent the adversary acts on: the encoder mean."""
+        return self.basal(batch, sample=False)[0]
 
     def predict_batch(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         z_basal, _ = self.basal(batch, sample=False)
@@ -345,11 +482,11 @@ class CPANoAdversary(NeuralModel):
 
 
 class CPA(CPANoAdversary):
-    """CPA* with adversarial classifiers trained by their own optimiser, alternating."""
+    """CPA* with adversarial classifiers trained by their own optimiser, bounded objective."""
 
     name: ClassVar[str] = "cpa"
     description: ClassVar[str] = (
-        "Compositional perturbation autoencoder with an alternating adversary (CPA*)"
+        "Compositional perturbation autoencoder with a bounded adversary (CPA*)"
     )
     Params: ClassVar[type] = CPAParams
     adversary: ClassVar[bool] = True

@@ -105,11 +105,15 @@ class LatentAdditiveNet(LossModule):
             dropout=p.dropout,
         )
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def basal_latent(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``Enc(x_ctrl [, c])``: the cell's latent before the perturbation is added."""
         h = batch["ctrl"]
         if self.cov_encoder:
             h = torch.cat([h, batch["cov"]], dim=-1)
-        z = self.encoder(h) + self.pert_encoder(batch["pert"])
+        return self.encoder(h)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        z = self.basal_latent(batch) + self.pert_encoder(batch["pert"])
         if self.cov_decoder:
             z = torch.cat([z, batch["cov"]], dim=-1)
         out = self.decoder(z)

@@ -85,6 +85,14 @@ class LossModule(nn.Module):
     def predict_batch(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Predicted log-normalised expression (n_cells x n_genes), deterministic in eval."""
 
+    # Networks with a basal (cell-state) latent also define
+    #     basal_latent(batch) -> Tensor (n_cells x n_latent)
+    # the deterministic encoding of each cell as observed; NeuralModel.basal_latent
+    # exposes it to the disentanglement probe (pertbench.models.probe).
+
+    def epoch_start(self, epoch: int) -> None:
+        """Called by the training loop before each training epoch (weight schedules)."""
+
     def training_step(
         self, batch: dict[str, torch.Tensor], optimizers: list[torch.optim.Optimizer], step: int
     ) -> dict[str, float]:
@@ -274,6 +282,30 @@ class NeuralModel(PerturbationModel):
     def _predict(self, inputs: PredictionInputs, *, seed: int) -> np.ndarray:
         if self.module is None:
             raise ModelError(f"model '{self.name}' has no trained network")
+        return self._run_batches(
+            inputs, self.module.predict_batch, seed=seed, empty_width=len(self.genes)
+        )
+
+    def basal_latent(self, adata: ad.AnnData) -> np.ndarray | None:
+        """Encoder means of ``adata``'s cells: the network's ``basal_latent(batch)``."""
+        self._require_fitted()
+        if self.module is None or not hasattr(self.module, "basal_latent"):
+            return None
+        inputs = self.prepare_inputs(adata)
+        return self._run_batches(inputs, self.module.basal_latent, seed=self.seed)
+
+    def _run_batches(
+        self,
+        inputs: PredictionInputs,
+        compute: Callable[[dict[str, torch.Tensor]], torch.Tensor],
+        *,
+        seed: int,
+        empty_width: int = 0,
+    ) -> np.ndarray:
+        """``compute(batch)`` over the cells of ``inputs`` in eval mode, rows concatenated.
+
+        Each cell is its own control (``ctrl`` = ``x``), as in a counterfactual request.
+        """
         arrays: dict[str, Any] = {
             "pert": inputs.perturbations,
             "cov": inputs.covariate_onehot,
@@ -285,8 +317,8 @@ class NeuralModel(PerturbationModel):
         table = CellTable(
             arrays, state_codes=np.zeros(n, dtype=np.int64), is_control=np.ones(n, dtype=bool)
         )
-        out = np.empty((n, len(self.genes)), dtype=np.float32)
-        module = self.module.eval()
+        out = np.empty((0, empty_width), dtype=np.float32)
+        self.module.eval()
         with torch.no_grad(), torch_seed_scope(seed, self.device):
             for start in range(0, n, self.predict_batch_size):
                 rows = np.arange(start, min(start + self.predict_batch_size, n))
@@ -294,7 +326,10 @@ class NeuralModel(PerturbationModel):
                 if "x" in batch:
                     batch["ctrl"] = batch["x"]
                 batch = move_batch(batch, self.device)
-                out[rows] = module.predict_batch(batch).float().cpu().numpy()
+                block = compute(batch).float().cpu().numpy()
+                if start == 0:  # the output's width is known from the first batch
+                    out = np.empty((n, block.shape[1]), dtype=np.float32)
+                out[rows] = block
         return out
 
     # -- persistence ---------------------------------------------------------------------

@@ -47,6 +47,13 @@ from pertbench.models.neural import LossModule, NeuralModel, NeuralParams
 
 @dataclass
 class SAMSVAEParams(NeuralParams):
+    # Larger steps than the shared defaults (lr 1e-3, batch 256): with those, SAMS-VAE is
+    # still collapsed (one prediction for every perturbation) after the 40 epochs of the
+    # default benchmark. Its basal latent collapses within ~10 epochs and the
+    # per-perturbation shifts, learned through sampled masks and embeddings, need about
+    # a thousand Adam steps to form; see docs/models.md for the experiments.
+    lr: float = params_field(2e-3, "Learning rate of the Adam optimiser.")
+    batch_size: int = params_field(128, "Cells per training minibatch.")
     n_layers_encoder_x: int = params_field(2, "Hidden layers of the expression encoder.")
     n_layers_encoder_e: int = params_field(
         1, "Hidden layers of the perturbation-embedding and mask encoders."
@@ -176,6 +183,12 @@ class SAMSVAENet(LossModule):
             "kl_global": kl_global,
         }
 
+    def basal_latent(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Encoder mean of ``z_basal`` for the cell as observed (with its own ``z_p``)."""
+        g = self.global_latents(sample=False)
+        mu, _ = self._encode(batch, batch["pert"] @ g["shift"])
+        return mu
+
     def predict_batch(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         g = self.global_latents(sample=False)
         # The control cell's observed state is unperturbed: encode it with z_p = 0.
@@ -202,7 +215,8 @@ class SAMSVAE(NeuralModel):
         "hidden_dim_cond": {"type": "int", "low": 50, "high": 500, "step": 50},
         "sparse_additive_mechanism": {"type": "categorical", "choices": [True, False]},
         "mean_field_encoding": {"type": "categorical", "choices": [True, False]},
-        "lr": {"type": "float", "low": 5e-6, "high": 1e-3, "log": True},
+        # PerturBench's range tops at 1e-3 (long GPU runs); ours contains our default.
+        "lr": {"type": "float", "low": 5e-6, "high": 1e-2, "log": True},
         "wd": {"type": "float", "low": 1e-8, "high": 1e-3, "log": True},
         "mask_prior_probability": {"type": "float", "low": 1e-4, "high": 0.99, "log": True},
         "dropout": {"type": "float", "low": 0.0, "high": 0.8, "step": 0.1},

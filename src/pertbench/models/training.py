@@ -13,6 +13,9 @@ progress bar, pruning callback):
 - ``validation_step(batch) -> dict[str, float | Tensor]``: the loss terms on a batch
   (``"loss"`` is used for early stopping), computed under ``torch.no_grad``.
 
+Optionally ``epoch_start(epoch)``, called before each training epoch (weight schedules such
+as CPA's adversarial warm-up).
+
 Batches are dicts of tensors made by a callable per epoch, so the data side stays
 vectorised and model-specific (see :mod:`pertbench.models.data`).
 """
@@ -139,6 +142,8 @@ def fit_module(
     )
     for epoch in bar:
         module.train()
+        if hasattr(module, "epoch_start"):  # weight schedules (CPA's adversary warm-up)
+            module.epoch_start(epoch)
         # Each term is averaged over the cells of the steps that reported it: alternating
         # models (CPA) report adversary terms on some steps and autoencoder terms on others.
         sums: dict[str, float] = {}

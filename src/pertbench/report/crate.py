@@ -24,6 +24,8 @@ from typing import Any
 
 from pertbench.benchmark import paths
 from pertbench.benchmark.materialize import read_manifest
+from pertbench.metrics.collapse import COLLAPSE_FILE
+from pertbench.models.probe import PROBE_FILE
 from pertbench.utils.io import write_text_atomic
 
 CRATE_FILE = "ro-crate-metadata.json"
@@ -170,6 +172,8 @@ def write_crate(out: str | os.PathLike) -> Path:
         ),
         (paths.RESULTS_CSV, "Results (CSV copy of results.parquet)"),
         (paths.FAILURES_CSV, "Cells and tuning jobs that failed, with their errors"),
+        (PROBE_FILE, "Disentanglement probe of each cell's basal latent, one row per target"),
+        (COLLAPSE_FILE, "Collapse statistics of each cell's predictions"),
         (paths.REPORT_FILE, "Self-contained HTML report"),
     ):
         if (out / rel).is_file():

@@ -17,7 +17,7 @@ import math
 import os
 import platform
 import string
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -182,8 +182,13 @@ class _Page:
 
 
 def _summary_table(
-    summary: pd.DataFrame, metrics: Sequence[str], models_order: Sequence[str]
+    summary: pd.DataFrame,
+    metrics: Sequence[str],
+    models_order: Sequence[str],
+    badges: Mapping[tuple[str, str, str], str] | None = None,
 ) -> str:
+    """The summary table; ``badges`` maps (dataset, task, model) to HTML shown by the name."""
+    badges = badges or {}
     full = summary[summary["scenario"] == FULL_SCENARIO]
     header = [
         '<th class="label">dataset</th><th class="label">task</th><th class="label">model</th>'
@@ -225,7 +230,8 @@ def _summary_table(
             cls = ' class="baseline"' if model in BASELINE_ORDER or model == CEILING else ""
             rows.append(
                 f'<tr{cls}><td class="label">{esc(dataset)}</td><td class="label">{esc(task)}</td>'
-                f'<td class="label">{esc(model)}</td>{"".join(cells)}</tr>'
+                f'<td class="label">{esc(model)}{badges.get((dataset, task, model), "")}</td>'
+                f"{''.join(cells)}</tr>"
             )
     return (
         f'<table id="{SUMMARY_TABLE_ID}"><thead><tr>{"".join(header)}</tr></thead>'
@@ -341,7 +347,12 @@ def write_report(out: str | os.PathLike, *, title: str | None = None) -> Path:
         "measurement noise (the noise ceiling). "
         "Best model per metric in bold; ↓ lower is better, ↑ higher is better.</p>"
     )
-    page.add(_summary_table(summary, metrics, models))
+    from pertbench.report.diagnostics import badge_legend, collapse_badges, diagnostic_sections
+
+    badges = collapse_badges(out, summary)
+    page.add(_summary_table(summary, metrics, models, badges))
+    if badges:
+        page.add(badge_legend())
 
     # -- rank metrics -------------------------------------------------------------------
     rank_metrics = rank_metric_selection(results)
@@ -375,7 +386,10 @@ def write_report(out: str | os.PathLike, *, title: str | None = None) -> Path:
 
             page.try_figure(draw, f"ranks_{dataset}_{task}", f"Rank metrics, {dataset} / {task}")
 
+    _interaction_section(page, results, summary, models)
+    diagnostic_sections(page, out, models)
     _prediction_sections(page, results, manifest, config, models)
+    _validation_section(page, out)
     _scenario_sections(page, results, manifest, models, metrics)
     _tuning_section(page, out)
     _stability_section(page, results, models, metrics)
@@ -436,6 +450,22 @@ def write_report(out: str | os.PathLike, *, title: str | None = None) -> Path:
 # ---------------------------------------------------------------------------------------
 # Sections that need data beyond the results table
 # ---------------------------------------------------------------------------------------
+def _interaction_section(
+    page: _Page, results: pd.DataFrame, summary: pd.DataFrame, models: list[str]
+) -> None:
+    """Genetic-interaction tables by subgroup (:mod:`pertbench.report.interactions`)."""
+    from pertbench.report.interactions import interaction_section
+
+    interaction_section(page, results, summary, models)
+
+
+def _validation_section(page: _Page, out: Path) -> None:
+    """The metric validation heatmap (:mod:`pertbench.report.validation`)."""
+    from pertbench.report.validation import validation_section
+
+    validation_section(page, out)
+
+
 def _prediction_sections(
     page: _Page, results: pd.DataFrame, manifest: dict, config: dict, models: list[str]
 ) -> None:
