@@ -267,30 +267,22 @@ def _calibration(
 
     if normalize_by not in refs or CEILING not in refs:
         return table, None
-    norm, lows, highs = [], [], []
-    undefined = []
-    for s in specs:
-        unit_frame = "per_covariate" if s.per_covariate else "per_group"
-        m = getattr(model, unit_frame)[s.name].to_numpy()
-        b = getattr(refs[normalize_by], unit_frame)[s.name].to_numpy()
-        c = getattr(refs[CEILING], unit_frame)[s.name].to_numpy()
-        value, lo, hi, n_units = cal.bootstrap_normalized(
-            m, b, c, higher_is_better=s.higher_is_better, n_bootstrap=n_bootstrap, seed=seed
-        )
-        if n_units and np.isnan(value):
-            undefined.append(s.name)
-        norm.append(value)
-        lows.append(lo)
-        highs.append(hi)
+    # one normalised score per floor: (model - floor) / (ceiling - floor); another floor
+    # (e.g. the best baseline per metric) is another call with its own per-unit values
+    floor = {s.name: _units(refs[normalize_by], s) for s in specs}
+    norm, lows, highs = _normalized(
+        specs,
+        model,
+        floor,
+        refs[CEILING],
+        n_bootstrap=n_bootstrap,
+        seed=seed,
+        label=f"the {normalize_by} baseline",
+        notes=notes,
+    )
     table[NORMALIZED] = norm
     table[f"{NORMALIZED}_ci_low"] = lows
     table[f"{NORMALIZED}_ci_high"] = highs
-    if undefined:
-        notes.append(
-            f"normalised score undefined (NaN) where the ceiling is not better than the "
-            f"{normalize_by} baseline: {', '.join(undefined[:10])}"
-            + (f" and {len(undefined) - 10} more" if len(undefined) > 10 else "")
-        )
     rows = pd.DataFrame(
         {
             "metric": [f"{NORMALIZED}/{s.name}" for s in specs],
@@ -300,3 +292,47 @@ def _calibration(
         }
     )
     return table, rows
+
+
+def _units(scores: MergedScores, spec: MetricSpec) -> np.ndarray:
+    """A source's values of one metric per bootstrap unit (group, or covariate block)."""
+    frame = scores.per_covariate if spec.per_covariate else scores.per_group
+    return frame[spec.name].to_numpy()
+
+
+def _normalized(
+    specs,
+    model: MergedScores,
+    floor: dict[str, np.ndarray],
+    ceiling: MergedScores,
+    *,
+    n_bootstrap: int,
+    seed: int,
+    label: str,
+    notes: list[str],
+) -> tuple[list[float], list[float], list[float]]:
+    """Normalised score of every metric against one floor (per-unit values ``floor``
+    by metric) and the ceiling, with its paired interval; notes where it is undefined."""
+    norm, lows, highs = [], [], []
+    undefined = []
+    for s in specs:
+        value, lo, hi, n_units = cal.bootstrap_normalized(
+            _units(model, s),
+            floor[s.name],
+            _units(ceiling, s),
+            higher_is_better=s.higher_is_better,
+            n_bootstrap=n_bootstrap,
+            seed=seed,
+        )
+        if n_units and np.isnan(value):
+            undefined.append(s.name)
+        norm.append(value)
+        lows.append(lo)
+        highs.append(hi)
+    if undefined:
+        notes.append(
+            f"normalised score undefined (NaN) where the ceiling is not better than "
+            f"{label}: {', '.join(undefined[:10])}"
+            + (f" and {len(undefined) - 10} more" if len(undefined) > 10 else "")
+        )
+    return norm, lows, highs

@@ -103,10 +103,10 @@ def score_block(
         Name of the scored model's source (its aggregates are kept when asked for).
     ceilings
         ``{source name: CeilingSource}``: sources made of replicates. Their estimator
-        either merges the replicates' scores (``estimator.combine(spec, values)``) or
-        computes the block's ceiling itself from a :class:`CeilingView`
-        (``estimator.score_block(view)``; always for an estimator that folds its
-        replicates chunk by chunk).
+        merges the replicates' scores (``estimator.combine(spec, values)``), or computes
+        the block's ceiling itself from a :class:`CeilingView`
+        (``estimator.score_block(view)``), or, when it folds its replicates chunk by
+        chunk, finishes the block's accumulator (``source.finish(view)``).
     """
     ceilings = ceilings or {}
     own_rule = {
