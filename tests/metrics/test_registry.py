@@ -161,6 +161,13 @@ def test_register_metric_in_process(make_toy):
         pred = truth[truth.obs["condition"] != "control"].copy()
         res = Evaluator(truth, pred, metrics="mean_abs_logfc_gap", n_bootstrap=0).run()
         assert res.value("mean_abs_logfc_gap") == 0.0
+        # the ceiling has no rule for a plug-in metric: NaN and a note, the rest scored
+        res = Evaluator(
+            truth, pred, metrics="mean_abs_logfc_gap,rmse_average", ceiling=True, n_bootstrap=0
+        ).run()
+        assert np.isnan(res.value("ceiling/mean_abs_logfc_gap"))
+        assert res.value("ceiling/rmse_average") > 0.0
+        assert any("no rule for mean_abs_logfc_gap" in note for note in res.notes)
     finally:
         catalog.unregister_metric("mean_abs_logfc_gap")
 

@@ -109,7 +109,6 @@ class BlockCeiling:
         self.de_values = {name: np.full(G, np.nan) for name in self.de}
         # whole replicate sides of the first replicates, for the rules on sides
         self.sides: list[tuple[SideStats, SideStats]] = []
-        self.n_genes = 0
 
     # -- chunks --------------------------------------------------------------------------
     def fold(self, view) -> None:
@@ -119,7 +118,6 @@ class BlockCeiling:
         X, codes = chunk.truth.X, chunk.truth.codes
         counts = np.bincount(codes, minlength=n)
         at = np.flatnonzero(counts >= ceil.MIN_CELLS)  # chunk groups with a ceiling
-        self.n_genes = int(view.truth.mean.shape[1])
         if at.size == 0:
             return
         if self.fits or self.ranks.metrics or self.on_sides:
