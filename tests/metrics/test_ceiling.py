@@ -134,6 +134,29 @@ def test_de_ceiling_recovers_a_perfect_ranking_of_sparse_effects():
     assert 0.2 < estimate.mean() < 0.9
 
 
+def test_de_ceiling_of_a_part_of_the_groups_equals_its_values_among_all():
+    """A group's posterior draws depend only on its place among all groups: evaluated
+    alone, in any contiguous part, the DE ceiling is bit-identical (so blocks and chunks
+    of the evaluator do not change it)."""
+    rng = np.random.default_rng(3)
+    n_groups, n_genes = 9, 1500  # 85 groups per draw chunk: all in one
+    z = rng.normal(size=(n_groups, n_genes)) + np.where(rng.random(n_genes) < 0.05, 4.0, 0.0)
+    fdr = np.where(np.abs(z) > 3, 0.01, 0.5)
+    sd = rng.uniform(0.5, 1.0, n_groups)
+    metrics = ["jaccard_top20", "jaccard_abs_top20", "overlap_top20", "direction_agreement"]
+    options = {"top_k": 20, "fdr": 0.05, "n_draws": 16}
+    stream = np.random.default_rng([0, ceil.DE_STREAM])
+    whole = ceil.de_ceiling(z, fdr, z, sd, metrics, rng=stream, **options)
+    for lo, hi in ((0, 1), (4, 5), (2, 7), (8, 9)):
+        part = ceil.de_ceiling(
+            z[lo:hi], fdr[lo:hi], z[lo:hi], sd[lo:hi], metrics,
+            rng=stream, first=lo, total=n_groups, **options,
+        )  # fmt: skip
+        for m in metrics:
+            np.testing.assert_array_equal(part[m], whole[m][lo:hi])
+    assert np.isfinite(whole["jaccard_top20"]).all()
+
+
 def test_oracle_scores_one_on_every_fit_aggregation():
     truth, oracle = simulate_with_oracle(
         50, 600, n_covariates=2, n_perturbations=10, n_combinations=0, n_genes=200, seed=0

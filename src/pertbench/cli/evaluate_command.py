@@ -56,13 +56,22 @@ def register(app: typer.Typer) -> None:
             ),
         ],
         metrics: Annotated[
-            str,
+            str | None,
             typer.Option(
                 "--metrics",
                 help="default (fit + rank + DE), all (+ logp, distribution metrics), or a comma "
-                "list of families (fit, rank, de, distribution) and metric names.",
+                "list of profiles, families (fit, rank, de, distribution) and metric names. "
+                "Default: the --profile, else default.",
             ),
-        ] = "default",
+        ] = None,
+        profile: Annotated[
+            str | None,
+            typer.Option(
+                "--profile",
+                help="A named metric profile: default, all, or one registered by a package "
+                "(pertbench.metrics.catalog.register_profile); --metrics adds to it.",
+            ),
+        ] = None,
         baselines: Annotated[
             bool,
             typer.Option(
@@ -139,7 +148,8 @@ def register(app: typer.Typer) -> None:
 
         Groups are (covariates, perturbation) pairs present in both files (with --split:
         all groups of the --on split). Genes are matched by name. Controls always come
-        from the truth.
+        from the truth. Both files are read from disk one covariate block at a time, so
+        memory depends on the largest block, not on the number of cells.
         """
         from pertbench.metrics.evaluator import Evaluator
         from pertbench.utils.outputs import check_output, new_folder
@@ -151,6 +161,7 @@ def register(app: typer.Typer) -> None:
             pred,
             keys=keys,
             metrics=metrics,
+            profile=profile,
             split=split,
             on=on,
             baselines=baselines,

@@ -75,8 +75,14 @@ def scan_values(X) -> ValueStats:
     """Count NaN/inf/negative values and detect integer-valued data, without densifying.
 
     Sparse matrices are scanned over their stored values (implicit zeros are finite,
-    non-negative integers); dense ones in row chunks.
+    non-negative integers); dense ones in row chunks; a matrix on disk (the X of a backed
+    AnnData, an :class:`~pertbench.data.ondisk.OnDiskMatrix`) chunk by chunk without
+    loading it (:func:`~pertbench.data.ondisk.scan_matrix`).
     """
+    from pertbench.data.ondisk import OnDiskMatrix, is_backed_matrix, scan_matrix
+
+    if is_backed_matrix(X):
+        return scan_matrix(X if isinstance(X, OnDiskMatrix) else OnDiskMatrix(X, name="X"))
     stats = ValueStats(minimum=np.inf, maximum=-np.inf)
     if sp.issparse(X):
         values = X.data
@@ -209,7 +215,8 @@ class ValidationReport:
 def _x_format(X) -> str:
     if sp.issparse(X):
         return X.format
-    return "dense"
+    fmt = getattr(X, "format", None)  # a backed sparse dataset
+    return fmt if fmt in ("csr", "csc") else "dense"
 
 
 def _missing_mask(values: pd.Series) -> np.ndarray:
@@ -552,7 +559,9 @@ def read_h5ad(
         cell to 1e4 and applies log1p with a :class:`DataWarning`, keeping the counts in
         ``layers['counts']``; ``"error"`` refuses with the fix; ``"allow"`` leaves X as is.
     backed
-        Open in backed (read-only, on-disk) mode; validation then reads X in full.
+        Open with X on disk (anndata's backed mode, read-only; validation scans X chunk by
+        chunk). To read obs and var only (no layers, obsm or uns) and X by rows, use
+        :func:`pertbench.data.ondisk.open_h5ad`.
 
     Returns
     -------
@@ -578,8 +587,8 @@ def read_h5ad(
     if not validate and on_counts == "allow":
         return adata
     if backed:
-        if validate:
-            validate_adata(adata.to_memory(), keys=keys, expect="any")
+        if validate:  # X is scanned chunk by chunk on disk, never loaded whole
+            validate_adata(adata, keys=keys, expect="any")
         return adata
     stats = scan_values(adata.X) if adata.X is not None else ValueStats()
     if stats.value_type == "counts" and not (stats.n_nan or stats.n_negative or stats.n_posinf):

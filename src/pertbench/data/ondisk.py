@@ -17,6 +17,14 @@ matrix each time, so CSC is refused with the fix.
 Scattered rows (:meth:`OnDiskMatrix.take`) are read as a few contiguous windows: rows that
 lie close together (gaps of at most ``max_gap`` unrequested rows, windows of at most
 ``window_rows`` rows) are read in one slice and the unrequested rows dropped.
+:class:`RowReader` is the one interface to the rows of any expression matrix, in memory
+or on disk: rows in any order (repeats allowed), restricted to chosen columns, read
+through :meth:`OnDiskMatrix.take` in bounded windows; values come back exactly as stored,
+so a computation on rows read from disk gives the same bits as on the matrix in memory.
+
+Files written by old anndata versions (obs as a structured array, X in the ``h5sparse``
+layout) are opened through anndata's own backed reader, which also reads their obsm and
+uns; their X is still read by rows.
 """
 
 from __future__ import annotations
@@ -45,8 +53,15 @@ WINDOW_ROWS = 65_536
 #: Unrequested rows a window may span between two requested ones (read and dropped):
 #: one more HDF5 read costs about as much as reading a few dozen rows.
 MAX_GAP = 64
-#: Stored values scanned per chunk when validating.
-SCAN_VALUES = 20_000_000
+#: Stored values scanned per chunk when validating (the scan's temporaries stay ~50 MB).
+SCAN_VALUES = 4_000_000
+#: Most rows one :class:`RowReader` read spans: bounds what a read of scattered rows holds
+#: beyond the rows returned (the evaluator's memory bound rests on it).
+READER_WINDOW_ROWS = 4096
+
+
+class ColumnCompressedError(DataValidationError):
+    """A matrix is stored column-compressed (CSC): it cannot be read by rows."""
 
 
 class OnDiskMatrix:
@@ -63,9 +78,11 @@ class OnDiskMatrix:
 
     def __init__(self, source: Any, *, name: str) -> None:
         self.name = name
+        self.in_memory = isinstance(source, np.ndarray) or sp.issparse(source)
+        if not self.in_memory:
+            source = getattr(source, "group", source)  # anndata's backed sparse dataset
         self.source = source
         self._indptr_cache: np.ndarray | None = None
-        self.in_memory = isinstance(source, np.ndarray) or sp.issparse(source)
         if self.in_memory:
             self.format = source.format if sp.issparse(source) else "dense"
             if self.format == "csc":
@@ -76,9 +93,9 @@ class OnDiskMatrix:
         import h5py
 
         if isinstance(source, h5py.Group):
-            encoding = _attr(source, "encoding-type")
+            encoding, shape = _sparse_layout(source)
             if encoding == "csc_matrix":
-                raise DataValidationError(
+                raise ColumnCompressedError(
                     f"{name} is stored column-compressed (CSC), which cannot be read by rows; "
                     f"rewrite it as CSR (adata.X = adata.X.tocsr(); adata.write_h5ad(...))"
                 )
@@ -88,7 +105,7 @@ class OnDiskMatrix:
                     "cells x features matrix there"
                 )
             self.format = "csr"
-            self.shape = tuple(int(s) for s in source.attrs["shape"])
+            self.shape = shape
         elif isinstance(source, h5py.Dataset) and source.ndim == 2:
             self.format = "dense"
             self.shape = tuple(int(s) for s in source.shape)
@@ -199,6 +216,120 @@ class OnDiskMatrix:
         rows = max(1, chunk // max(self.shape[1], 1))
         for i in range(0, self.n_rows, rows):
             yield np.asarray(self.source[i : i + rows]).reshape(-1)
+
+
+class RowReader:
+    """Chosen rows (and columns) of an expression matrix, in memory or on disk.
+
+    Callers ask for any rows in any order (repeats allowed) and get an in-memory matrix
+    (CSR for sparse storage, an array for dense storage) restricted to the chosen
+    columns; only those rows are read. On disk, the distinct rows are read in increasing
+    order through :meth:`OnDiskMatrix.take` (windows of at most ``window_rows`` rows, gaps
+    of at most ``max_gap`` rows merged; restricted to the columns one window at a time)
+    and put back in the requested order: memory is bounded by the rows returned plus one
+    window. Values are exactly as stored (same dtype, same sparse structure).
+
+    Parameters
+    ----------
+    X
+        A NumPy array, a SciPy sparse matrix, an :class:`OnDiskMatrix`, or the on-disk
+        ``X`` of an AnnData opened with ``anndata.read_h5ad(path, backed="r")``.
+    columns
+        Column indices to keep, in this order (``None``: all columns).
+    rows
+        Rows of ``X`` that this reader exposes, in this order (``None``: all): reader row
+        i is row ``rows[i]`` of ``X`` (e.g. the training cells of a file).
+    window_rows, max_gap
+        On-disk reads: the largest contiguous slice and the widest gap merged into it.
+    """
+
+    def __init__(
+        self,
+        X: Any,
+        *,
+        columns: np.ndarray | None = None,
+        rows: np.ndarray | None = None,
+        window_rows: int = READER_WINDOW_ROWS,
+        max_gap: int = MAX_GAP,
+    ) -> None:
+        self.on_disk = not (isinstance(X, np.ndarray) or sp.issparse(X))
+        if self.on_disk and not isinstance(X, OnDiskMatrix):
+            X = OnDiskMatrix(X, name="X")
+        self.X = X
+        n_rows, n_cols = (int(s) for s in X.shape)
+        if columns is not None:
+            columns = np.asarray(columns, dtype=np.int64)
+            if columns.size == n_cols and np.array_equal(columns, np.arange(n_cols)):
+                columns = None
+        self.columns = columns
+        self.rows = None if rows is None else np.asarray(rows, dtype=np.int64)
+        if self.rows is not None:
+            n_rows = int(self.rows.size)
+        self.shape = (n_rows, n_cols if columns is None else int(columns.size))
+        self.format = X.format if self.on_disk or sp.issparse(X) else "dense"
+        self.window_rows = max(1, int(window_rows))
+        self.max_gap = max(0, int(max_gap))
+
+    def subset(self, rows: np.ndarray) -> RowReader:
+        """A reader of some of this reader's rows (reader row i = row ``rows[i]`` here)."""
+        out = RowReader.__new__(RowReader)
+        out.__dict__.update(self.__dict__)
+        rows = np.asarray(rows, dtype=np.int64)
+        out.rows = rows if self.rows is None else self.rows[rows]
+        out.shape = (int(rows.size), self.shape[1])
+        return out
+
+    @property
+    def is_sparse(self) -> bool:
+        return self.format in ("csr", "csc")
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self.X.dtype)
+
+    def read(self, rows: np.ndarray) -> Any:
+        """The given rows (any order, repeats allowed), restricted to the columns."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if self.rows is not None:
+            rows = self.rows[rows]
+        if rows.size == 0:
+            empty = np.zeros((0, self.shape[1]), dtype=self.dtype)
+            return sp.csr_matrix(empty) if self.is_sparse else empty
+        unique, inverse = np.unique(rows, return_inverse=True)
+        block = self._read_sorted(unique) if self.on_disk else self._take(unique)
+        if unique.size != rows.size or not np.array_equal(unique, rows):
+            block = block[inverse.ravel()]
+        return block
+
+    def _take(self, rows: np.ndarray) -> Any:
+        X = self.X
+        sub = sp.csr_matrix(X[rows]) if sp.issparse(X) else np.asarray(X[rows])
+        return sub if self.columns is None else sub[:, self.columns]
+
+    def _read_sorted(self, rows: np.ndarray) -> Any:
+        """Increasing unique rows from disk; columns restricted window by window."""
+        options = {"window_rows": self.window_rows, "max_gap": self.max_gap}
+        if self.columns is None:
+            return self.X.take(rows, **options)
+        parts = [
+            self.X.take(rows[lo:hi], **options)[:, self.columns]
+            for lo, hi in _windows(rows, self.window_rows, self.max_gap)
+        ]
+        if len(parts) == 1:
+            return parts[0]
+        if sp.issparse(parts[0]):
+            return sp.vstack(parts, format="csr")
+        return np.concatenate(parts, axis=0)
+
+
+def is_backed_matrix(X: Any) -> bool:
+    """True for a matrix stored on disk: an :class:`OnDiskMatrix`, or the ``X`` of a
+    backed AnnData (an HDF5 dataset or anndata's sparse dataset)."""
+    if isinstance(X, OnDiskMatrix):
+        return True
+    if X is None or isinstance(X, np.ndarray) or sp.issparse(X):
+        return False
+    return type(getattr(X, "group", X)).__module__.startswith("h5py")
 
 
 class OnDiskData:
@@ -386,6 +517,9 @@ def _open_file(path: Path) -> OnDiskData:
 
     path = check_h5ad_file(path)
     handle = h5py.File(path, "r")
+    if any(_attr(handle[key], "encoding-type") != "dataframe" for key in ("obs", "var")):
+        handle.close()  # an old anndata layout: anndata's own backed reader understands it
+        return _open_legacy(path)
     try:
         if "X" not in handle:
             raise DataValidationError(f"'{path}' has no X; store the expression matrix in X")
@@ -408,6 +542,27 @@ def _open_file(path: Path) -> OnDiskData:
     return OnDiskData(obs=obs, var=var, X=X, layers=layers, obsm=obsm, path=path, handle=handle)
 
 
+def _open_legacy(path: Path) -> OnDiskData:
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning)
+            warnings.filterwarnings(
+                "ignore", category=getattr(ad, "OldFormatWarning", FutureWarning)
+            )
+            adata = ad.read_h5ad(path, backed="r")
+    except Exception as exc:  # a damaged file of an old layout
+        raise InputFileError(
+            f"cannot read '{path}' as AnnData: {type(exc).__name__}: {exc}"
+        ) from exc
+    try:
+        data = _wrap_anndata(adata)
+    except BaseException:
+        adata.file.close()
+        raise
+    data._handle = adata.file
+    return data
+
+
 def _wrap_anndata(adata: ad.AnnData) -> OnDiskData:
     if adata.isbacked and adata.is_view:
         raise DataValidationError(
@@ -415,8 +570,6 @@ def _wrap_anndata(adata: ad.AnnData) -> OnDiskData:
             "(and a split saying which cells to use)"
         )
     X = adata.X
-    if adata.isbacked:
-        X = getattr(X, "group", X)  # a backed CSR dataset keeps its HDF5 group
     if X is None:
         raise DataValidationError("X is empty (None); store log-normalised expression in X")
     return OnDiskData(
@@ -434,12 +587,14 @@ def validate_on_disk(
     *,
     keys: PerturbationKeys | None = None,
     expect: Literal["log", "any"] = "log",
+    raise_errors: bool = True,
 ):
     """Check an :class:`OnDiskData` against the data contract, reading X chunk by chunk.
 
     ``expect`` as for :func:`open_h5ad`. Returns the
     :class:`~pertbench.data.loading.ValidationReport`; raises
-    :class:`~pertbench.errors.DataValidationError` on a fatal problem.
+    :class:`~pertbench.errors.DataValidationError` on a fatal problem (with
+    ``raise_errors``; else the problems are in the report).
     """
     from pertbench.data.loading import (
         ValidationReport,
@@ -453,7 +608,7 @@ def validate_on_disk(
     report.has_counts_layer = "counts" in data.layer_names
     report.x_format = data.X.format
     stats = scan_matrix(data.X)
-    if expect == "log" and stats.value_type == "counts" and not stats.n_negative:
+    if raise_errors and expect == "log" and stats.value_type == "counts" and not stats.n_negative:
         raise DataValidationError(
             f"X holds raw counts (integers up to {stats.maximum:.0f}); reading by rows uses X "
             "as stored: normalise it first (pertbench preprocess) or read it in memory"
@@ -461,7 +616,8 @@ def validate_on_disk(
     _check_values(report, stats, expect=expect)
     _check_names(report, data.var_names, data.obs_names)
     _check_obs(data.obs, keys, report)
-    report.raise_if_errors()
+    if raise_errors:
+        report.raise_if_errors()
     return report
 
 
@@ -509,6 +665,16 @@ def _member(store: dict[str, Any], key: str, where: str, fix: str) -> OnDiskMatr
         available = ", ".join(store) or "none"
         raise DataValidationError(f"{where} has no entry '{key}' (available: {available}); {fix}")
     return OnDiskMatrix(store[key], name=f"{where}/{key}")
+
+
+def _sparse_layout(group: Any) -> tuple[str, tuple[int, ...]]:
+    """(encoding, shape) of a sparse matrix group, in the current layout
+    (``encoding-type``, ``shape``) or the old ``h5sparse`` one."""
+    legacy = _attr(group, "h5sparse_format")
+    if legacy and not _attr(group, "encoding-type"):
+        return f"{legacy}_matrix", tuple(int(s) for s in group.attrs["h5sparse_shape"])
+    shape = group.attrs.get("shape")
+    return _attr(group, "encoding-type"), tuple(int(s) for s in shape) if shape is not None else ()
 
 
 def _attr(node: Any, name: str) -> str:

@@ -21,6 +21,8 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
+from pertbench.data.ondisk import RowReader
+
 AGGREGATIONS = ("average", "delta", "logfc", "var", "logp")
 DEFAULT_AGGREGATIONS = ("average", "delta", "logfc", "var")
 LOGFC_PSEUDOCOUNT = 0.1
@@ -44,7 +46,9 @@ def group_stats(
     Parameters
     ----------
     X
-        (n_cells, n_genes) dense or sparse matrix; only rows with a code >= 0 are read.
+        (n_cells, n_genes) dense or sparse matrix, or a :class:`~pertbench.data.ondisk.RowReader`
+        (rows read from disk chunk by chunk, so memory stays bounded); only rows with a
+        code >= 0 are read.
     codes
         Group code per row (-1: row belongs to no group).
     n_groups
@@ -70,23 +74,28 @@ def group_stats(
     present = counts > 0
     group_start = np.concatenate([[0], np.cumsum(counts)[:-1]])
     shift = np.zeros((n_groups, n_genes))
-    shift[present] = _dense_rows(X, rows[group_start[present]])
     s1 = np.zeros((n_groups, n_genes))  # sums over non-zero entries of (x - K)
     s2 = np.zeros((n_groups, n_genes))  # ... and of (x - K)^2
     nnz = np.zeros((n_groups, n_genes))  # non-zero entries
-    sparse = sp.issparse(X)
-    if sparse:
+    reader = isinstance(X, RowReader)
+    sparse = X.is_sparse if reader else sp.issparse(X)
+    if sparse and not reader:
         X = sp.csr_matrix(X)
     piece_rows = max(1, int(chunk_elements // max(n_genes, 1)))
-    for lo, hi in _chunks(sorted_codes, group_start, piece_rows):
+    chunks = list(_chunks(sorted_codes, group_start, piece_rows))
+    for (lo, hi), sub in _chunk_rows(X, rows, chunks, READ_CHUNKS * piece_rows):
         chunk_codes = sorted_codes[lo:hi]
         # rows are sorted by group: each group is one segment of the chunk
         seg = np.flatnonzero(np.r_[True, chunk_codes[1:] != chunk_codes[:-1]])
         seg_codes = chunk_codes[seg]
+        # a group's first cell K is in the chunk where the group starts
+        starting = seg_codes[group_start[seg_codes] >= lo]
+        if starting.size:
+            shift[starting] = _dense(sub[group_start[starting] - lo])
         if sparse:
-            c1, c2, cn = _sparse_sums(X[rows[lo:hi]], chunk_codes, seg, shift)
+            c1, c2, cn = _sparse_sums(sub, chunk_codes, seg, shift)
         else:
-            c1, c2, cn = _dense_sums(np.asarray(X[rows[lo:hi]]), seg, shift[seg_codes])
+            c1, c2, cn = _dense_sums(np.asarray(sub), seg, shift[seg_codes])
         s1[seg_codes] += c1
         s2[seg_codes] += c2
         nnz[seg_codes] += cn
@@ -154,8 +163,30 @@ def _chunks(sorted_codes: np.ndarray, group_start: np.ndarray, piece_rows: int):
         yield lo, int(sorted_codes.size)
 
 
-def _dense_rows(X, rows: np.ndarray) -> np.ndarray:
-    sub = X[rows]
+def _chunk_rows(X, rows: np.ndarray, chunks: list[tuple[int, int]], read_rows: int):
+    """((lo, hi), rows[lo:hi] of X) for every chunk. From a RowReader, consecutive chunks
+    are read together, up to ``read_rows`` rows per read (few large reads from disk)."""
+    if not isinstance(X, RowReader):
+        for lo, hi in chunks:
+            yield (lo, hi), X[rows[lo:hi]]
+        return
+    i = 0
+    while i < len(chunks):
+        j = i + 1
+        while j < len(chunks) and chunks[j][1] - chunks[i][0] <= read_rows:
+            j += 1
+        start = chunks[i][0]
+        batch = X.read(rows[start : chunks[j - 1][1]])
+        for lo, hi in chunks[i:j]:
+            yield (lo, hi), batch[lo - start : hi - start]
+        i = j
+
+
+#: Chunks of rows read from disk at once by :func:`group_stats`.
+READ_CHUNKS = 8
+
+
+def _dense(sub) -> np.ndarray:
     if sp.issparse(sub):
         return sub.toarray().astype(np.float64, copy=False)
     return np.asarray(sub, dtype=np.float64)

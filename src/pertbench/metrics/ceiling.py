@@ -47,9 +47,17 @@ Rule per family:
 
 Groups with fewer than :data:`MIN_CELLS` observed cells have no ceiling (NaN, noted by
 the evaluator): one cell says nothing about its own sampling noise.
+
+The evaluator applies these rules block by block and chunk by chunk
+(:class:`pertbench.metrics.references.BootstrapCeiling`). Every random draw comes from one
+seeded stream per kind (:func:`stream_at`) read at the position of the group it is for,
+so a group's draws depend on the seed and on the groups before it, never on how the
+groups are cut into blocks and chunks or in which order those are processed.
 """
 
 from __future__ import annotations
+
+import copy
 
 import numpy as np
 
@@ -74,6 +82,25 @@ PRIOR_ATOMS = 60
 PRIOR_ITERATIONS = 150
 _GROUP_CHUNK = 64
 _CORRELATIONS = frozenset({"cosine", "pearson", "spearman"})
+
+
+#: Streams of random draws: bootstrap replicates and posterior draws of the DE effects.
+REPLICATE_STREAM = 0xCE11
+DE_STREAM = 0xDE
+
+
+def stream_at(seed: int, stream: int, position: int) -> np.random.Generator:
+    """The generator of one seeded stream, advanced by ``position`` draws.
+
+    A uniform draw (``Generator.random``) takes exactly one step of the PCG64 bit
+    generator, so the ``k``-th draw of a stream is the first draw of
+    ``stream_at(seed, stream, k)``: any part of a long sequence of draws is made without
+    making the draws before it.
+    """
+    rng = np.random.default_rng([int(seed), int(stream)])
+    if position:
+        rng.bit_generator.advance(int(position))
+    return rng
 
 
 # ---------------------------------------------------------------------------------------
@@ -296,8 +323,17 @@ def iterated(first: np.ndarray, inner: np.ndarray) -> np.ndarray:
 
 
 def _nanmean_rows(values: np.ndarray) -> np.ndarray:
+    """Mean over rows (replicates) ignoring NaN, per column.
+
+    The rows are added one after the other, whatever the number of columns (numpy's
+    ``sum(axis=0)`` adds a single column pairwise but several columns row by row), so a
+    group's value does not depend on how many groups are averaged with it.
+    """
+    values = np.atleast_2d(values)
     present = ~np.isnan(values)
-    total = np.where(present, values, 0.0).sum(axis=0)
+    total = np.zeros(values.shape[1:])
+    for row, ok in zip(values, present, strict=True):
+        total += np.where(ok, row, 0.0)
     count = present.sum(axis=0)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(count > 0, total / np.maximum(count, 1), np.nan)
@@ -396,6 +432,9 @@ def replicate_rank_scores(
 class RankCeiling:
     """Accumulates the rank-metric ceilings over replicates (:func:`replicate_rank_scores`).
 
+    Replicates may be added for a few groups at a time (:meth:`add`), in any order of
+    groups; :meth:`ceilings` then ranks within each covariate combination.
+
     Parameters
     ----------
     metrics
@@ -404,46 +443,47 @@ class RankCeiling:
         (n_groups,) observed cells per group.
     cov_of_group
         (n_groups,) covariate combination of each group (ranks are within one).
+    n_replicates
+        Replicates per group.
     """
 
-    def __init__(self, metrics, n_cells: np.ndarray, cov_of_group: np.ndarray) -> None:
+    def __init__(self, metrics, n_cells: np.ndarray, cov_of_group: np.ndarray, n_replicates: int):
         self.metrics = list(metrics)
         self.factor = inflation(n_cells)
         self.cov_of_group = np.asarray(cov_of_group)
+        self.n_replicates = int(n_replicates)
         n_groups = self.factor.size
         self.aggregations = list(dict.fromkeys(agg for _, _, agg in self.metrics))
-        self.own: dict[str, list[np.ndarray]] = {name: [] for name, _, _ in self.metrics}
+        self.own = {name: np.full((n_replicates, n_groups), np.nan) for name, _, _ in self.metrics}
         self.noise = {agg: np.zeros(n_groups) for agg in self.aggregations}
-        self.count = dict.fromkeys(self.aggregations, 0)
 
-    def add(self, aggregation: str, at: np.ndarray, t: np.ndarray, b: np.ndarray) -> None:
-        """One replicate ``b`` of the observed profiles ``t`` (rows: groups ``at``)."""
+    def add(
+        self, aggregation: str, replicate: int, at: np.ndarray, t: np.ndarray, b: np.ndarray
+    ) -> None:
+        """Replicate number ``replicate`` ``b`` of the observed profiles ``t`` (rows: groups
+        ``at``)."""
         here = [(name, base) for name, base, agg in self.metrics if agg == aggregation]
         if not here:
             return
         factor = self.factor[at]
         self.noise[aggregation][at] += _energy(b - t)
-        self.count[aggregation] += 1
         twice = t + np.sqrt(2.0) * factor[:, None] * (b - t)  # two noise draws around t
         ratios = noise_ratios(t, b, factor)
         for name, base in here:
-            values = np.full(self.factor.size, np.nan)
             if base in SIMILARITIES:
-                values[at] = ratios[SIMILARITIES[base]]
+                self.own[name][replicate, at] = ratios[SIMILARITIES[base]]
             else:
-                values[at] = row_distances(twice, t, base)
-            self.own[name].append(values)
+                self.own[name][replicate, at] = row_distances(twice, t, base)
 
     def ceilings(self, aggregation: str, at: np.ndarray, t: np.ndarray) -> dict[str, np.ndarray]:
         """Rank ceiling per group of each metric of ``aggregation``; ``t``: the observed
         profiles of every group with cells (rows: groups ``at``)."""
-        count = max(self.count[aggregation], 1)
-        energy = self.noise[aggregation] * self.factor**2 / count
+        energy = self.noise[aggregation] * self.factor**2 / max(self.n_replicates, 1)
         out = {}
         for name, base, agg in self.metrics:
             if agg != aggregation:
                 continue
-            own = np.array(self.own[name])
+            own = self.own[name]
             values = np.full(self.factor.size, np.nan)
             for c in np.unique(self.cov_of_group[at]):
                 rows = np.flatnonzero(self.cov_of_group[at] == c)
@@ -528,6 +568,18 @@ def posterior_effect_draws(
     return out
 
 
+class _RowsOf:
+    """Stands in for a generator: each ``random((rows, genes))`` call draws the whole
+    ``(n_rows, genes)`` array of a chunk and keeps the rows ``keep``, so a part of a chunk
+    gets exactly the numbers it gets when the whole chunk is drawn."""
+
+    def __init__(self, rng: np.random.Generator, n_rows: int, keep: slice) -> None:
+        self.rng, self.n_rows, self.keep = rng, n_rows, keep
+
+    def random(self, shape) -> np.ndarray:
+        return self.rng.random((self.n_rows, *shape[1:]))[self.keep]
+
+
 def de_ceiling(
     truth_z: np.ndarray,
     truth_fdr: np.ndarray,
@@ -539,6 +591,8 @@ def de_ceiling(
     fdr: float,
     n_draws: int = DEFAULT_REPLICATES,
     rng: np.random.Generator,
+    first: int = 0,
+    total: int | None = None,
 ) -> dict[str, np.ndarray]:
     """Expected DE metrics of a perfect model, per group (see :func:`posterior_effect_draws`).
 
@@ -552,6 +606,13 @@ def de_ceiling(
     metrics
         Names among ``jaccard_top<k>``, ``jaccard_abs_top<k>``, ``overlap_top<k>``,
         ``direction_agreement``.
+    rng
+        The stream of draws of all ``total`` groups (not advanced here).
+    first, total
+        The given groups are numbers ``first`` .. ``first + n_groups - 1`` of ``total``
+        (default: all of them). The groups are drawn for in chunks of a fixed size, in
+        order; a group's draws depend only on its number, so any contiguous part of the
+        groups gets the values it gets among all of them.
 
     Returns
     -------
@@ -559,7 +620,8 @@ def de_ceiling(
         metric -> (n_groups,) mean over ``n_draws`` posterior draws.
     """
     Z = np.atleast_2d(np.asarray(truth_z, dtype=np.float64))
-    n_groups = Z.shape[0]
+    n_groups, n_genes = Z.shape
+    total = first + n_groups if total is None else int(total)
     functions = {
         f"jaccard_top{top_k}": lambda t, p, f, d: jaccard_top_k(t, p, top_k),
         f"jaccard_abs_top{top_k}": lambda t, p, f, d: jaccard_top_k(t, p, top_k, absolute=True),
@@ -570,10 +632,20 @@ def de_ceiling(
     if unknown:
         raise ValueError(f"no DE ceiling rule for {', '.join(unknown)}")
     out = {m: np.full(n_groups, np.nan) for m in metrics}
-    chunk = max(1, _GROUP_CHUNK * 2000 // max(Z.shape[1], 1))
-    for lo in range(0, n_groups, chunk):  # bounds the (groups x genes x atoms) arrays
-        rows = slice(lo, min(lo + chunk, n_groups))
-        draws = posterior_effect_draws(Z[rows], noise_sd[rows], n_draws=n_draws, rng=rng)
+    chunk = max(1, _GROUP_CHUNK * 2000 // max(n_genes, 1))  # bounds (groups x genes x atoms)
+    # the chunks of all `total` groups that hold some of the given ones
+    for lo in range(first - first % chunk, first + n_groups, chunk):
+        hi = min(lo + chunk, total)
+        a, b = max(lo, first), min(hi, first + n_groups)
+        stream = copy.deepcopy(rng)
+        stream.bit_generator.advance(2 * n_draws * lo * n_genes)  # the earlier chunks' draws
+        rows = slice(a - first, b - first)
+        draws = posterior_effect_draws(
+            Z[rows],
+            noise_sd[rows],
+            n_draws=n_draws,
+            rng=_RowsOf(stream, hi - lo, slice(a - lo, b - lo)),
+        )
         for m in metrics:
             scores = [functions[m](Z[rows], d, truth_fdr[rows], truth_delta[rows]) for d in draws]
             out[m][rows] = _nanmean_rows(np.asarray(scores))

@@ -606,3 +606,36 @@ def direction_agreement(
     n_sig = sig.sum(axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(n_sig > 0, (same & sig).sum(axis=1) / np.maximum(n_sig, 1), np.nan)
+
+
+@dataclass
+class DEPair:
+    """What DE metrics compare for the scored groups of a block (one row per group).
+
+    ``truth_z``/``pred_z`` are Wilcoxon z-scores against the observed controls,
+    ``truth_fdr`` the truth's BH-adjusted p-values, ``truth_delta``/``pred_delta`` the mean
+    differences to the controls; ``top_k`` and ``fdr`` are the evaluation's settings.
+    """
+
+    truth_z: np.ndarray
+    truth_fdr: np.ndarray
+    pred_z: np.ndarray
+    truth_delta: np.ndarray
+    pred_delta: np.ndarray
+    top_k: int = 100
+    fdr: float = 0.05
+
+
+def pair_jaccard(de: DEPair, *, absolute: bool = False) -> np.ndarray:
+    """:func:`jaccard_top_k` of a :class:`DEPair` (the registry's compute)."""
+    return jaccard_top_k(de.truth_z, de.pred_z, de.top_k, absolute=absolute)
+
+
+def pair_overlap(de: DEPair) -> np.ndarray:
+    """:func:`overlap_top_k` of a :class:`DEPair`."""
+    return overlap_top_k(de.truth_z, de.truth_fdr, de.pred_z, de.top_k, fdr=de.fdr)
+
+
+def pair_direction_agreement(de: DEPair) -> np.ndarray:
+    """:func:`direction_agreement` of a :class:`DEPair`."""
+    return direction_agreement(de.truth_delta, de.truth_fdr, de.pred_delta, fdr=de.fdr)

@@ -42,8 +42,7 @@ def pca_basis(
     """
     n = X.shape[0]
     if max_cells is not None and n > max_cells:
-        rows = np.sort(np.random.default_rng(seed).choice(n, size=max_cells, replace=False))
-        X = X[rows]
+        X = X[pca_rows(n, max_cells=max_cells, seed=seed)]
         n = max_cells
     X = sp.csr_matrix(X, dtype=np.float64) if sp.issparse(X) else np.asarray(X, np.float64)
     mean = np.asarray(X.mean(axis=0), dtype=np.float64).ravel()
@@ -75,6 +74,14 @@ def pca_basis(
     # deterministic signs: the largest-magnitude loading of each component is positive
     signs = np.sign(comps[np.abs(comps).argmax(axis=0), np.arange(comps.shape[1])])
     return mean, comps * np.where(signs == 0, 1.0, signs)
+
+
+def pca_rows(n: int, *, max_cells: int | None = 5000, seed: int = 0) -> np.ndarray:
+    """Positions (sorted) of the rows :func:`pca_basis` fits on among ``n``: all of them,
+    or a seeded subsample of ``max_cells`` (so a caller can read only those rows)."""
+    if max_cells is not None and n > max_cells:
+        return np.sort(np.random.default_rng(seed).choice(n, size=max_cells, replace=False))
+    return np.arange(n)
 
 
 def _top_eigh(sym: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -216,3 +223,12 @@ def mean_var_kde(
     f /= f.sum()
     g /= g.sum()
     return float(np.abs(f - g).sum())
+
+
+def pair_mean_var_kde(
+    pred_mean: np.ndarray, pred_var: np.ndarray, truth_mean: np.ndarray, truth_var: np.ndarray
+) -> float:
+    """:func:`mean_var_kde` of one group from its per-gene means and variances."""
+    return mean_var_kde(
+        np.column_stack([pred_mean, pred_var]), np.column_stack([truth_mean, truth_var])
+    )

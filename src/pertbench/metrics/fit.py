@@ -28,6 +28,8 @@ import numpy as np
 FIT_METRICS = ("rmse", "mse", "mae", "cosine", "pearson", "spearman", "r2")
 #: Metrics where a larger value is better (the others are errors: smaller is better).
 HIGHER_IS_BETTER = frozenset({"cosine", "pearson", "spearman", "r2"})
+#: The value of a perfect prediction.
+BEST_VALUE = {m: (1.0 if m in HIGHER_IS_BETTER else 0.0) for m in FIT_METRICS}
 
 
 def _rows(x) -> np.ndarray:
@@ -191,3 +193,45 @@ def fit_metrics(
         else:
             out[m] = _FUNCTIONS[m](pred, truth)
     return out
+
+
+class ProfilePair:
+    """Predicted and observed profiles of one aggregation (one row per group, same order).
+
+    Row ranks (for spearman) are computed at most once and shared by every metric that
+    reads them (fit and rank metrics alike); pass them when already known.
+    """
+
+    def __init__(
+        self,
+        pred: np.ndarray,
+        truth: np.ndarray,
+        *,
+        pred_ranks: np.ndarray | None = None,
+        truth_ranks: np.ndarray | None = None,
+    ) -> None:
+        self.pred = pred
+        self.truth = truth
+        self._pred_ranks = pred_ranks
+        self._truth_ranks = truth_ranks
+
+    @property
+    def pred_ranks(self) -> np.ndarray:
+        if self._pred_ranks is None:
+            self._pred_ranks = rank_rows(self.pred)
+        return self._pred_ranks
+
+    @property
+    def truth_ranks(self) -> np.ndarray:
+        if self._truth_ranks is None:
+            self._truth_ranks = rank_rows(self.truth)
+        return self._truth_ranks
+
+
+def pair_metric(metric: str, pair: ProfilePair) -> np.ndarray:
+    """One fit metric of every row of a :class:`ProfilePair` (the registry's compute)."""
+    if metric == "spearman":
+        return spearman(
+            pair.pred, pair.truth, pred_ranks=pair.pred_ranks, truth_ranks=pair.truth_ranks
+        )
+    return _FUNCTIONS[metric](pair.pred, pair.truth)

@@ -10,14 +10,39 @@ perturbation j::
 0 is perfect; a model predicting the same profile for every perturbation scores exactly
 (N - 1) / (2N). Identical prediction rows are computed once and share one distance row,
 so such ties are exact rather than at the mercy of floating-point round-off.
+
+How the N x N matrices are shared (the cost model, see docs/metrics.md): every distance
+kind is built from per-row quantities (squared norms, unit rows, centred unit rows, row
+ranks) kept by :class:`ProfileOperands`; rmse, mse and r2 share one Gram product per
+block; the observed profiles (and their ranks, which fit and rank metrics share) are
+made once per block and aggregation and reused by the model, the baselines and the
+ceiling; a prediction repeating one profile (``no_change``) costs one row. Matrices are
+evaluated in column blocks of at most :data:`DISTANCE_BLOCK_ELEMENTS` entries, one
+family of kinds at a time, so memory stays ~ N x genes + N x block instead of several
+N^2 matrices. Time ~ N^2 x genes per kind and aggregation (BLAS products; ``mae`` is a
+non-BLAS L1 loop, the largest term).
+
+A matrix of at most :data:`DISTANCE_BLOCK_ELEMENTS` entries (N <= 2048) is computed in one
+piece. Column blocks change how BLAS sums a product, so a distance may differ in its last
+bits from the one-piece value; that can move a rank only between two distances equal to
+about 1e-15, i.e. exact mathematical ties between different predictions (possible for
+Spearman on few genes), which no floating-point matrix product resolves reliably anyway.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
 from scipy.spatial.distance import cdist
 
-from pertbench.metrics.fit import FIT_METRICS, is_constant, rank_rows, unit_rows
+from pertbench.metrics.fit import FIT_METRICS, ProfilePair, is_constant, rank_rows, unit_rows
+
+#: Distance kinds of the rank family (one per fit metric).
+DISTANCE_KINDS = FIT_METRICS
+#: Entries of one column block of a distance matrix (N rows x block columns); a
+#: matrix of at most this size is computed in one piece.
+DISTANCE_BLOCK_ELEMENTS = 1 << 22
 
 
 def rank_scores(D: np.ndarray) -> np.ndarray:
@@ -41,7 +66,14 @@ def rank_scores(D: np.ndarray) -> np.ndarray:
     n = D.shape[0]
     if n < 2:
         return np.full(n, np.nan)
-    diag = np.diag(D)[None, :]
+    return _column_ranks(D, 0)
+
+
+def _column_ranks(D: np.ndarray, first: int) -> np.ndarray:
+    """Ranks of columns ``first .. first + D.shape[1]`` of an (N, N) matrix, given as the
+    (N, width) block of those columns."""
+    n, width = D.shape
+    diag = D[first + np.arange(width), np.arange(width)][None, :]
     less = (D < diag).sum(axis=0)
     equal = (D == diag).sum(axis=0) - 1  # minus the diagonal itself
     return (less + 0.5 * equal) / n
@@ -49,12 +81,23 @@ def rank_scores(D: np.ndarray) -> np.ndarray:
 
 def _dedupe(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Unique rows (in order of first appearance), the index of each row among them and
-    the position of each unique row's first appearance."""
+    the position of each unique row's first appearance.
+
+    Rows are told apart by a hash of their bytes (no copy of the matrix); rows sharing a
+    hash are compared value by value, so a collision can never merge different rows.
+    """
     import pandas as pd
 
     rows = np.ascontiguousarray(rows)
-    codes, _ = pd.factorize(np.array([r.tobytes() for r in rows], dtype=object))
+    hashes = np.fromiter((hash(r.tobytes()) for r in rows), dtype=np.int64, count=len(rows))
+    codes, _ = pd.factorize(hashes)
     _, first = np.unique(codes, return_index=True)
+    repeated = np.flatnonzero(first[codes] != np.arange(len(rows)))
+    if repeated.size and not (rows[repeated] == rows[first[codes[repeated]]]).all():
+        codes, _ = pd.factorize(np.array([r.tobytes() for r in rows], dtype=object))
+        _, first = np.unique(codes, return_index=True)
+    if first.size == len(rows):  # all distinct: no copy
+        return rows, codes, first
     return rows[first], codes, first
 
 
@@ -69,54 +112,185 @@ def single_threaded_blas():
     return threadpool_limits(limits=1, user_api="blas")
 
 
-def _similarity_matrix(P: np.ndarray, T: np.ndarray, *, center: bool) -> np.ndarray:
-    """Pairwise cosine (or, centred, pearson) similarity with the degenerate conventions."""
-    p, p_deg = unit_rows(P, center=center)
-    t, t_deg = unit_rows(T, center=center)
-    S = np.clip(p @ t.T, -1.0, 1.0)
+class ProfileOperands:
+    """A profile matrix (one row per perturbation) and its per-row quantities.
+
+    Each quantity (squared norms, unit rows, centred unit rows, row ranks and their
+    centred unit rows, total sum of squares, constant-row mask) is computed on first use
+    and kept, so every distance kind and every prediction compared with these rows
+    shares it. :meth:`take` selects rows (and keeps what was computed): the truth side of
+    a covariate block is prepared once and restricted to each prediction's scored groups.
+    """
+
+    def __init__(self, M: np.ndarray, *, ranks: np.ndarray | None = None) -> None:
+        self.M = np.atleast_2d(np.asarray(M, dtype=np.float64))
+        self._cache: dict[str, object] = {}
+        if ranks is not None:
+            self._cache["ranks"] = np.asarray(ranks)
+
+    @property
+    def n(self) -> int:
+        return int(self.M.shape[0])
+
+    def get(self, key: str):
+        if key not in self._cache:
+            M = self.M
+            if key == "sq":
+                value = np.einsum("ij,ij->i", M, M)
+            elif key == "unit":
+                value = unit_rows(M, center=False)
+            elif key == "centred":
+                value = unit_rows(M, center=True)
+            elif key == "ranks":
+                value = rank_rows(M)
+            elif key == "unit_ranks":
+                value = unit_rows(self.get("ranks"), center=True)
+            elif key == "sst":
+                centred = M - M.mean(axis=1, keepdims=True)
+                value = np.einsum("ij,ij->i", centred, centred)
+            elif key == "flat":
+                value = is_constant(M)
+            else:  # pragma: no cover - programming error
+                raise KeyError(key)
+            self._cache[key] = value
+        return self._cache[key]
+
+    def take(self, rows) -> ProfileOperands:
+        """The same operands restricted to ``rows`` (an index array, or a slice: then views,
+        no copy); what is computed on the result afterwards stays with the result."""
+        out = ProfileOperands.__new__(ProfileOperands)
+        out.M = self.M[rows]
+        out._cache = {
+            key: tuple(v[rows] for v in value) if isinstance(value, tuple) else value[rows]
+            for key, value in self._cache.items()
+        }
+        return out
+
+
+def _similarity(p: tuple, t: tuple) -> np.ndarray:
+    """Pairwise similarity of unit rows with the degenerate-row conventions."""
+    (pu, p_deg), (tu, t_deg) = p, t
+    S = np.clip(pu @ tu.T, -1.0, 1.0)
     S[p_deg, :] = 0.0
     S[:, t_deg] = 0.0
     S[np.ix_(p_deg, t_deg)] = 1.0
     return S
 
 
-def _sse_matrix(P: np.ndarray, T: np.ndarray) -> np.ndarray:
-    sq_p = np.einsum("ij,ij->i", P, P)[:, None]
-    sq_t = np.einsum("ij,ij->i", T, T)[None, :]
-    return np.maximum(sq_p + sq_t - 2.0 * (P @ T.T), 0.0)
+def _cityblock(U: np.ndarray, T: np.ndarray, n_jobs: int) -> np.ndarray:
+    """L1 distances of all row pairs; rows of ``U`` split across threads (scipy releases
+    the GIL; every entry is the same sum whatever the split, so results do not depend on
+    ``n_jobs``)."""
+    if n_jobs <= 1 or U.shape[0] < 2 * _MIN_ROWS_PER_THREAD:
+        return cdist(U, T, metric="cityblock")
+    from concurrent.futures import ThreadPoolExecutor
+
+    parts = np.array_split(np.arange(U.shape[0]), min(n_jobs, U.shape[0] // _MIN_ROWS_PER_THREAD))
+    with ThreadPoolExecutor(max_workers=len(parts)) as pool:
+        return np.vstack(list(pool.map(lambda rows: cdist(U[rows], T, metric="cityblock"), parts)))
 
 
-def _distances(U: np.ndarray, T: np.ndarray, metric: str, cache: dict) -> np.ndarray:
-    """Distance matrix between unique prediction rows ``U`` and observed rows ``T``."""
-    n_genes = max(U.shape[1], 1)
-    if metric in ("rmse", "mse", "r2"):
-        if "sse" not in cache:
-            cache["sse"] = _sse_matrix(U, T)
-        sse = cache["sse"]
-        if metric == "mse":
+_MIN_ROWS_PER_THREAD = 64
+
+
+def _block_distance(U: ProfileOperands, T: ProfileOperands, kind: str, shared: dict) -> np.ndarray:
+    """Distance matrix (unique predictions x observed rows) of one kind; ``shared``
+    carries the Gram-based squared errors between the kinds of the same block."""
+    n_genes = max(U.M.shape[1], 1)
+    if kind in ("rmse", "mse", "r2"):
+        if "sse" not in shared:
+            sq_p = U.get("sq")[:, None]
+            sq_t = T.get("sq")[None, :]
+            shared["sse"] = np.maximum(sq_p + sq_t - 2.0 * (U.M @ T.M.T), 0.0)
+        sse = shared["sse"]
+        if kind == "mse":
             return sse / n_genes
-        if metric == "rmse":
+        if kind == "rmse":
             return np.sqrt(sse / n_genes)
-        centred = T - T.mean(axis=1, keepdims=True)
-        sst = np.einsum("ij,ij->i", centred, centred)
-        flat = is_constant(T)
+        flat = T.get("flat")
         with np.errstate(invalid="ignore", divide="ignore"):
-            r2 = 1.0 - sse / np.where(flat, 1.0, sst)[None, :]
+            r2 = 1.0 - sse / np.where(flat, 1.0, T.get("sst"))[None, :]
         if flat.any():  # constant truth: r2 = 1 for an exact prediction, else 0
-            exact = (U[:, None, :] == T[None, flat, :]).all(axis=2)
+            exact = (U.M[:, None, :] == T.M[None, flat, :]).all(axis=2)
             r2[:, flat] = np.where(exact, 1.0, 0.0)
         return -r2
-    if metric == "mae":
-        return cdist(U, T, metric="cityblock") / n_genes
-    if metric == "cosine":
-        return -_similarity_matrix(U, T, center=False)
-    if metric == "pearson":
-        return -_similarity_matrix(U, T, center=True)
-    if metric == "spearman":
-        u_ranks = cache["u_ranks"] if "u_ranks" in cache else rank_rows(U)
-        t_ranks = cache["t_ranks"] if "t_ranks" in cache else rank_rows(T)
-        return -_similarity_matrix(u_ranks, t_ranks, center=True)
-    raise ValueError(f"unknown metric '{metric}' for a distance matrix; use one of {FIT_METRICS}")
+    if kind == "mae":
+        return _cityblock(U.M, T.M, shared.get("n_jobs", 1)) / n_genes
+    if kind == "cosine":
+        return -_similarity(U.get("unit"), T.get("unit"))
+    if kind == "pearson":
+        return -_similarity(U.get("centred"), T.get("centred"))
+    if kind == "spearman":
+        return -_similarity(U.get("unit_ranks"), T.get("unit_ranks"))
+    raise ValueError(f"unknown distance kind '{kind}'; use one of {', '.join(DISTANCE_KINDS)}")
+
+
+def rank_family(
+    pred: np.ndarray,
+    truth: ProfileOperands,
+    kinds: Iterable[str],
+    *,
+    pred_ranks: np.ndarray | None = None,
+    block_elements: int = DISTANCE_BLOCK_ELEMENTS,
+    n_jobs: int = 1,
+) -> dict[str, np.ndarray]:
+    """Column ranks of several distance kinds between predictions and observations.
+
+    Parameters
+    ----------
+    pred
+        (N, n_genes) predicted profiles of the N perturbations of ONE covariate block.
+    truth
+        Their observed profiles (row i = the same perturbation), as operands that may be
+        shared with other predictions of the same block.
+    kinds
+        Distance kinds (:data:`DISTANCE_KINDS`).
+    pred_ranks
+        Row ranks of ``pred`` when already computed (spearman).
+    block_elements
+        Entries of one column block; all kinds are evaluated block by block.
+    n_jobs
+        Threads for the L1 distances of ``mae`` (the only non-BLAS kernel); BLAS runs
+        single-threaded. The ranks do not depend on it.
+
+    Returns
+    -------
+    dict
+        kind -> (N,) ranks (NaN when N < 2).
+    """
+    kinds = list(dict.fromkeys(kinds))
+    P = np.atleast_2d(np.asarray(pred, dtype=np.float64))
+    if P.shape != truth.M.shape:
+        raise ValueError(f"pred {P.shape} and truth {truth.M.shape} must have the same shape")
+    n = P.shape[0]
+    if n < 2:
+        return {k: np.full(n, np.nan) for k in kinds}
+    unique, inverse, first = _dedupe(P)
+    u_ranks = None if pred_ranks is None else np.asarray(pred_ranks)[first]
+    width = max(1, int(block_elements) // n)
+    out = {k: np.empty(n) for k in kinds}
+    families: dict[str, list[str]] = {}
+    for kind in kinds:  # kinds sharing one matrix (rmse, mse, r2) are evaluated together
+        families.setdefault(_FAMILY.get(kind, kind), []).append(kind)
+    with single_threaded_blas():
+        for members in families.values():
+            # the prediction's operands of this family only: memory stays ~ one (N, genes)
+            U = ProfileOperands(unique, ranks=u_ranks)
+            for lo in range(0, n, width):
+                cols = slice(lo, min(lo + width, n))
+                T = truth.take(cols)  # a view; its block operands are dropped after use
+                shared: dict = {"n_jobs": int(n_jobs)}
+                for kind in members:
+                    D = _block_distance(U, T, kind, shared)
+                    if unique.shape[0] != n:  # repeated predictions share one row
+                        D = D[inverse]
+                    out[kind][cols] = _column_ranks(D, lo)
+                    del D
+    return out
+
+
+#: Kinds computed from the same matrix.
+_FAMILY = {"rmse": "sse", "mse": "sse", "r2": "sse"}
 
 
 def distance_matrix(pred: np.ndarray, truth: np.ndarray, metric: str) -> np.ndarray:
@@ -126,10 +300,9 @@ def distance_matrix(pred: np.ndarray, truth: np.ndarray, metric: str) -> np.ndar
     pearson, spearman, r2) its negative, so smaller is always closer.
     """
     P = np.atleast_2d(np.asarray(pred, dtype=np.float64))
-    T = np.atleast_2d(np.asarray(truth, dtype=np.float64))
-    U, inverse, _ = _dedupe(P)
+    unique, inverse, _ = _dedupe(P)
     with single_threaded_blas():
-        return _distances(U, T, metric, {})[inverse]
+        return _block_distance(ProfileOperands(unique), ProfileOperands(truth), metric, {})[inverse]
 
 
 def rank_metrics(
@@ -148,7 +321,7 @@ def rank_metrics(
         (N, n_genes) aggregates of the N perturbations of ONE covariate combination, row
         i of both describing the same perturbation.
     metrics
-        Fit metric names; ``rmse``, ``mse`` and ``r2`` share one distance computation.
+        Fit metric names; all share one pass (see :func:`rank_family`).
     pred_ranks, truth_ranks
         Row ranks (:func:`pertbench.metrics.fit.rank_rows`) when already computed.
 
@@ -157,21 +330,11 @@ def rank_metrics(
     dict
         metric -> (N,) ranks (NaN when N < 2).
     """
+    T = ProfileOperands(truth, ranks=truth_ranks)
     P = np.atleast_2d(np.asarray(pred, dtype=np.float64))
-    T = np.atleast_2d(np.asarray(truth, dtype=np.float64))
-    if P.shape != T.shape:
-        raise ValueError(f"pred {P.shape} and truth {T.shape} must have the same shape")
-    n = P.shape[0]
-    if n < 2:
-        return {m: np.full(n, np.nan) for m in metrics}
-    U, inverse, first = _dedupe(P)
-    cache: dict = {}
-    if pred_ranks is not None:
-        cache["u_ranks"] = np.asarray(pred_ranks)[first]
-    if truth_ranks is not None:
-        cache["t_ranks"] = np.asarray(truth_ranks)
-    with single_threaded_blas():
-        return {m: rank_scores(_distances(U, T, m, cache)[inverse]) for m in metrics}
+    if P.shape != T.M.shape:
+        raise ValueError(f"pred {P.shape} and truth {T.M.shape} must have the same shape")
+    return rank_family(P, T, metrics, pred_ranks=pred_ranks)
 
 
 def similarity_matrix(profiles: np.ndarray) -> np.ndarray:
@@ -182,17 +345,41 @@ def similarity_matrix(profiles: np.ndarray) -> np.ndarray:
     """
     P = np.atleast_2d(np.asarray(profiles, dtype=np.float64))
     with single_threaded_blas():
-        return _similarity_matrix(P, P, center=False)
+        return _similarity(unit_rows(P), unit_rows(P))
 
 
-def matrix_distance(pred_logfc: np.ndarray, truth_logfc: np.ndarray) -> float:
+def matrix_distance(
+    pred_logfc: np.ndarray,
+    truth_logfc: np.ndarray,
+    *,
+    block_elements: int = DISTANCE_BLOCK_ELEMENTS,
+) -> float:
     """Frobenius norm of S_pred - S_true, the pairwise cosine similarities of logfc profiles.
 
     PerturBench appendix C.1; computed over the N perturbations of one covariate
     combination. NaN when N < 2 (a 1 x 1 similarity matrix carries no information).
+    Above ``block_elements`` entries the two matrices are built in row blocks.
     """
     P = np.atleast_2d(np.asarray(pred_logfc, dtype=np.float64))
     T = np.atleast_2d(np.asarray(truth_logfc, dtype=np.float64))
-    if P.shape[0] < 2:
+    n = P.shape[0]
+    if n < 2:
         return float("nan")
-    return float(np.linalg.norm(similarity_matrix(P) - similarity_matrix(T)))
+    if n * n <= block_elements:
+        return float(np.linalg.norm(similarity_matrix(P) - similarity_matrix(T)))
+    p_unit, t_unit = unit_rows(P), unit_rows(T)
+    step = max(1, int(block_elements) // n)
+    total = 0.0
+    with single_threaded_blas():
+        for lo in range(0, n, step):
+            rows = slice(lo, min(lo + step, n))
+            diff = _similarity(tuple(v[rows] for v in p_unit), p_unit) - _similarity(
+                tuple(v[rows] for v in t_unit), t_unit
+            )
+            total += float(np.einsum("ij,ij->", diff, diff))
+    return float(np.sqrt(total))
+
+
+def pair_matrix_distance(pair: ProfilePair) -> float:
+    """:func:`matrix_distance` of a block's logfc :class:`ProfilePair` (the registry's compute)."""
+    return matrix_distance(pair.pred, pair.truth)

@@ -32,7 +32,7 @@ import scipy.sparse as sp
 
 from pertbench.data.groups import group_cells
 from pertbench.data.keys import PerturbationKeys
-from pertbench.data.ondisk import OnDiskData, is_on_disk, open_h5ad
+from pertbench.data.ondisk import OnDiskData, RowReader, is_on_disk, open_h5ad
 from pertbench.data.splits import LEFT_OUT, SPLIT_NAMES, check_split_values
 from pertbench.errors import (
     ConfigError,
@@ -58,6 +58,22 @@ if TYPE_CHECKING:
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "weights.pt"
 EpochCallback = Callable[[int, Mapping[str, float]], None]
+
+
+@dataclass
+class TrainingCells:
+    """Training cells whose expression ``X`` is read by rows (a
+    :class:`~pertbench.data.ondisk.RowReader`): what a model with ``streams_training`` gets
+    in ``_fit`` in place of an AnnData (obs and X only) when it learns from a file on disk
+    (:meth:`PerturbationModel.fit_from_reader`, or :meth:`~PerturbationModel.fit` given a
+    file)."""
+
+    obs: pd.DataFrame
+    X: Any
+
+    @property
+    def n_obs(self) -> int:
+        return len(self.obs)
 
 
 @dataclass
@@ -133,6 +149,9 @@ class PerturbationModel(ABC):
     #: False when the prediction of a cell depends on the other cells of the request (or
     #: the model keeps state about the whole request): then it is predicted in one chunk.
     chunked_prediction: ClassVar[bool] = True
+    #: True for models whose training reads ``train.X`` only by rows (group statistics),
+    #: so that they can be fitted from a file on disk (:meth:`fit_from_reader`).
+    streams_training: ClassVar[bool] = False
 
     def __init__(self, *, keys: PerturbationKeys | None = None, **params: Any) -> None:
         self.keys = keys if keys is not None else PerturbationKeys()
@@ -291,11 +310,43 @@ class PerturbationModel(ABC):
         """Learn from cells of an on-disk dataset (rows of the file).
 
         The default reads the train and val cells into memory and calls :meth:`_fit`;
-        models that stream (every neural model) override it.
+        a model that learns from group statistics only (``streams_training``) gets its
+        training cells read chunk by chunk, as in :meth:`fit_from_reader`; models that
+        stream batches (every neural model) override it.
         """
+        if self.streams_training:
+            self._fit(_training_cells(data.obs, RowReader(data.X), train_rows), None, context)
+            return
         train = data.to_memory(train_rows)
         val = data.to_memory(val_rows) if val_rows.size else None
         self._fit(train, val, context)
+
+    def fit_from_reader(
+        self, adata: ad.AnnData, split: pd.Series | None, reader: Any, *, seed: int = 0
+    ) -> PerturbationModel:
+        """Fit like :meth:`fit` (on CPU, without validation cells), reading expression by rows.
+
+        Parameters
+        ----------
+        adata
+            Gives obs and var (it may be backed, or have no X).
+        split
+            As for :meth:`fit`.
+        reader
+            A :class:`~pertbench.data.ondisk.RowReader` of ``adata``'s expression over its
+            genes (e.g. a file on disk): training cells are read from it chunk by chunk.
+        """
+        if not self.streams_training:
+            raise ModelError(
+                f"model '{self.name}' cannot be trained from rows read on demand; "
+                "load the data in memory and call fit()"
+            )
+        train_mask, _ = self._begin_fit(adata, split, seed=seed, device="cpu")
+        train = _training_cells(adata.obs, reader, np.flatnonzero(train_mask))
+        start = time.perf_counter()
+        self._fit(train, None, FitContext(seed=self.seed, device=self.device, progress=False))
+        self.fit_seconds = time.perf_counter() - start
+        return self
 
     @abstractmethod
     def _fit(self, train: ad.AnnData, val: ad.AnnData | None, context: FitContext) -> None:
@@ -672,6 +723,10 @@ def _opened(adata: Any, keys: PerturbationKeys) -> Iterator[Any]:
     finally:
         if data is not adata:
             data.close()
+
+
+def _training_cells(obs: pd.DataFrame, reader: RowReader, rows: np.ndarray) -> TrainingCells:
+    return TrainingCells(obs=obs.iloc[rows], X=reader.subset(rows))
 
 
 def _covariates_without_controls(obs: pd.DataFrame, keys: PerturbationKeys) -> list[str]:

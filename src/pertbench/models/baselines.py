@@ -55,7 +55,12 @@ class _AnalyticBaseline(PerturbationModel):
     They do not use the learned category encoding at prediction time, so requests with
     perturbations or covariate values unseen in training are accepted wherever the
     baseline's definition still applies (see :meth:`can_predict`).
+
+    They learn from group statistics of ``train.X`` only, so they can be fitted from a
+    file on disk (:meth:`~pertbench.models.base.PerturbationModel.fit_from_reader`).
     """
+
+    streams_training = True
 
     def prepare_inputs(self, counterfactual: ad.AnnData) -> PredictionInputs:
         self._require_fitted()

@@ -103,6 +103,8 @@ class _EmbeddingBaseline(_AnalyticBaseline):
     """Shared part: the gene embedding, perturbation vectors, predictability, persistence."""
 
     input_kind = "expression"
+    #: Embeddings read var/varm of the training data, not only group statistics.
+    streams_training = False
 
     def __init__(self, *, keys=None, **params: Any) -> None:
         super().__init__(keys=keys, **params)

@@ -48,20 +48,15 @@ HEADLINE_METRICS = (
     "jaccard_top100",
 )
 MAX_HEADLINE = 6
-_HIGHER_IS_BETTER = ("pearson", "spearman", "cosine", "r2", "jaccard", "overlap", "direction")
 
 
-def lower_is_better(metric: str) -> bool:
-    """Direction of a metric, from the metric catalogue (name heuristics for others)."""
-    from pertbench.errors import ConfigError
-    from pertbench.metrics.catalog import higher_is_better
+def lower_is_better(metric: str) -> bool | None:
+    """Direction of a metric from the metric registry (plug-ins included); ``None`` for a
+    name the registry does not know (then no arrow and no best value is shown)."""
+    from pertbench.metrics.catalog import direction
 
-    try:
-        return not higher_is_better(metric)
-    except ConfigError:  # a user's metric outside the catalogue
-        if "rank" in metric:
-            return True
-        return not any(metric.startswith(prefix) for prefix in _HIGHER_IS_BETTER)
+    found = direction(metric)
+    return None if found is None else found == "lower"
 
 
 def esc(value: Any) -> str:
@@ -223,17 +218,18 @@ def _summary_table(
     header = [
         '<th class="label">dataset</th><th class="label">task</th><th class="label">model</th>'
     ]
+    arrows = {True: " ↓", False: " ↑", None: ""}
     for metric in metrics:
-        arrow = "↓" if lower_is_better(metric) else "↑"
-        header.append(f"<th>{esc(metric)} {arrow}</th>")
+        header.append(f"<th>{esc(metric)}{arrows[lower_is_better(metric)]}</th>")
     rows = []
     for (dataset, task), block in full.groupby(["dataset", "task"], sort=False):
         best: dict[str, float] = {}
         for metric in metrics:
             scored = block[(block["metric"] == metric) & (block["model"] != CEILING)]
             values = scored["mean"].dropna()
-            if len(values):
-                best[metric] = values.min() if lower_is_better(metric) else values.max()
+            lower = lower_is_better(metric)
+            if len(values) and lower is not None:
+                best[metric] = values.min() if lower else values.max()
         for model in [m for m in models_order if m in set(block["model"])]:
             cells = []
             for metric in metrics:
