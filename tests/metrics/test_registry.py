@@ -62,14 +62,20 @@ def plugin(tmp_path, monkeypatch):
 
 def test_every_builtin_spec_is_valid_and_self_consistent():
     cat = catalog.catalogue(top_k=20)
-    assert len(cat) == 5 * 7 * 2 + 1 + 4 + 3
+    # fit and rank on 5 aggregations, matrix_distance, 4 DE, 3 distribution, and the
+    # reference family: 4 centroid deltas, centroid_accuracy, systematic_variation
+    assert len(cat) == 5 * 7 * 2 + 1 + 4 + 3 + 6
     for spec in cat.values():
         spec.check()
-        assert spec.source == "pertbench" and spec.reference == "control"
+        centroid = spec.family == "reference" and spec.name != "centroid_accuracy"
+        assert spec.source == "pertbench"
+        assert spec.reference == ("centroid" if centroid else "control")
+        assert spec.diagnostic == (spec.name == "systematic_variation")
         if spec.best is not None and spec.family == "fit":
             assert spec.best == (1.0 if spec.higher_is_better else 0.0)
     assert cat["jaccard_top20"].needs == "de" and cat["cosine_rank_logfc"].distance == "cosine"
     assert catalog.direction("normalized/rmse_average") == "higher"
+    assert catalog.direction("normalized_best/rmse_average") == "higher"
     assert catalog.direction("no_change/pearson_delta") == "higher"
     assert catalog.direction("jaccard_top7") == "higher"  # any k
     assert catalog.direction("not_a_metric") is None
@@ -215,7 +221,7 @@ def test_block_metrics_see_every_group_of_their_covariate_block(make_toy):
             mean = np.asarray(pred.X[(pred.obs["condition"] == p).to_numpy()], np.float64).mean(0)
             expected = np.sqrt(((mean - centroid) ** 2).mean())
             assert table.loc[p, "rmse_to_train_centroid"] == pytest.approx(expected, rel=1e-6)
-        with pytest.raises(ConfigError, match="reserved"):
+        with pytest.raises(ConfigError, match="all_groups=True"):
             MetricSpec("x", "toy", "x", "delta", reference="centroid", compute=max).check()
     finally:
         catalog.unregister_metric("rmse_to_train_centroid")

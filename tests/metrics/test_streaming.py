@@ -139,8 +139,9 @@ def test_streamed_chunked_blocks_equal_in_memory_with_every_family(simulated_fil
     ).run()
     assert_same_result(memory, chunked)
     blocks = memory.per_covariate.groupby("model").size()
-    # model, 3 baselines, ceiling, replicate agreement x 6 blocks
-    assert len(blocks) == 6 and (blocks == 6).all()
+    # model, 4 baselines (combinations: additive_within too), ceiling, replicate
+    # agreement x 6 blocks
+    assert len(blocks) == 7 and (blocks == 6).all()
     table = memory.per_group[memory.per_group["model"] == "model"]
     assert np.isfinite(table[["edistance", "mmd", "mean_var_kde"]].to_numpy()).all()
     ceiling = memory.per_group[memory.per_group["model"] == "ceiling"]

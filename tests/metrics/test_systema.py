@@ -1,6 +1,7 @@
 """Systema's reference-aware metrics against direct numpy computations."""
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from pertbench.metrics.fit import pearson
@@ -98,3 +99,58 @@ def test_pooled_means_weight_splits_by_cells_and_drop_controls():
     )
     assert names.tolist() == ["A", "B"]
     np.testing.assert_allclose(avg, [[2.5, 1.5], [5.0, 5.0]])
+
+
+# ---------------------------------------------------------------------------------------
+# In the evaluator
+# ---------------------------------------------------------------------------------------
+def _means(adata, mask):
+    X = adata.X[np.asarray(mask)]
+    X = X.toarray() if hasattr(X, "toarray") else np.asarray(X)
+    return X.astype(np.float64).mean(axis=0)
+
+
+def test_evaluator_centroid_uses_every_perturbation_of_the_covariate(make_toy):
+    from pertbench.data import make_split
+    from pertbench.metrics import Evaluator
+
+    truth = make_toy(n_covariates=2, n_perturbations=5, n_genes=30)
+    obs = truth.obs
+    split = make_split(truth.obs_names, "train")
+    held = (obs["cell_type"] == "C1").to_numpy() & obs["condition"].isin(
+        ["P0", "P1", "P2"]
+    ).to_numpy()
+    split[held] = "test"
+    pred = truth[held].copy()
+    rng = np.random.default_rng(1)
+    dense = pred.X.toarray()
+    pred.X = np.maximum(dense + rng.normal(scale=0.3, size=dense.shape), 0).astype(np.float32)
+    res = Evaluator(
+        truth, pred, split=split, metrics="reference", baselines=True, n_bootstrap=50
+    ).run()
+    table = res.per_group.set_index(["model", "condition"])
+    in_c1 = (obs["cell_type"] == "C1").to_numpy()
+    perts = ["P0", "P1", "P2", "P3", "P4"]  # P3, P4 are training groups: still in r
+    r = np.mean([_means(truth, in_c1 & (obs["condition"] == p).to_numpy()) for p in perts], axis=0)
+    ctrl = _means(truth, in_c1 & (obs["condition"] == "control").to_numpy())
+    tested = ["P0", "P1", "P2"]
+    t = np.array([_means(truth, in_c1 & (obs["condition"] == p).to_numpy()) for p in tested])
+    p_ = np.array([_means(pred, (pred.obs["condition"] == q).to_numpy()) for q in tested])
+    for i, q in enumerate(tested):
+        row = table.loc[("model", q)]
+        assert row["pearson_delta_centroid"] == pytest.approx(
+            np.corrcoef(p_[i] - r, t[i] - r)[0, 1], rel=1e-5
+        )
+        cos = (t[i] - ctrl) @ (r - ctrl) / np.linalg.norm(t[i] - ctrl) / np.linalg.norm(r - ctrl)
+        assert row["systematic_variation"] == pytest.approx(cos, rel=1e-5)
+        d = np.linalg.norm(p_[i][None, :] - t, axis=1)
+        assert row["centroid_accuracy"] == pytest.approx(np.mean(np.delete(d, i) > d[i]))
+    # the diagnostic is the same for every source and never normalised
+    sv = res.per_group.groupby("model")["systematic_variation"].mean()
+    assert np.allclose(sv.to_numpy(), sv.iloc[0])
+    cal = res.calibration.set_index("metric")
+    assert np.isnan(cal.loc["systematic_variation", "normalized_best"])
+    assert pd.isna(cal.loc["systematic_variation", "beats_baselines"])
+    # single perturbations only: additive_within is not one of "every baseline"
+    assert "additive_within" not in res.settings["baselines"]
+    assert cal.loc["centroid_accuracy", "best_baseline"] in res.settings["baselines"]

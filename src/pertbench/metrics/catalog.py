@@ -55,13 +55,15 @@ from pertbench.errors import ConfigError
 from pertbench.metrics.aggregations import AGGREGATIONS, DEFAULT_AGGREGATIONS
 from pertbench.metrics.fit import FIT_METRICS, HIGHER_IS_BETTER
 
-FAMILIES = ("fit", "rank", "de", "distribution")
+FAMILIES = ("fit", "rank", "de", "distribution", "reference")
 DISTRIBUTION_METRICS = ("edistance", "mmd", "mean_var_kde")
 NEEDS = ("profiles", "moments", "de", "cells", "distances", "covariate", "block")
-#: What delta-type metrics are taken against. ``control`` is the only one computed today;
-#: ``centroid`` (Systema's mean perturbation profile) is reserved for reference-aware metrics.
+#: What delta-type metrics are taken against: the covariate's controls, or ``centroid``
+#: (Systema's mean perturbation profile; needs="block" with all_groups=True).
 REFERENCES = ("control", "centroid")
-COMPUTED_REFERENCES = ("control",)
+COMPUTED_REFERENCES = ("control", "centroid")
+#: Fit measures offered against the centroid (errors do not depend on the reference).
+CENTROID_METRICS = ("cosine", "pearson", "spearman", "r2")
 ENTRY_POINT_GROUP = "pertbench.metrics"
 
 
@@ -101,6 +103,9 @@ class MetricSpec:
     all_groups
         The metric reads the observed aggregates of every group of its covariate block,
         whatever the split (:attr:`BlockView.all_groups`); they are computed only then.
+    diagnostic
+        A property of the data (the same for every source, e.g. ``systematic_variation``):
+        reported, never normalised nor compared with baselines.
     description
         One line for the catalogue.
     source
@@ -119,6 +124,7 @@ class MetricSpec:
     compute: Callable[..., Any] | None = field(default=None, compare=False, repr=False)
     distance: str | None = None
     all_groups: bool = False
+    diagnostic: bool = False
     description: str = ""
     source: str = "pertbench"
 
@@ -140,10 +146,10 @@ class MetricSpec:
                 f"metric '{self.name}' has reference {self.reference!r}; use one of "
                 f"{', '.join(REFERENCES)}"
             )
-        if self.reference not in COMPUTED_REFERENCES:
+        if self.reference == "centroid" and not (self.needs == "block" and self.all_groups):
             raise ConfigError(
-                f"metric '{self.name}': reference '{self.reference}' is reserved and not "
-                "computed yet; compute it with needs='block' and all_groups=True"
+                f"metric '{self.name}': reference 'centroid' is computed from every group "
+                "of the covariate block; use needs='block' and all_groups=True"
             )
         if self.needs == "distances":
             from pertbench.metrics.rank import DISTANCE_KINDS
@@ -267,7 +273,62 @@ def _builtin_specs(top_k: int) -> tuple[MetricSpec, ...]:
                 description="distance between predicted and observed cell distributions",
             )
         )
+    specs.extend(_reference_specs())
     return tuple(specs)
+
+
+def _reference_specs() -> list[MetricSpec]:
+    """Systema's reference-aware metrics (family ``reference``)."""
+    from pertbench.metrics import systema
+
+    specs = [
+        MetricSpec(
+            f"{m}_delta_centroid",
+            "reference",
+            m,
+            "delta",
+            m in HIGHER_IS_BETTER,
+            needs="block",
+            reference="centroid",
+            all_groups=True,
+            compute=partial(systema.block_delta_centroid, m),
+            best=1.0,
+            description=f"{m} of the predicted vs observed profile, both taken from the "
+            "centroid of the covariate's perturbations (Systema)",
+        )
+        for m in CENTROID_METRICS
+    ]
+    specs.append(
+        MetricSpec(
+            "centroid_accuracy",
+            "reference",
+            "centroid_accuracy",
+            "average",
+            True,
+            needs="block",
+            compute=systema.block_centroid_accuracy,
+            best=1.0,
+            description="share of the covariate's other perturbations whose observed "
+            "average is farther from the prediction than its own (1 best, 0.5 chance)",
+        )
+    )
+    specs.append(
+        MetricSpec(
+            "systematic_variation",
+            "reference",
+            "systematic_variation",
+            "delta",
+            False,
+            needs="block",
+            reference="centroid",
+            all_groups=True,
+            diagnostic=True,
+            compute=systema.block_systematic_variation,
+            description="data diagnostic: cos(truth - control, centroid - control), "
+            "the share of an effect that is the shift shared by all perturbations",
+        )
+    )
+    return specs
 
 
 # ---------------------------------------------------------------------------------------
@@ -390,7 +451,8 @@ def _family(cat: dict[str, MetricSpec], family: str, aggregations: Iterable[str]
 
 
 def _default_profile(cat: dict[str, MetricSpec]) -> list[str]:
-    return [n for fam in ("fit", "rank", "de") for n in _family(cat, fam, DEFAULT_AGGREGATIONS)]
+    families = ("fit", "rank", "de", "reference")
+    return [n for fam in families for n in _family(cat, fam, DEFAULT_AGGREGATIONS)]
 
 
 def _all_profile(cat: dict[str, MetricSpec]) -> list[str]:
@@ -513,10 +575,10 @@ def higher_is_better(name: str, *, top_k: int = 100) -> bool:
 
 
 def direction(name: str) -> str | None:
-    """``higher`` / ``lower`` (is better) for a metric name; ``normalized/<m>`` is higher;
+    """``higher`` / ``lower`` (is better) for a metric name; ``normalized/<m>`` and ``normalized_best/<m>`` are higher;
     ``<reference>/<m>`` follows ``m``; ``None`` for names outside the catalogue."""
     head, _, tail = name.partition("/")
     if tail:
-        return "higher" if head == "normalized" else direction(tail)
+        return "higher" if head in ("normalized", "normalized_best") else direction(tail)
     spec = metric_spec(name)
     return None if spec is None else spec.direction

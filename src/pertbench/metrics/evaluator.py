@@ -47,6 +47,7 @@ from pertbench.metrics.references import (
     BASELINE_CELL_BUDGET,
     BASELINES,
     CEILING,
+    COMBINATION_BASELINES,
     REPLICATE_AGREEMENT,
     BootstrapCeiling,
     CeilingEstimator,
@@ -116,7 +117,8 @@ class Evaluator:
     on
         Which split holds the evaluated groups (``test`` by default).
     baselines
-        ``True`` for all three baselines, a list of names, or ``False``.
+        ``True`` for every baseline of :data:`BASELINES` (``additive_within`` only when
+        combinations are evaluated), a list of names, or ``False``.
     ceiling
         Also estimate the noise ceiling: the expected score of a perfect model (one
         predicting each group's population profile) against the observed cells; ``True``
@@ -209,6 +211,7 @@ class Evaluator:
             raise ConfigError(f"on must be one of {', '.join(SPLIT_NAMES)}, got '{on}'")
         self.on = on
         self.split_arg = split
+        self._every_baseline = baselines is True
         if baselines is True:
             self.baselines = list(BASELINES)
         elif baselines is False or baselines is None:
@@ -268,6 +271,17 @@ class Evaluator:
             raise ConfigError(f"chunk_elements must be positive, got {chunk_elements}")
         self.chunk_elements = int(chunk_elements)
 
+    def _baselines_for(self, plan: EvaluationPlan) -> list[str]:
+        """The baselines of this run: with ``baselines=True``, additive_within only when
+        some evaluated group is a combination (on single perturbations it is
+        perturbation_mean measured in the same covariates, or that baseline itself)."""
+        if not self._every_baseline:
+            return list(self.baselines)
+        labels = plan.groups[self.keys.perturbation_key].astype(str)
+        if any(self.keys.is_combination(p) for p in pd.unique(labels)):
+            return list(self.baselines)
+        return [b for b in self.baselines if b not in COMBINATION_BASELINES]
+
     # -- public ------------------------------------------------------------------------
     def run(self) -> EvaluationResult:
         """Compute everything; see :class:`EvaluationResult`."""
@@ -291,6 +305,7 @@ class Evaluator:
             genes=self.genes_arg,
             skip_missing=self.skip_missing,
         )
+        baseline_names = self._baselines_for(plan)
         settings = BlockSettings(
             specs=specs,
             top_k=self.top_k,
@@ -305,7 +320,7 @@ class Evaluator:
         )
         fit_notes: dict[str, list[str]] = {}
         baselines = []
-        for name in self.baselines:
+        for name in baseline_names:
             fit_notes[name] = []
             baselines += fit_baselines(
                 [name], self.truth, plan, seed=self.seed, notes=fit_notes[name]
@@ -397,7 +412,7 @@ class Evaluator:
         _single_cell_note(model, notes)
         refs: dict[str, MergedScores] = {}
         fitted = {b.name for b in baselines}
-        for name in self.baselines:
+        for name in fit_notes:  # the baselines of this run, in order
             notes.extend(fit_notes[name])
             if name in fitted:
                 refs[name] = merge_blocks(plan, specs, blocks, name)
@@ -416,11 +431,11 @@ class Evaluator:
             seed=self.seed,
             normalize_by=self.normalize_by,
             keep_aggregates=self.keep_aggregates,
-            settings=self._settings(plan, specs),
+            settings=self._settings(plan, specs, list(fit_notes)),
             notes=notes,
         )
 
-    def _settings(self, plan: EvaluationPlan, specs) -> dict[str, Any]:
+    def _settings(self, plan: EvaluationPlan, specs, baselines: list[str]) -> dict[str, Any]:
         split = self.split_arg
         return {
             "metrics": [s.name for s in specs],
@@ -429,7 +444,7 @@ class Evaluator:
             "split": str(split)
             if isinstance(split, (str, os.PathLike))
             else ("given" if split is not None else None),
-            "baselines": list(self.baselines),
+            "baselines": baselines,
             "ceiling": self.ceiling,
             "ceiling_replicates": self.ceiling_replicates,
             "replicate_agreement": self.replicate_agreement,

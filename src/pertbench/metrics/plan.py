@@ -123,7 +123,7 @@ class EvaluationPlan:
         """Every group of the block's covariate combination in the truth, whatever its split.
 
         Returns a table (perturbation column, ``split`` — ``all`` without a split —,
-        ``n_cells``, ``evaluated``: the block-local index of the evaluated group these
+        ``n_cells``, ``is_control``, ``evaluated``: the block-local index of the evaluated group these
         cells are, else -1), the truth rows of the block (controls included, ascending)
         and the table row of each.
         """
@@ -140,6 +140,7 @@ class EvaluationPlan:
         codes, uniques = pd.factorize(index, sort=True)
         table = uniques.to_frame(index=False, name=[keys.perturbation_key, "split"])
         table["n_cells"] = np.bincount(codes, minlength=len(table))
+        table["is_control"] = table[keys.perturbation_key].to_numpy() == keys.control
         local = pd.Index(self.groups[keys.perturbation_key].to_numpy()[block.groups].astype(str))
         position = local.get_indexer(table[keys.perturbation_key])
         scored_split = table["split"].to_numpy() == (self.on if self.split is not None else "all")

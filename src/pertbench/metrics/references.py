@@ -46,7 +46,10 @@ from pertbench.metrics.ceiling import DEFAULT_REPLICATES, MIN_CELLS
 from pertbench.metrics.distribution import subsample
 from pertbench.metrics.plan import Block, EvaluationPlan
 
-BASELINES = ("no_change", "perturbation_mean", "covariate_mean")
+BASELINES = ("no_change", "perturbation_mean", "covariate_mean", "additive_within")
+#: Baselines that only differ from the others on combinations (left out of ``True``,
+#: "every baseline", when no evaluated group is a combination).
+COMBINATION_BASELINES = ("additive_within",)
 CEILING = "ceiling"
 #: Split-half agreement of the observed cells: a reference, never the ceiling.
 REPLICATE_AGREEMENT = "replicate_agreement"

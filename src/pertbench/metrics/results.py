@@ -263,12 +263,70 @@ def _calibration(
     table = pd.DataFrame({"metric": [s.name for s in specs]})
     for name in names:
         table[name] = table["metric"].map(values[name]).to_numpy()
+    from pertbench.metrics.references import BASELINES, CEILING
+
+    rows = []
+    if normalize_by in refs and CEILING in refs:
+        rows.append(
+            _against_floor(table, specs, model, refs, normalize_by, n_bootstrap, seed, notes)
+        )
+    baselines = [name for name in BASELINES if name in refs]
+    if baselines:
+        rows.append(_against_best(table, specs, model, refs, baselines, n_bootstrap, seed))
+    return table, (pd.concat(rows, ignore_index=True) if rows else None)
+
+
+#: Summary prefix of the normalised score against the best baseline of each metric.
+NORMALIZED_BEST = "normalized_best"
+
+
+def _against_best(table, specs, model, refs, baselines, n_bootstrap, seed) -> pd.DataFrame:
+    """``best_baseline``, ``normalized_best`` (+ interval) and ``beats_baselines`` columns
+    of the calibration table, and the ``normalized_best/<metric>`` summary rows."""
     from pertbench.metrics.references import CEILING
 
-    if normalize_by not in refs or CEILING not in refs:
-        return table, None
-    # one normalised score per floor: (model - floor) / (ceiling - floor); another floor
-    # (e.g. the best baseline per metric) is another call with its own per-unit values
+    ceiling = refs.get(CEILING)
+    best, norm, lows, highs, beats = [], [], [], [], []
+    for s in specs:
+        if s.diagnostic:
+            best.append("")
+            norm.append(np.nan)
+            lows.append(np.nan)
+            highs.append(np.nan)
+            beats.append(None)
+            continue
+        cmp = cal.compare_with_baselines(
+            _units(model, s),
+            {name: _units(refs[name], s) for name in baselines},
+            _units(ceiling, s) if ceiling is not None else None,
+            higher_is_better=s.higher_is_better,
+            n_bootstrap=n_bootstrap,
+            seed=seed,
+        )
+        best.append(cmp.best or "")
+        norm.append(cmp.normalized_best)
+        lows.append(cmp.ci_low)
+        highs.append(cmp.ci_high)
+        beats.append(cmp.beats_all)
+    table["best_baseline"] = best
+    table[NORMALIZED_BEST] = norm
+    table[f"{NORMALIZED_BEST}_ci_low"] = lows
+    table[f"{NORMALIZED_BEST}_ci_high"] = highs
+    table["beats_baselines"] = pd.array(beats, dtype="boolean")
+    return pd.DataFrame(
+        {
+            "metric": [f"{NORMALIZED_BEST}/{s.name}" for s in specs],
+            "value": norm,
+            "ci_low": lows,
+            "ci_high": highs,
+        }
+    )
+
+
+def _against_floor(table, specs, model, refs, normalize_by, n_bootstrap, seed, notes):
+    """``normalized`` (+ interval) columns against ``normalize_by`` and their summary rows."""
+    from pertbench.metrics.references import CEILING
+
     floor = {s.name: _units(refs[normalize_by], s) for s in specs}
     norm, lows, highs = _normalized(
         specs,
@@ -283,7 +341,7 @@ def _calibration(
     table[NORMALIZED] = norm
     table[f"{NORMALIZED}_ci_low"] = lows
     table[f"{NORMALIZED}_ci_high"] = highs
-    rows = pd.DataFrame(
+    return pd.DataFrame(
         {
             "metric": [f"{NORMALIZED}/{s.name}" for s in specs],
             "value": norm,
@@ -291,7 +349,6 @@ def _calibration(
             "ci_high": highs,
         }
     )
-    return table, rows
 
 
 def _units(scores: MergedScores, spec: MetricSpec) -> np.ndarray:
@@ -316,6 +373,11 @@ def _normalized(
     norm, lows, highs = [], [], []
     undefined = []
     for s in specs:
+        if s.diagnostic:  # a property of the data: the same for every source
+            norm.append(np.nan)
+            lows.append(np.nan)
+            highs.append(np.nan)
+            continue
         value, lo, hi, n_units = cal.bootstrap_normalized(
             _units(model, s),
             floor[s.name],

@@ -159,3 +159,40 @@ def pooled_perturbation_means(
     np.add.at(sums, codes, means[keep] * w[:, None])
     totals = np.bincount(codes, weights=w, minlength=uniques.size)
     return np.asarray(uniques, dtype=str), sums / totals[:, None]
+
+
+# ---------------------------------------------------------------------------------------
+# The evaluator's block functions (MetricSpec needs="block")
+# ---------------------------------------------------------------------------------------
+def block_centroid(view) -> np.ndarray:
+    """The centroid of a block's covariate combination: every perturbed group of the
+    truth whatever its split (``view.all_groups``), each perturbation counted once."""
+    table = view.all_groups.table
+    _, averages = pooled_perturbation_means(
+        table.iloc[:, 0].to_numpy(),
+        view.all_groups.mean,
+        table["n_cells"].to_numpy(),
+        is_control=table["is_control"].to_numpy(),
+    )
+    return perturbation_centroid(averages)
+
+
+def block_delta_centroid(metric: str, view) -> np.ndarray:
+    """``<metric>_delta_centroid`` of a block's scored groups (``view.rows``)."""
+    from pertbench.metrics.fit import ProfilePair, pair_metric
+
+    rows = view.rows
+    pred, truth = centroid_deltas(view.pred.mean[rows], view.truth.mean[rows], block_centroid(view))
+    return np.asarray(pair_metric(metric, ProfilePair(pred, truth)), dtype=np.float64)
+
+
+def block_centroid_accuracy(view) -> np.ndarray:
+    """``centroid_accuracy`` of a block's scored groups, among themselves."""
+    rows = view.rows
+    return centroid_accuracy(view.pred.mean[rows], view.truth.mean[rows])
+
+
+def block_systematic_variation(view) -> np.ndarray:
+    """``systematic_variation`` of a block's scored groups (a property of the truth)."""
+    rows = view.rows
+    return systematic_variation(view.truth.mean[rows], view.control_mean, block_centroid(view))

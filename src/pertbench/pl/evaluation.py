@@ -267,7 +267,9 @@ def rank_bars(
             summary = res.summary if hasattr(res, "summary") else pd.DataFrame(res)
             refs = summary[summary["metric"].str.contains("/", regex=False)].copy()
             refs[["model", "metric"]] = refs["metric"].str.split("/", n=1, expand=True)
-            refs = refs[(refs["model"] != "normalized") & ~refs["model"].isin(seen)]
+            refs = refs[
+                ~refs["model"].isin(["normalized", "normalized_best"]) & ~refs["model"].isin(seen)
+            ]
             seen |= set(refs["model"])
             table = pd.concat([table, refs], ignore_index=True)
     table = table[table["metric"].isin(metrics)]
