@@ -206,3 +206,26 @@ def test_rank_bars_refuse_all_nan_and_wrap_long_legends():
         table.assign(model=list("abcde")), metrics=["rmse_rank_average"], figsize=(6.0, 3.8)
     )
     assert short.axes[0].get_legend()._ncols == 4
+
+
+def test_cli_profile_vcc_prints_the_vcc_metrics_with_intervals(files, tmp_path, capsys):
+    from pertbench.metrics.vcc_summary import evaluate_vcc
+
+    paths, truth, pred, split = files
+    out = tmp_path / "vcc"
+    args = ["evaluate", "--pred", str(paths["pred"]), "--truth", str(paths["truth"])]
+    args += ["--split", str(paths["split"]), "--n-bootstrap", "100", "--profile", "vcc"]
+    assert main([*args, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    summary = pd.read_csv(out / "vcc_summary.csv").set_index("metric")
+    _, expected = evaluate_vcc(truth, pred, split=split, n_bootstrap=100)
+    pd.testing.assert_frame_equal(summary.reset_index(), expected, check_dtype=False, rtol=1e-10)
+    score = summary.loc["vcc_score/avg_score"]
+    assert "vcc_score/avg_score" in printed and f"[{score['ci_low']:.4g}, " in printed
+    assert "mean baseline" in printed  # the baseline is printed beside each metric
+    for name in ("vcc_per_group.csv", "vcc_per_covariate.csv", "vcc_scores.csv"):
+        assert (out / name).is_file()
+    # the vcc profile is cell-eval's own metric set: nothing to add to it
+    assert main([*args, "--metrics", "rmse_average", "--out", str(tmp_path / "x")]) == 2
+    assert "--profile vcc computes cell-eval's own metric set" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

@@ -74,9 +74,8 @@ def add_baseline_comparison(
     """
     from pertbench.benchmark.jobs import CEILING_SOURCE, CellJob
     from pertbench.data.keys import PerturbationKeys
-    from pertbench.errors import ConfigError
     from pertbench.metrics.calibration import compare_with_baselines
-    from pertbench.metrics.catalog import higher_is_better
+    from pertbench.metrics.catalog import metric_spec
     from pertbench.models.registry import BASELINE_MODELS
 
     baselines = tuple(baselines or BASELINE_MODELS)
@@ -112,11 +111,10 @@ def add_baseline_comparison(
     directions: dict[str, bool | None] = {}
 
     def direction(metric: str) -> bool | None:
+        """The metric's direction; None for diagnostics and metrics outside the catalogue."""
         if metric not in directions:
-            try:
-                directions[metric] = higher_is_better(metric)
-            except ConfigError:  # a user's metric outside the catalogue
-                directions[metric] = None
+            spec = metric_spec(metric)
+            directions[metric] = None if spec is None or spec.diagnostic else spec.higher_is_better
         return directions[metric]
 
     rows, best, floors, beats = [], [], [], []

@@ -19,6 +19,21 @@ from pertbench.cli.common import (
     make_keys,
 )
 
+#: The profile that runs cell-eval's metrics and the VCC score (not a registry profile:
+#: its metrics are computed on cells by pertbench.metrics.vcc_eval).
+VCC_PROFILE = "vcc"
+#: VCC metrics echoed after a ``--profile vcc`` run (all are in vcc_summary.csv).
+VCC_HEADLINE = (
+    "overlap_at_N",
+    "discrimination_score_l1",
+    "mae",
+    "pearson_delta",
+    "vcc_score/overlap_at_N",
+    "vcc_score/discrimination_score_l1",
+    "vcc_score/mae",
+    "vcc_score/avg_score",
+)
+
 #: Metrics echoed after a run (when computed); everything is in the output files.
 HEADLINE_METRICS = (
     "rmse_average",
@@ -59,25 +74,28 @@ def register(app: typer.Typer) -> None:
             str | None,
             typer.Option(
                 "--metrics",
-                help="default (fit + rank + DE), all (+ logp, distribution metrics), or a comma "
-                "list of profiles, families (fit, rank, de, distribution) and metric names. "
-                "Default: the --profile, else default.",
+                help="default (fit + rank + DE + reference-aware), all (+ logp, distribution "
+                "metrics), or a comma list of profiles, families (fit, rank, de, distribution, "
+                "reference) and metric names. Default: the --profile, else default.",
             ),
         ] = None,
         profile: Annotated[
             str | None,
             typer.Option(
                 "--profile",
-                help="A named metric profile: default, all, or one registered by a package "
-                "(pertbench.metrics.catalog.register_profile); --metrics adds to it.",
+                help="A named metric profile: default, all, vcc (cell-eval's metrics, its mean "
+                "baseline and the Virtual Cell Challenge score, with intervals), or one "
+                "registered by a package (pertbench.metrics.catalog.register_profile); "
+                "--metrics adds to it (not to vcc).",
             ),
         ] = None,
         baselines: Annotated[
             bool,
             typer.Option(
                 "--baselines",
-                help="Also score the no_change, perturbation_mean and covariate_mean baselines "
-                "(needs --split).",
+                help="Also score the no_change, perturbation_mean, covariate_mean and (for "
+                "combinations) additive_within baselines (needs --split): adds normalized_best "
+                "and beats_baselines to calibration.csv.",
             ),
         ] = False,
         ceiling: Annotated[
@@ -151,11 +169,20 @@ def register(app: typer.Typer) -> None:
         from the truth. Both files are read from disk one covariate block at a time, so
         memory depends on the largest block, not on the number of cells.
         """
+        from pertbench.errors import ConfigError
         from pertbench.metrics.evaluator import Evaluator
         from pertbench.utils.outputs import check_output, new_folder
 
         check_output(out, kind="folder", inputs=[pred, truth, split], overwrite=overwrite)
         keys = make_keys(perturbation_key, control, covariates, delimiter, dose_key)
+        if profile is not None and profile.strip().lower() == VCC_PROFILE:
+            if metrics is not None:
+                raise ConfigError(
+                    "--profile vcc computes cell-eval's own metric set; drop --metrics or "
+                    "use another profile"
+                )
+            _evaluate_vcc(pred, truth, out, keys, split, n_bootstrap, seed, n_jobs)
+            return
         evaluator = Evaluator(
             truth,
             pred,
@@ -201,3 +228,49 @@ def register(app: typer.Typer) -> None:
         if not result.skipped.empty:
             echo(f"skipped {len(result.skipped)} group(s); listed in {folder / 'evaluation.json'}")
         echo(f"wrote {folder}")
+
+
+def _evaluate_vcc(pred, truth, out, keys, split, n_bootstrap, seed, n_jobs) -> None:
+    """``--profile vcc``: cell-eval's metrics, mean baseline and VCC score with intervals."""
+    import os
+
+    from pertbench.data.splits import read_split
+    from pertbench.metrics.vcc_eval import _read
+    from pertbench.metrics.vcc_summary import evaluate_vcc
+    from pertbench.utils.io import write_csv_atomic
+    from pertbench.utils.outputs import new_folder
+
+    truth_data = _read(str(truth), "truth")
+    labels = read_split(split, truth_data.obs_names) if split is not None else None
+    result, summary = evaluate_vcc(
+        truth_data,
+        str(pred),
+        keys=keys,
+        split=labels,
+        n_bootstrap=n_bootstrap,
+        seed=seed,
+        n_jobs=n_jobs or min(os.cpu_count() or 1, 8),
+    )
+    with new_folder(out) as tmp:
+        write_csv_atomic(tmp / "vcc_summary.csv", summary)
+        write_csv_atomic(tmp / "vcc_per_group.csv", result.per_group)
+        write_csv_atomic(tmp / "vcc_per_covariate.csv", result.per_covariate)
+        write_csv_atomic(tmp / "vcc_baseline_per_group.csv", result.baseline_per_group)
+        write_csv_atomic(tmp / "vcc_scores.csv", result.scores)
+    n_groups = len(result.per_group)
+    echo(f"cell-eval / VCC metrics of {n_groups} group(s) in {len(result.per_covariate)} block(s)")
+    table = summary.set_index("metric")
+    for metric in VCC_HEADLINE:
+        if metric in table.index:
+            row = table.loc[metric]
+            ci = (
+                f"  [{row['ci_low']:.4g}, {row['ci_high']:.4g}]"
+                if row.notna().get("ci_low", False)
+                else ""
+            )
+            base = table["value"].get(f"baseline/{metric}")
+            versus = f"  (mean baseline {base:.4g})" if base is not None else ""
+            echo(f"  {metric:<36} {row['value']:.4g}{ci}{versus}")
+    for note in result.notes:
+        echo(f"note: {note}")
+    echo(f"wrote {out}")
