@@ -37,8 +37,8 @@ from pertbench.models.training import adam, seeded_rng
 #: blind to the scale of z; with the tiny KL weight nothing then stops the variance from
 #: running away, and on Kang the KL spiked to ~1e6 per cell within two epochs and wrecked
 #: training. With the clamp the loss decreases smoothly (validation loss 84 vs 97 after 10
-#: epochs on CD4T). With the default (BatchNorm in the encoder only) the clamp is a guard
-#: that trained models do not reach.
+#: epochs on CD4T). With the default (BatchNorm in the encoder only) it is kept as a
+#: guard.
 LOG_VAR_LIMIT = 10.0
 
 #: Where the hidden layers are batch-normalised (scvi-tools' and scGen's ``use_batch_norm``).
