@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import numpy as np
 import pandas as pd
@@ -17,7 +18,7 @@ from pertbench.errors import ConfigError, ModelError, UnknownCategoryError
 from pertbench.models._latent_arithmetic import ReferenceLatents, balanced_delta
 from pertbench.models.base import PerturbationModel, build_counterfactuals
 from pertbench.models.registry import create_model
-from pertbench.models.scgen import ScGen
+from pertbench.models.scgen import ScGen, ScGenVAE
 
 
 @pytest.fixture(scope="module")
@@ -177,6 +178,56 @@ def test_save_load_identity(fitted, tmp_path):
     np.testing.assert_array_equal(loaded.predict_split(adata, split).X, before)
     np.testing.assert_array_equal(loaded.delta("P0"), model.delta("P0"))
     np.testing.assert_array_equal(loaded.latent(adata), model.latent(adata))
+
+
+def test_a_batch_normalised_decoder_cannot_see_a_shift_shared_by_the_batch():
+    """Why the decoder has no BatchNorm by default (docs/celltype_transfer.md, gene sets).
+
+    In training mode BatchNorm subtracts the mini-batch mean, so with it the decoder maps a
+    batch of latent codes and the same batch moved by one vector to the same output: the
+    latent shift scGen transfers is invisible to the loss that trains the decoder. Without
+    it (the default, ``use_batch_norm="encoder"``) the shift changes the output.
+    """
+    z = torch.randn(16, 3, generator=torch.Generator().manual_seed(0))
+    shift = torch.tensor([2.0, -1.0, 0.5])
+    outputs = {}
+    for choice in ("both", "encoder"):
+        torch.manual_seed(0)
+        vae = ScGenVAE(5, n_hidden=8, n_latent=3, dropout=0.0, use_batch_norm=choice).train()
+        with torch.no_grad():
+            outputs[choice] = (vae.decode(z), vae.decode(z + shift))
+    np.testing.assert_allclose(*outputs["both"], atol=1e-5)
+    assert (outputs["encoder"][0] - outputs["encoder"][1]).abs().max() > 0.1
+    # which halves carry BatchNorm, for every choice
+    for choice, (in_encoder, in_decoder) in {
+        "encoder": (True, False),
+        "both": (True, True),
+        "decoder": (False, True),
+        "none": (False, False),
+    }.items():
+        vae = ScGenVAE(5, n_hidden=8, n_latent=3, use_batch_norm=choice)
+        assert any(isinstance(m, torch.nn.BatchNorm1d) for m in vae.encoder) == in_encoder
+        assert any(isinstance(m, torch.nn.BatchNorm1d) for m in vae.decoder) == in_decoder
+    assert ScGen().params.use_batch_norm == "encoder"
+    with pytest.raises(ConfigError, match="use_batch_norm"):
+        ScGen(use_batch_norm="decoders")
+
+
+def test_a_model_saved_before_use_batch_norm_existed_loads_as_it_was_trained(stim_data, tmp_path):
+    split = celltype_split(stim_data, "C2")
+    model = ScGen(**SMALL, use_batch_norm="both").fit(
+        stim_data, split, seed=0, device="cpu", progress=False
+    )
+    model.save(tmp_path / "m")
+    config_path = tmp_path / "m" / "config.json"
+    config = json.loads(config_path.read_text())
+    del config["params"]["use_batch_norm"]  # what an earlier version wrote
+    config_path.write_text(json.dumps(config))
+    loaded = PerturbationModel.load(tmp_path / "m", device="cpu")
+    assert loaded.params.use_batch_norm == "both"
+    np.testing.assert_array_equal(
+        loaded.predict_split(stim_data, split).X, model.predict_split(stim_data, split).X
+    )
 
 
 def test_custom_keys_and_unseen_covariates(stim_data):

@@ -127,7 +127,7 @@ def test_rerun_keeps_finished_results_and_recomputes_on_change(finished_run, toy
     trained = [line for line in lines if "training and scoring" in line]
     assert trained == ["C0 / scgen: training and scoring"]
     stored = json.loads(result_file.read_text())["settings"]["params"]
-    assert stored["n_latent"] == 3 and stored["kl_weight"] == 5e-3  # defaults recorded too
+    assert stored["n_latent"] == 3 and stored["kl_weight"] == 5e-5  # defaults recorded too
 
 
 def test_reruns_into_the_same_folder_add_rows_instead_of_replacing_them(toy, tmp_path):
