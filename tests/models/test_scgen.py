@@ -277,7 +277,11 @@ def test_learns_the_response_of_held_out_monocytes_on_kang(kang_adata, name):
     from pertbench.data.splits import split_celltype
 
     split = split_celltype(kang_adata, heldout="CD14+Mono", seed=0).split
-    model = create_model(name).fit(kang_adata, split, seed=0, device="cpu", progress=False)
+    # 15 epochs keep the test short; scGen reaches R^2 0.95 there (no change: 0.61)
+    params = {"max_epochs": 15} if name == "scgen" else {}
+    model = create_model(name, **params).fit(
+        kang_adata, split, seed=0, device="cpu", progress=False
+    )
     pred = model.predict_split(kang_adata, split).X.mean(0)
     obs = kang_adata.obs
     truth = kang_adata[(split == "test").to_numpy()].X.toarray().mean(0)
