@@ -148,3 +148,26 @@ def test_cpa_adversary_moves_the_basal_latent_towards_chance(make_toy):
     margin = noadv.mean(axis=1) - adv.mean(axis=1)
     assert (margin > 0.03).all(), margin
     assert (adv.mean(axis=1) > chance - 0.05).all()  # a probe cannot do much worse than chance
+
+
+def test_the_expression_reference_is_reused_only_for_the_same_cells(make_toy):
+    from pertbench.models import probe
+
+    adata = make_toy(n_perturbations=4, n_cells=20, n_controls=20, n_genes=20)
+    split = transfer_split(adata, heldout_per_covariate=1, val_fraction=0.2)
+    model = create_model("latent_additive", latent_dim=4).fit(
+        adata, split, max_epochs=1, progress=False
+    )
+    probe._REFERENCE_CACHE.clear()
+    first = disentanglement_probe(model, adata, split, folds=2)
+    assert len(probe._REFERENCE_CACHE) == 1
+    again = disentanglement_probe(model, adata, split, folds=2)
+    pd.testing.assert_frame_equal(first, again)  # computed once, same numbers
+    assert len(probe._REFERENCE_CACHE) == 1
+    changed = adata.copy()
+    changed.X = changed.X * 2.0  # other expression, same cells: a new reference
+    disentanglement_probe(model, changed, split, folds=2)
+    assert len(probe._REFERENCE_CACHE) == 2
+    probe._REFERENCE_CACHE.clear()
+    fresh = disentanglement_probe(model, adata, split, folds=2)
+    pd.testing.assert_frame_equal(first, fresh)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 import pandas as pd
@@ -33,14 +34,26 @@ EQUAL_TOLERANCE = 1e-12
 
 
 def bootstrap_weights(n_units: int, n_bootstrap: int, seed: int) -> np.ndarray:
-    """(n_bootstrap, n_units) multiplicities of each unit in each bootstrap resample."""
+    """(n_bootstrap, n_units) multiplicities of each unit in each bootstrap resample.
+
+    The array is shared between calls with the same arguments (a benchmark draws the same
+    resamples for every metric and reference): it is read-only.
+    """
+    return _bootstrap_weights(int(n_units), int(n_bootstrap), int(seed))
+
+
+@lru_cache(maxsize=64)
+def _bootstrap_weights(n_units: int, n_bootstrap: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     if n_units == 0 or n_bootstrap <= 0:
-        return np.zeros((max(n_bootstrap, 0), n_units))
-    draws = rng.integers(0, n_units, size=(n_bootstrap, n_units))
-    offsets = (np.arange(n_bootstrap) * n_units)[:, None]
-    counts = np.bincount((draws + offsets).ravel(), minlength=n_bootstrap * n_units)
-    return counts.reshape(n_bootstrap, n_units).astype(np.float64)
+        out = np.zeros((max(n_bootstrap, 0), n_units))
+    else:
+        draws = rng.integers(0, n_units, size=(n_bootstrap, n_units))
+        offsets = (np.arange(n_bootstrap) * n_units)[:, None]
+        counts = np.bincount((draws + offsets).ravel(), minlength=n_bootstrap * n_units)
+        out = counts.reshape(n_bootstrap, n_units).astype(np.float64)
+    out.flags.writeable = False
+    return out
 
 
 def _weighted_means(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
