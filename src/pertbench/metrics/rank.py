@@ -101,15 +101,25 @@ def _dedupe(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return rows[first], codes, first
 
 
+_BLAS_CONTROLLER: list = []
+
+
 def single_threaded_blas():
-    """Context that limits BLAS to one thread (small products; avoids oversubscription)."""
+    """Context that limits BLAS to one thread (small products; avoids oversubscription).
+
+    The thread-pool controller is built once per process: building one scans every
+    loaded library (reading /proc/self/maps), which cost a quarter of a small
+    evaluation when it happened at every rank computation.
+    """
     try:
-        from threadpoolctl import threadpool_limits
+        from threadpoolctl import ThreadpoolController
     except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn
         import contextlib
 
         return contextlib.nullcontext()
-    return threadpool_limits(limits=1, user_api="blas")
+    if not _BLAS_CONTROLLER:
+        _BLAS_CONTROLLER.append(ThreadpoolController())
+    return _BLAS_CONTROLLER[0].limit(limits=1, user_api="blas")
 
 
 class ProfileOperands:
