@@ -114,9 +114,10 @@ def baseline_section(
         '<p class="note">A model beats a baseline on a metric when its advantage (mean over '
         "perturbations, in the metric's direction) has a paired 95% bootstrap interval above 0; "
         f"{BEATS_MARK} in the summary and the list below need that against EVERY simple baseline "
-        "(no_change, perturbation_mean, covariate_mean and, for combinations, additive_within) "
-        "in every seed. best_baseline: the strongest of them on that metric, the floor of the "
-        "summary's 'vs' score.</p>"
+        "that ran for the task (no_change, perturbation_mean, covariate_mean, additive_within, "
+        "linear_embedding, nearest_perturbation; a baseline skipped as not applicable is not "
+        "compared) in every seed. best_baseline: the strongest of them on that metric, the "
+        "floor of the summary's 'vs' score.</p>"
     )
     page.add(_simple_table(table, table_id="baseline-verdicts"))
 
