@@ -167,3 +167,21 @@ def test_additive_within_uses_the_covariates_own_singles_and_notes_fallbacks(mak
     # the cross-covariate perturbation_mean differs from it in C0
     cross = PerturbationMean().fit(adata, split, progress=False).predict(cf)
     assert np.abs(cross.X[~in_two] - pred.X[~in_two]).max() > 1e-3
+
+
+def test_additive_within_without_training_deltas_predicts_nothing(make_toy):
+    """No perturbed training cell at all: the fit succeeds and nothing can be predicted
+    (the evaluator then leaves the baseline out with a note instead of crashing)."""
+    from pertbench.data import make_split
+    from pertbench.metrics import Evaluator
+
+    adata = make_toy(n_covariates=2, n_perturbations=3, n_genes=20, combos=((0, 1),))
+    split = make_split(adata.obs_names, "train")
+    split[(adata.obs["condition"] != "control").to_numpy()] = "test"
+    model = create_model("additive_within").fit(adata, split, seed=0)
+    assert model.within_pairs == [] and not any(model.can_predict(["P0+P1", "P0"]))
+    pred = adata[(split == "test").to_numpy()].copy()
+    res = Evaluator(
+        adata, pred, split=split, baselines=["additive_within"], metrics="fit", n_bootstrap=0
+    ).run()
+    assert any("additive_within" in note and "cannot predict" in note for note in res.notes)

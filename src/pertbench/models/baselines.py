@@ -269,7 +269,8 @@ class AdditiveWithin(_DeltaBaseline):
 
     def _fit_more(self, profiles: TrainingProfiles, labels: list[str], per_label) -> None:
         table = profiles.delta_groups
-        single = ~table["key"].str.contains("\x1f", regex=False).to_numpy()
+        # astype: an empty table (no training delta) has no string dtype to test
+        single = ~table["key"].astype(str).str.contains("\x1f", regex=False).to_numpy()
         cols = [*self.keys.covariate_keys, self.keys.perturbation_key]
         self.within_pairs = table.loc[single, cols].astype(str).to_numpy().tolist()
         self.within_delta = profiles.deltas[single]
