@@ -48,9 +48,6 @@ def interaction_metric_rows(
             "ci_low": named["ci_low"].to_numpy(dtype=float),
             "ci_high": named["ci_high"].to_numpy(dtype=float),
             "normalized": math.nan,
-            "normalized_best": math.nan,  # GI metrics are weighed in their own section
-            "best_baseline": "",
-            "beats_baselines": math.nan,
             "n_groups": named["n_combinations"].to_numpy(dtype=np.int64),
             "split": job.on,
         }

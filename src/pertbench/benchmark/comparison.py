@@ -32,15 +32,22 @@ import pandas as pd
 
 from pertbench.benchmark import paths
 
-CEILING = "ceiling"
+#: Columns this module adds to the results table.
+COMPARISON_COLUMNS = ["normalized_best", "best_baseline", "beats_baselines"]
 
 
-def _group_scores(directory: Path, label: str, id_cols: list[str]) -> pd.DataFrame | None:
-    """Per-group scores of the cell's model (index: group ids), or None without a table."""
+def _read_per_group(directory: Path) -> pd.DataFrame | None:
+    """A cell's per_group.csv, or None when it has none."""
     file = directory / paths.PER_GROUP_FILE
     if not file.is_file():
         return None
-    table = pd.read_csv(file, keep_default_na=False, na_values=["", "nan", "NaN"])
+    return pd.read_csv(file, keep_default_na=False, na_values=["", "nan", "NaN"])
+
+
+def _group_scores(table: pd.DataFrame | None, label: str, id_cols: list[str]):
+    """Per-group scores of ``label``'s rows of a per-group table (index: group ids)."""
+    if table is None:
+        return None
     if "model" in table.columns:
         table = table[table["model"].astype(str) == label]
     if table.empty or any(c not in table.columns for c in id_cols):
@@ -72,7 +79,7 @@ def add_baseline_comparison(
     n_bootstrap
         Resamples of the paired interval (seeded by the cell's seed).
     """
-    from pertbench.benchmark.jobs import CEILING_SOURCE, CellJob
+    from pertbench.benchmark.jobs import CEILING, CEILING_SOURCE, CellJob
     from pertbench.data.keys import PerturbationKeys
     from pertbench.metrics.calibration import compare_with_baselines
     from pertbench.metrics.catalog import metric_spec
@@ -80,11 +87,9 @@ def add_baseline_comparison(
 
     baselines = tuple(baselines or BASELINE_MODELS)
     results = results.copy()
-    for column, empty in (("normalized_best", np.nan), ("beats_baselines", np.nan)):
+    for column in COMPARISON_COLUMNS:
         if column not in results:
-            results[column] = empty
-    if "best_baseline" not in results:
-        results["best_baseline"] = ""
+            results[column] = np.nan
     results["best_baseline"] = results["best_baseline"].fillna("").astype(object)
     ok_cells = {
         (j.dataset, j.task, j.scenario, j.seed, j.model_label): j
@@ -121,11 +126,10 @@ def add_baseline_comparison(
     for (dataset, task, scenario, seed), cells in experiments.items():
         keys = PerturbationKeys.from_dict(cells[0].keys)
         id_cols = [*keys.covariate_keys, keys.perturbation_key]
-        scores = {
-            job.model_label: _group_scores(job.directory, job.model_label, id_cols) for job in cells
-        }
-        source = next((j for j in cells if j.model_label == CEILING_SOURCE), None)
-        ceiling = _group_scores(source.directory, CEILING, id_cols) if source is not None else None
+        tables = {job.model_label: _read_per_group(job.directory) for job in cells}
+        scores = {label: _group_scores(t, label, id_cols) for label, t in tables.items()}
+        # the ceiling rows are in the no_change cell's table (read above, not again)
+        ceiling = _group_scores(tables.get(CEILING_SOURCE), CEILING, id_cols)
         base = {b: scores[b] for b in baselines if scores.get(b) is not None}
         if not base:
             continue

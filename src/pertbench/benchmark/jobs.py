@@ -38,9 +38,6 @@ METRIC_COLUMNS = [
     "ci_low",
     "ci_high",
     "normalized",
-    "normalized_best",
-    "best_baseline",
-    "beats_baselines",
     "n_groups",
 ]
 TIMING_COLUMNS = ["fit_seconds", "predict_seconds", "evaluate_seconds"]
@@ -418,13 +415,6 @@ def cell_metrics_table(
         )
         out["normalized"] = (
             norm.reindex(frame.index).to_numpy(dtype=float) if norm is not None else math.nan
-        )
-        # filled when the benchmark's results are collected, from the baseline cells
-        # (pertbench.benchmark.comparison)
-        out["normalized_best"], out["best_baseline"], out["beats_baselines"] = (
-            math.nan,
-            "",
-            math.nan,
         )
         out["n_groups"] = n_groups
         for key, value in job.labels().items():

@@ -23,7 +23,7 @@ import pandas as pd
 
 from pertbench.benchmark import paths
 from pertbench.benchmark.backends import execute, make_backend, threads_per_worker
-from pertbench.benchmark.comparison import add_baseline_comparison
+from pertbench.benchmark.comparison import COMPARISON_COLUMNS, add_baseline_comparison
 from pertbench.benchmark.config import (
     BenchmarkConfig,
     default_config_path,
@@ -49,7 +49,18 @@ from pertbench.errors import ConfigError
 from pertbench.utils.io import write_csv_atomic, write_parquet_atomic, write_text_atomic
 from pertbench.utils.outputs import check_output, results_folder
 
-RESULT_COLUMNS = [*METRIC_COLUMNS, "status", "error", "model_name", "tuned", *TIMING_COLUMNS]
+#: The results table: a cell's metric rows, then the comparison with the baseline cells
+#: (filled when the results are collected, pertbench.benchmark.comparison), then the run.
+RESULT_COLUMNS = [
+    *METRIC_COLUMNS[: METRIC_COLUMNS.index("normalized") + 1],
+    *COMPARISON_COLUMNS,
+    *METRIC_COLUMNS[METRIC_COLUMNS.index("normalized") + 1 :],
+    "status",
+    "error",
+    "model_name",
+    "tuned",
+    *TIMING_COLUMNS,
+]
 FAILURE_COLUMNS = [
     "dataset",
     "task",

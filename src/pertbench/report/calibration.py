@@ -17,12 +17,12 @@ import numpy as np
 import pandas as pd
 
 from pertbench.benchmark.config import FULL_SCENARIO
+from pertbench.benchmark.jobs import CEILING
 
 BEATS_MARK = "★"
 BEATS_TITLE = "beats every simple baseline by more than its 95% interval, in every seed"
 #: The dataset diagnostic of Systema (a property of the truth, the same for every model).
 SYSTEMATIC_VARIATION = "systematic_variation"
-CEILING = "ceiling"
 
 
 def beats_every_baseline(row: pd.Series) -> bool:
