@@ -32,6 +32,7 @@ Spearman on few genes), which no floating-point matrix product resolves reliably
 from __future__ import annotations
 
 from collections.abc import Iterable
+from functools import lru_cache
 
 import numpy as np
 from scipy.spatial.distance import cdist
@@ -101,25 +102,28 @@ def _dedupe(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return rows[first], codes, first
 
 
-_BLAS_CONTROLLER: list = []
-
-
 def single_threaded_blas():
     """Context that limits BLAS to one thread (small products; avoids oversubscription).
 
-    The thread-pool controller is built once per process: building one scans every
-    loaded library (reading /proc/self/maps), which cost a quarter of a small
-    evaluation when it happened at every rank computation.
+    The thread-pool controller is built once per process (:func:`_blas_controller`):
+    building one scans every loaded library (reading /proc/self/maps), which cost a
+    quarter of a small evaluation when it happened at every rank computation.
     """
-    try:
-        from threadpoolctl import ThreadpoolController
-    except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn
+    controller = _blas_controller()
+    if controller is None:  # pragma: no cover - threadpoolctl comes with scikit-learn
         import contextlib
 
         return contextlib.nullcontext()
-    if not _BLAS_CONTROLLER:
-        _BLAS_CONTROLLER.append(ThreadpoolController())
-    return _BLAS_CONTROLLER[0].limit(limits=1, user_api="blas")
+    return controller.limit(limits=1, user_api="blas")
+
+
+@lru_cache(maxsize=1)
+def _blas_controller():
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:  # pragma: no cover
+        return None
+    return ThreadpoolController()
 
 
 class ProfileOperands:
