@@ -138,20 +138,29 @@ def summarize(results: pd.DataFrame) -> pd.DataFrame:
     grouped = ok.groupby(columns, sort=False)
     summary = grouped.agg(
         mean=("value", "mean"),
-        sd=("value", lambda v: v.std(ddof=1) if v.count() > 1 else math.nan),
+        sd=("value", "std"),  # ddof 1: NaN with a single seed
         ci_low=("ci_low", "mean"),
         ci_high=("ci_high", "mean"),
         normalized=("normalized", "mean"),
         normalized_best=("normalized_best", "mean"),
-        # the floor most seeds chose; share of seeds in which the model beat every baseline
-        best_baseline=(
-            "best_baseline",
-            lambda v: v[v != ""].mode().iat[0] if (v != "").any() else "",
-        ),
+        # share of seeds in which the model beat every baseline
         beats_baselines=("beats_baselines", "mean"),
         n_seeds=("value", "count"),
+    ).reset_index()
+    # the floor most seeds chose (ties: the first name in alphabetical order)
+    chosen = ok[ok["best_baseline"] != ""]
+    floors = (
+        chosen.groupby([*columns, "best_baseline"], sort=False)
+        .size()
+        .rename("n")
+        .reset_index()
+        .sort_values(["n", "best_baseline"], ascending=[False, True], kind="stable")
+        .drop_duplicates(columns)
+        .drop(columns="n")
     )
-    return summary.reset_index()
+    summary = summary.merge(floors, on=columns, how="left")
+    summary["best_baseline"] = summary["best_baseline"].fillna("")
+    return summary[[*columns, *stats]]
 
 
 # ---------------------------------------------------------------------------------------
