@@ -56,7 +56,7 @@ def _bootstrap_weights(n_units: int, n_bootstrap: int, seed: int) -> np.ndarray:
     return out
 
 
-def _weighted_means(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
+def weighted_means(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """Means over rows of ``values`` (units x metrics) under each weight row, NaN-aware."""
     present = ~np.isnan(values)
     num = weights @ np.where(present, values, 0.0)
@@ -92,13 +92,13 @@ def bootstrap_means(
     frame = values if isinstance(values, pd.DataFrame) else pd.DataFrame(values)
     V = frame.to_numpy(dtype=np.float64)
     point = (
-        _weighted_means(V, np.ones((1, V.shape[0])))[0] if V.size else np.full(V.shape[1], np.nan)
+        weighted_means(V, np.ones((1, V.shape[0])))[0] if V.size else np.full(V.shape[1], np.nan)
     )
     low = np.full(V.shape[1], np.nan)
     high = np.full(V.shape[1], np.nan)
     if n_bootstrap > 0 and V.shape[0] > 0:
         W = bootstrap_weights(V.shape[0], n_bootstrap, seed)
-        boot = _weighted_means(V, W)
+        boot = weighted_means(V, W)
         alpha = (1.0 - level) / 2.0
         enough = (~np.isnan(V)).sum(axis=0) >= 2
         with np.errstate(invalid="ignore"):

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from pertbench.metrics import vcc
-from pertbench.metrics.calibration import CI_LEVEL
+from pertbench.metrics.calibration import CI_LEVEL, weighted_means
 from pertbench.metrics.vcc_eval import VCCResult, metric_names
 
 #: Prefix of the baseline's rows and of the normalised (VCC score) rows.
@@ -40,15 +40,10 @@ def _block_weights(blocks: np.ndarray, n_bootstrap: int, rng) -> np.ndarray:
 
 def _block_means(values: np.ndarray, blocks: np.ndarray, W: np.ndarray) -> np.ndarray:
     """(replicates, n_blocks, n_metrics) NaN-aware means of each block's groups."""
-    present = ~np.isnan(values)
-    filled = np.where(present, values, 0.0)
-    out = []
-    for block in np.unique(blocks):
-        rows = blocks == block
-        num = W[:, rows] @ filled[rows]
-        den = W[:, rows] @ present[rows].astype(np.float64)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            out.append(np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan))
+    out = [
+        weighted_means(values[blocks == block], W[:, blocks == block])
+        for block in np.unique(blocks)
+    ]
     return np.stack(out, axis=1)
 
 
