@@ -229,3 +229,22 @@ def test_cli_profile_vcc_prints_the_vcc_metrics_with_intervals(files, tmp_path, 
     assert main([*args, "--metrics", "rmse_average", "--out", str(tmp_path / "x")]) == 2
     assert "--profile vcc computes cell-eval's own metric set" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_cli_profile_vcc_refuses_bad_files_in_one_line(files, tmp_path, capsys):
+    paths, truth, _, _ = files
+    not_h5ad = tmp_path / "notes.h5ad"
+    not_h5ad.write_text("not an AnnData file")
+    empty = tmp_path / "empty.h5ad"
+    truth[:0].copy().write_h5ad(empty)
+    for bad, message in (
+        (not_h5ad, "is not an AnnData .h5ad file (not HDF5)"),
+        (empty, "truth: the data have no cells"),
+        (tmp_path / "missing.h5ad", "does not exist"),
+    ):
+        out = tmp_path / f"out_{bad.stem}"
+        args = ["evaluate", "--pred", str(paths["pred"]), "--truth", str(bad)]
+        assert main([*args, "--profile", "vcc", "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+        assert not out.exists()

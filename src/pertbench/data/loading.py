@@ -35,6 +35,8 @@ COUNTS_MIN_MAX = 20.0
 LOG_MAX = 30.0
 #: Values scanned per chunk, so checking a huge matrix needs little extra memory.
 _SCAN_CHUNK = 20_000_000
+#: The one message for data without cells (every reader and check uses it).
+NO_CELLS = "the data have no cells (obs has 0 rows); check the file, or the filter that made it"
 #: Groups with fewer cells than this are reported (not an error).
 SMALL_GROUP = 5
 
@@ -367,9 +369,7 @@ def validate_obs(
 def _check_obs(obs: pd.DataFrame, keys: PerturbationKeys, report: ValidationReport) -> None:
     errors, notes = report.errors, report.warnings
     if not len(obs):
-        errors.append(
-            "the data have no cells (obs has 0 rows); check the file, or the filter that made it"
-        )
+        errors.append(NO_CELLS)
     # -- obs keys ----------------------------------------------------------------------------
     wanted = [keys.perturbation_key, *keys.covariate_keys]
     if keys.dose_key:

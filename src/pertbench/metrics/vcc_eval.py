@@ -630,13 +630,18 @@ def _covariate_labels(groups: pd.DataFrame, cov_keys: list[str]) -> np.ndarray:
 
 
 def _read(value, label: str) -> ad.AnnData:
-    if isinstance(value, ad.AnnData):
-        return value
+    from pertbench.data.loading import NO_CELLS, check_h5ad_file
+
     if isinstance(value, (str, os.PathLike)):
-        return ad.read_h5ad(value)
-    raise EvaluationError(
-        f"{label} must be an AnnData or an .h5ad path, got {type(value).__name__}"
-    )
+        # a missing, unreadable or non-AnnData file is refused in one line, not by h5py
+        value = ad.read_h5ad(check_h5ad_file(value))
+    if not isinstance(value, ad.AnnData):
+        raise EvaluationError(
+            f"{label} must be an AnnData or an .h5ad path, got {type(value).__name__}"
+        )
+    if value.n_obs == 0:
+        raise DataValidationError(f"{label}: {NO_CELLS}")
+    return value
 
 
 def _float_dtype(X) -> np.dtype:
