@@ -235,11 +235,24 @@ class FitCeiling:
             key: np.zeros(n_groups) for key in ("rmse", "mae", "energy", "centred", "ranks")
         }
         self.count = np.zeros(n_groups)
+        #: an exact estimate of the noise energy, where one is known (var: see
+        #: :func:`~pertbench.metrics.ceiling_corrections.variance_noise`), without the
+        #: unseen genes, whose (iterated) energy is in ``sums["unseen"]``
+        self.exact_noise = np.full(n_groups, np.nan)
+        self.sums["unseen"] = np.zeros(n_groups)
         self.norms = {key: np.full(n_groups, np.nan) for key in ("plain", "centred", "ranks")}
         self.n_genes = 1
 
     def add(
-        self, at: np.ndarray, t: np.ndarray, b: np.ndarray, parent: np.ndarray, bb: np.ndarray
+        self,
+        at: np.ndarray,
+        t: np.ndarray,
+        b: np.ndarray,
+        parent: np.ndarray,
+        bb: np.ndarray,
+        *,
+        observed: np.ndarray | None = None,
+        unseen: np.ndarray | None = None,
     ) -> None:
         """One replicate for groups ``at``: (groups x genes) profiles of the observed
         groups ``t``, of the replicate ``b`` (as scored against ``t``), and of the inner
@@ -256,9 +269,15 @@ class FitCeiling:
             ("ranks", [_centre(x) for x in ranks]),
         ):
             self.sums[key][at] += 2.0 * _energy(x_b - x_t) - _energy(x_bb - x_parent)
-        self.norms["plain"][at] = _energy(t)
-        self.norms["centred"][at] = _energy(_centre(t))
-        self.norms["ranks"][at] = _energy(_centre(ranks[0]))
+        if unseen is not None:  # (groups x genes) genes no observed cell detected
+            hidden = [np.where(unseen, x, 0.0) for x in (t, b, parent, bb)]
+            self.sums["unseen"][at] += 2.0 * _energy(hidden[1] - hidden[0]) - _energy(
+                hidden[3] - hidden[2]
+            )
+        observed = t if observed is None else observed
+        self.norms["plain"][at] = _energy(observed)
+        self.norms["centred"][at] = _energy(_centre(observed))
+        self.norms["ranks"][at] = _energy(_centre(rank_rows(observed)))
         self.count[at] += 1
         self.n_genes = t.shape[1]
 
@@ -276,6 +295,17 @@ class FitCeiling:
                 k: v / np.where(self.count > 0, self.count, np.nan) for k, v in self.sums.items()
             }
         missing = self.count == 0  # no replicate: too few cells
+        # the exact noise energy, where known, sets the scale of every rule
+        with np.errstate(invalid="ignore", divide="ignore"):
+            exact = np.maximum(self.exact_noise + mean["unseen"], 0.0)
+            scale = np.where(
+                np.isfinite(exact) & (mean["energy"] > 0), exact / mean["energy"], 1.0
+            )
+        # (the errors only: the similarities' rule reads the noise against the observed
+        # profile's energy, which carries the same bootstrap shortfall)
+        noise = mean["energy"] * scale
+        for key in ("rmse", "mae"):
+            mean[key] = mean[key] * np.sqrt(scale)
         independent = self.aggregation in INDEPENDENT
         copies = 2.0 if independent else 1.0
         n_genes = max(self.n_genes, 1)
@@ -284,9 +314,9 @@ class FitCeiling:
             if base in ("rmse", "mae"):
                 out[base] = np.sqrt(copies) * mean[base]
             elif base == "mse":
-                out[base] = copies * np.maximum(mean["energy"], 0.0) / n_genes
+                out[base] = copies * np.maximum(noise, 0.0) / n_genes
             elif base == "r2":
-                out[base] = 1.0 - copies * _ratio(mean["energy"], self.norms["centred"])
+                out[base] = 1.0 - copies * _ratio(noise, self.norms["centred"])
             elif base in ("cosine", "pearson", "spearman"):
                 key = {"cosine": "plain", "pearson": "centred", "spearman": "ranks"}[base]
                 energy = mean["energy" if base == "cosine" else key]

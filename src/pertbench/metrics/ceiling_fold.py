@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from pertbench.metrics import ceiling as ceil
+from pertbench.metrics import ceiling_corrections as small
 from pertbench.metrics.aggregate import Cells, SideStats, _store
 from pertbench.metrics.catalog import MetricSpec
 
@@ -109,6 +110,7 @@ class BlockCeiling:
         self.de_values = {name: np.full(G, np.nan) for name in self.de}
         # whole replicate sides of the first replicates, for the rules on sides
         self.sides: list[tuple[SideStats, SideStats]] = []
+        self._rates: np.ndarray | None = None  # control detection rates, from the first chunk
 
     # -- chunks --------------------------------------------------------------------------
     def fold(self, view) -> None:
@@ -129,23 +131,58 @@ class BlockCeiling:
         observed = ceil.observed_rows(codes, n)
         start = int(self.offset[lo + at[0]])  # the chunk's eligible groups are contiguous
         keep_sides = bool(self.on_sides)
+        if self._rates is None:
+            self._rates = small.control_rates(view.chunk.controls)
+        group_ids = self.block.groups[lo : lo + n]
+        parent_q = small.unseen_rates(
+            small.detections(X, codes, n), np.bincount(codes, minlength=n), self._rates
+        )
+        if "var" in self.fits:
+            truth = view.truth
+            self.fits["var"].exact_noise[lo + at] = small.variance_noise(
+                X, codes, truth.mean, truth.var
+            )[at]
+        unseen_genes = parent_q[at] > 0
         for r in range(self.n_replicates):
             run = r * 2 * self.n_drawn
             rng = ceil.stream_at(self.seed, ceil.REPLICATE_STREAM, run + start)
             rows, rep_codes = ceil.bootstrap_rows(codes, n, rng=rng)
             rng = ceil.stream_at(self.seed, ceil.REPLICATE_STREAM, run + self.n_drawn + start)
             inner, inner_codes = ceil.bootstrap_rows(rep_codes, n, rng=rng)
-            boot = view.measure(Cells(X[rows], rep_codes), de=self.replicate_de)
-            boot2 = view.measure(Cells(X[rows[inner]], inner_codes), de=self.replicate_de)
+            X_b = small.add_unseen(
+                X[rows], rep_codes, parent_q, group_ids,
+                seed=self.seed, replicate=r, level=0,
+            )
+            inner_q = small.unseen_rates(
+                small.detections(X_b, rep_codes, n),
+                np.bincount(rep_codes, minlength=n),
+                self._rates,
+            )
+            X_bb = small.add_unseen(
+                X_b[inner], inner_codes, inner_q, group_ids,
+                seed=self.seed, replicate=r, level=1,
+            )
+            boot = view.measure(Cells(X_b, rep_codes), de=False)
+            boot2 = view.measure(Cells(X_bb, inner_codes), de=False)
+            if self.replicate_de:  # logp: an independent replicate's test, of the cells as seen
+                plain = view.measure(Cells(X[rows], rep_codes), de=True)
+                plain2 = view.measure(Cells(X[rows[inner]], inner_codes), de=True)
+                boot.z, boot2.z = plain.z, plain2.z
             first = ceil.weight_balance(rows, observed, rep_codes, n)
             second = ceil.weight_balance(rows[inner], rows, inner_codes, n)
+            truth_pop = small.population(view.truth, parent_q, X, codes)
+            boot_pop = small.population(boot, inner_q, X_b, rep_codes)
             for agg in self.profiled:
                 t_prof = view.profile(view.truth, at, agg)
+                pop = t_prof if agg == "logp" else view.profile(truth_pop, at, agg)
                 b_prof = view.profile(boot, at, agg)
-                bb_prof = ceil.balanced(b_prof, view.profile(boot2, at, agg), second[at])
-                parent, b_prof = b_prof, ceil.balanced(t_prof, b_prof, first[at])
-                self.fits[agg].add(lo + at, t_prof, b_prof, parent, bb_prof)
-                self.ranks.add(agg, r, lo + at, t_prof, b_prof)
+                parent = b_prof if agg == "logp" else view.profile(boot_pop, at, agg)
+                bb_prof = ceil.balanced(parent, view.profile(boot2, at, agg), second[at])
+                b_prof = ceil.balanced(pop, b_prof, first[at])
+                self.fits[agg].add(
+                    lo + at, pop, b_prof, parent, bb_prof, observed=t_prof, unseen=unseen_genes
+                )
+                self.ranks.add(agg, r, lo + at, pop, b_prof)
             if keep_sides and r < ceil.SIDE_REPLICATES:
                 self._keep_sides(r, chunk_groups=view.chunk.groups, boot=boot, boot2=boot2)
             del boot, boot2
