@@ -364,6 +364,16 @@ def aggregate_block(
     sides: dict[str, list[tuple[SideStats, SideStats | None]]] = {}
     max_cells = max(1, int(settings.chunk_elements) // max(n_genes, 1))
     shared: dict = {}  # statistics of predictions shared by all groups, per matrix
+    wants = [s for s in sources if getattr(s, "wants_detection", False)]
+    if wants:  # detection rate of each gene over the whole block (controls and groups)
+        detected = np.asarray((controls != 0).sum(axis=0)).ravel().astype(np.float64)
+        for groups in block.chunks(max_cells, extra_cells):
+            inside = (block.truth_codes >= groups.start) & (block.truth_codes < groups.stop)
+            part = truth.read(block.truth_rows[inside])
+            detected += np.asarray((part != 0).sum(axis=0)).ravel()
+        rate = detected / max(controls.shape[0] + block.truth_rows.size, 1)
+        for source in wants:
+            source.set_detection(block, rate)
     for groups in block.chunks(max_cells, extra_cells):
         inside = (block.truth_codes >= groups.start) & (block.truth_codes < groups.stop)
         rows = block.truth_rows[inside]

@@ -83,6 +83,7 @@ class BlockCeiling:
         n_drawn: int,
         usable_index: np.ndarray,
         n_usable: int,
+        rate: np.ndarray | None = None,
     ) -> None:
         specs = [s for s in settings.specs if _has_rule(s)]
         self.specs = settings.specs
@@ -110,7 +111,7 @@ class BlockCeiling:
         self.de_values = {name: np.full(G, np.nan) for name in self.de}
         # whole replicate sides of the first replicates, for the rules on sides
         self.sides: list[tuple[SideStats, SideStats]] = []
-        self._rates: np.ndarray | None = None  # control detection rates, from the first chunk
+        self._rates = rate  # pooled detection rate per gene (controls' when not given)
 
     # -- chunks --------------------------------------------------------------------------
     def fold(self, view) -> None:

@@ -415,8 +415,11 @@ class BootstrapCeiling(CeilingEstimator):
     def replicates(self, block: Block) -> list[Replicate]:
         return []  # made chunk by chunk (start_block)
 
-    def start_block(self, block: Block, settings):
+    def start_block(self, block: Block, settings, rate=None):
         from pertbench.metrics.ceiling_fold import BlockCeiling
+
+        if settings is None:  # the settings come with the first chunk
+            return _Pending(self, block, rate)
 
         if self._layout is None:
             raise EvaluationError("BootstrapCeiling.prepare(plan, seed=...) must run first")
@@ -430,7 +433,25 @@ class BootstrapCeiling(CeilingEstimator):
             n_drawn=self._layout["n_drawn"],
             usable_index=self._layout["usable_index"][at],
             n_usable=self._layout["n_usable"],
+            rate=rate,
         )
+
+
+class _Pending:
+    """A block's ceiling waiting for its first chunk's settings."""
+
+    def __init__(self, estimator, block, rate):
+        self.estimator, self.block, self.rate, self.inner = estimator, block, rate, None
+
+    def fold(self, view):
+        if self.inner is None:
+            self.inner = self.estimator.start_block(self.block, view.settings, rate=self.rate)
+        self.inner.fold(view)
+
+    def finish(self, view):
+        if self.inner is None:
+            self.inner = self.estimator.start_block(self.block, view.settings, rate=self.rate)
+        return self.inner.finish(view)
 
     def generated_cells(self, block: Block) -> np.ndarray:
         counts = block.truth_counts()
@@ -456,6 +477,14 @@ class CeilingSource:
 
     def for_block(self, b: int) -> CeilingSource:
         return CeilingSource(self.estimator, {b: self.replicates.get(b, [])})
+
+    @property
+    def wants_detection(self) -> bool:
+        return self.folds
+
+    def set_detection(self, block, rate) -> None:
+        """The block's pooled detection rate per gene (before its first chunk)."""
+        self._folded[block.index] = self.estimator.start_block(block, None, rate=rate)
 
     def fold(self, view) -> None:
         """Fold one chunk (a :class:`~pertbench.metrics.aggregate.ChunkView`)."""
