@@ -20,6 +20,12 @@ corrections make that precise for the small groups of single-cell data:
   rescaled to the expected weight spread (a control variate), which keeps its expected
   square and removes most of the Monte-Carlo noise.
 
+Two small-sample corrections (:mod:`pertbench.metrics.ceiling_corrections`) apply to the
+fit rules: Good-Turing pseudo-detections of the genes no cell of a group detected (the
+replicates are then scored against the smoothed population they are drawn from), and the
+exact unbiased noise energy of the within-group variance as the scale of the ``var``
+errors.
+
 Rule per family:
 
 - **Fit metrics** (:class:`FitCeiling`): rmse and mae are scored on the replicates,
@@ -236,10 +242,8 @@ class FitCeiling:
         }
         self.count = np.zeros(n_groups)
         #: an exact estimate of the noise energy, where one is known (var: see
-        #: :func:`~pertbench.metrics.ceiling_corrections.variance_noise`), without the
-        #: unseen genes, whose (iterated) energy is in ``sums["unseen"]``
+        #: :func:`~pertbench.metrics.ceiling_corrections.variance_noise`)
         self.exact_noise = np.full(n_groups, np.nan)
-        self.sums["unseen"] = np.zeros(n_groups)
         self.norms = {key: np.full(n_groups, np.nan) for key in ("plain", "centred", "ranks")}
         self.n_genes = 1
 
@@ -252,12 +256,13 @@ class FitCeiling:
         bb: np.ndarray,
         *,
         observed: np.ndarray | None = None,
-        unseen: np.ndarray | None = None,
     ) -> None:
-        """One replicate for groups ``at``: (groups x genes) profiles of the observed
-        groups ``t``, of the replicate ``b`` (as scored against ``t``), and of the inner
-        replicate ``bb`` with the cells ``parent`` it was drawn from (``b`` before any
-        rescaling)."""
+        """One replicate for groups ``at``: (groups x genes) profiles of the population
+        ``t`` the replicate ``b`` was drawn from (the observed groups, smoothed for unseen
+        genes: :func:`~pertbench.metrics.ceiling_corrections.population`), of ``b`` (as
+        scored against ``t``), and of the inner replicate ``bb`` with the population
+        ``parent`` it was drawn from. ``observed``: the observed profiles, whose energy
+        the similarities' rule reads the noise against (default ``t``)."""
         first = fit_metrics(b, t, ["rmse", "mae"])
         inner = fit_metrics(bb, parent, ["rmse", "mae"])
         for key in ("rmse", "mae"):
@@ -269,15 +274,12 @@ class FitCeiling:
             ("ranks", [_centre(x) for x in ranks]),
         ):
             self.sums[key][at] += 2.0 * _energy(x_b - x_t) - _energy(x_bb - x_parent)
-        if unseen is not None:  # (groups x genes) genes no observed cell detected
-            hidden = [np.where(unseen, x, 0.0) for x in (t, b, parent, bb)]
-            self.sums["unseen"][at] += 2.0 * _energy(hidden[1] - hidden[0]) - _energy(
-                hidden[3] - hidden[2]
-            )
         observed = t if observed is None else observed
         self.norms["plain"][at] = _energy(observed)
         self.norms["centred"][at] = _energy(_centre(observed))
-        self.norms["ranks"][at] = _energy(_centre(rank_rows(observed)))
+        # ranks: of the population the replicates are drawn from (ties among the zeros
+        # of unseen genes would shrink the observed ranks' spread)
+        self.norms["ranks"][at] = _energy(_centre(ranks[0]))
         self.count[at] += 1
         self.n_genes = t.shape[1]
 
@@ -295,12 +297,10 @@ class FitCeiling:
                 k: v / np.where(self.count > 0, self.count, np.nan) for k, v in self.sums.items()
             }
         missing = self.count == 0  # no replicate: too few cells
-        # the exact noise energy, where known, sets the scale of every rule
+        # an exact noise energy, where known, sets the scale of the errors
         with np.errstate(invalid="ignore", divide="ignore"):
-            exact = np.maximum(self.exact_noise + mean["unseen"], 0.0)
-            scale = np.where(
-                np.isfinite(exact) & (mean["energy"] > 0), exact / mean["energy"], 1.0
-            )
+            exact = np.maximum(self.exact_noise, 0.0)
+            scale = np.where(np.isfinite(exact) & (mean["energy"] > 0), exact / mean["energy"], 1.0)
         # (the errors only: the similarities' rule reads the noise against the observed
         # profile's energy, which carries the same bootstrap shortfall)
         noise = mean["energy"] * scale

@@ -191,8 +191,14 @@ def _variance_mse_weights(n: int) -> tuple[float, float]:
     E[m2^2] = (n-1) ((n-1) mu4 + (n^2-2n+3) mu2^2) / n^3 (Kendall and Stuart), so the
     estimate solves that linear system.
     """
-    moments = (n - 1) / n**3 * np.array([[n * n - 3 * n + 3, 3 * (2 * n - 3)], [n - 1, n * n - 2 * n + 3]])
-    target = np.array([((n - 1) / n) ** 2 / n, 1 / n**2 - ((n - 1) / n) ** 2 * (n - 3) / (n * (n - 1))])
+    moments = (
+        (n - 1)
+        / n**3
+        * np.array([[n * n - 3 * n + 3, 3 * (2 * n - 3)], [n - 1, n * n - 2 * n + 3]])
+    )
+    target = np.array(
+        [((n - 1) / n) ** 2 / n, 1 / n**2 - ((n - 1) / n) ** 2 * (n - 3) / (n * (n - 1))]
+    )
     a, b = np.linalg.solve(moments.T, target)
     return float(a), float(b)
 

@@ -111,7 +111,7 @@ class BlockCeiling:
         self.de_values = {name: np.full(G, np.nan) for name in self.de}
         # whole replicate sides of the first replicates, for the rules on sides
         self.sides: list[tuple[SideStats, SideStats]] = []
-        self._rates = rate  # pooled detection rate per gene (controls' when not given)
+        self._rates = rate  # detection rate per gene in the block (the controls' if not given)
 
     # -- chunks --------------------------------------------------------------------------
     def fold(self, view) -> None:
@@ -143,7 +143,6 @@ class BlockCeiling:
             self.fits["var"].exact_noise[lo + at] = small.variance_noise(
                 X, codes, truth.mean, truth.var
             )[at]
-        unseen_genes = parent_q[at] > 0
         for r in range(self.n_replicates):
             run = r * 2 * self.n_drawn
             rng = ceil.stream_at(self.seed, ceil.REPLICATE_STREAM, run + start)
@@ -151,8 +150,13 @@ class BlockCeiling:
             rng = ceil.stream_at(self.seed, ceil.REPLICATE_STREAM, run + self.n_drawn + start)
             inner, inner_codes = ceil.bootstrap_rows(rep_codes, n, rng=rng)
             X_b = small.add_unseen(
-                X[rows], rep_codes, parent_q, group_ids,
-                seed=self.seed, replicate=r, level=0,
+                X[rows],
+                rep_codes,
+                parent_q,
+                group_ids,
+                seed=self.seed,
+                replicate=r,
+                level=0,
             )
             inner_q = small.unseen_rates(
                 small.detections(X_b, rep_codes, n),
@@ -160,14 +164,24 @@ class BlockCeiling:
                 self._rates,
             )
             X_bb = small.add_unseen(
-                X_b[inner], inner_codes, inner_q, group_ids,
-                seed=self.seed, replicate=r, level=1,
+                X_b[inner],
+                inner_codes,
+                inner_q,
+                group_ids,
+                seed=self.seed,
+                replicate=r,
+                level=1,
             )
             boot = view.measure(Cells(X_b, rep_codes), de=False)
             boot2 = view.measure(Cells(X_bb, inner_codes), de=False)
-            if self.replicate_de:  # logp: an independent replicate's test, of the cells as seen
-                plain = view.measure(Cells(X[rows], rep_codes), de=True)
-                plain2 = view.measure(Cells(X[rows[inner]], inner_codes), de=True)
+            # the rank rules, logp's test and the rules on sides read the replicates of the
+            # cells as seen (the corrections are the fit rules')
+            plain = plain2 = None
+            if self.ranks.metrics or self.replicate_de or keep_sides:
+                plain = view.measure(Cells(X[rows], rep_codes), de=self.replicate_de)
+            if self.replicate_de or keep_sides:
+                plain2 = view.measure(Cells(X[rows[inner]], inner_codes), de=self.replicate_de)
+            if self.replicate_de:
                 boot.z, boot2.z = plain.z, plain2.z
             first = ceil.weight_balance(rows, observed, rep_codes, n)
             second = ceil.weight_balance(rows[inner], rows, inner_codes, n)
@@ -180,13 +194,13 @@ class BlockCeiling:
                 parent = b_prof if agg == "logp" else view.profile(boot_pop, at, agg)
                 bb_prof = ceil.balanced(parent, view.profile(boot2, at, agg), second[at])
                 b_prof = ceil.balanced(pop, b_prof, first[at])
-                self.fits[agg].add(
-                    lo + at, pop, b_prof, parent, bb_prof, observed=t_prof, unseen=unseen_genes
-                )
-                self.ranks.add(agg, r, lo + at, pop, b_prof)
+                self.fits[agg].add(lo + at, pop, b_prof, parent, bb_prof, observed=t_prof)
+                if plain is not None:
+                    seen = ceil.balanced(t_prof, view.profile(plain, at, agg), first[at])
+                    self.ranks.add(agg, r, lo + at, t_prof, seen)
             if keep_sides and r < ceil.SIDE_REPLICATES:
-                self._keep_sides(r, chunk_groups=view.chunk.groups, boot=boot, boot2=boot2)
-            del boot, boot2
+                self._keep_sides(r, chunk_groups=view.chunk.groups, boot=plain, boot2=plain2)
+            del boot, boot2, plain, plain2
 
     def _keep_sides(self, r: int, *, chunk_groups: slice, boot: SideStats, boot2: SideStats):
         if len(self.sides) <= r:
