@@ -371,6 +371,7 @@ class BootstrapCeiling(CeilingEstimator):
     """
 
     folds = True
+    uses_detection = True  # the unseen-gene correction's prior (ceiling_corrections)
 
     def __init__(self, n_replicates: int = DEFAULT_REPLICATES) -> None:
         if int(n_replicates) < 1:
@@ -436,6 +437,10 @@ class BootstrapCeiling(CeilingEstimator):
             rate=rate,
         )
 
+    def generated_cells(self, block: Block) -> np.ndarray:
+        counts = block.truth_counts()
+        return np.where(counts >= MIN_CELLS, 2 * counts, 0)  # a replicate and its inner one
+
 
 class _Pending:
     """A block's ceiling waiting for its first chunk's settings."""
@@ -452,10 +457,6 @@ class _Pending:
         if self.inner is None:
             self.inner = self.estimator.start_block(self.block, view.settings, rate=self.rate)
         return self.inner.finish(view)
-
-    def generated_cells(self, block: Block) -> np.ndarray:
-        counts = block.truth_counts()
-        return np.where(counts >= MIN_CELLS, 2 * counts, 0)  # a replicate and its inner one
 
 
 class CeilingSource:
@@ -480,7 +481,8 @@ class CeilingSource:
 
     @property
     def wants_detection(self) -> bool:
-        return self.folds
+        """Whether the estimator takes each block's detection rates before its chunks."""
+        return self.folds and bool(getattr(self.estimator, "uses_detection", False))
 
     def set_detection(self, block, rate) -> None:
         """The block's pooled detection rate per gene (before its first chunk)."""
