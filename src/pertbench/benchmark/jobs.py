@@ -318,6 +318,8 @@ def _run_cell(job: CellJob, directory: Path) -> dict[str, Any]:
         baselines=("no_change",),
         ceiling=True,  # the noise ceiling is always part of a benchmark
         model_name=job.model_label,
+        # every cell of a split and seed has the same ceiling: computed once per worker
+        reuse_references=True,
     )
     pred = outcome.predictions[job.on]
     _save_predictions(pred, directory, job, keys)
