@@ -161,8 +161,10 @@ def run_job(job: Any) -> JobOutcome:
     if job.threads:
         import torch
 
-        if torch.get_num_threads() != job.threads:
-            torch.set_num_threads(int(job.threads))
+        if torch.get_num_threads() != job.threads:  # a Ray task's first job in its process
+            from pertbench.utils.processes import limit_threads
+
+            limit_threads(int(job.threads))
     if isinstance(job, TuneJob):
         return run_tune_job(job)
     if isinstance(job, CellJob):
