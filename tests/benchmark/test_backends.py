@@ -25,7 +25,11 @@ def record_job(job):
     time.sleep(delay)
     with open(Path(folder) / "order.log", "a") as handle:
         handle.write(f"{name}\n")
-    return {"name": name, "pid": os.getpid()}
+    import torch
+    from threadpoolctl import threadpool_info
+
+    blas = {lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"}
+    return {"name": name, "pid": os.getpid(), "threads": (torch.get_num_threads(), blas)}
 
 
 def crash_job(job):
@@ -68,6 +72,11 @@ def test_dependencies_run_first(tmp_path, workers):
         assert pids == {os.getpid()}  # inline
     else:
         assert os.getpid() not in pids  # worker processes
+        # each worker's torch and BLAS (numpy's OpenBLAS is loaded before the worker
+        # starts) use its share of the cores, so the workers do not oversubscribe them
+        share = threads_per_worker(workers)
+        assert {r["threads"][0] for r in results.values()} == {share}
+        assert set().union(*(r["threads"][1] for r in results.values())) == {share}
 
 
 def test_dead_worker_is_recorded_and_others_finish(tmp_path):

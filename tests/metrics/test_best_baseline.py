@@ -71,3 +71,29 @@ def test_baseline_undefined_on_some_groups_is_compared_where_defined():
     assert n == 3
     assert value == pytest.approx(np.mean([0.8, 0.8, 0.8]))
     assert lo == pytest.approx(0.8) and hi == pytest.approx(0.8)
+
+
+def test_intervals_of_every_baseline_equal_a_direct_bootstrap():
+    """compare_with_baselines computes the intervals of all baselines in one quantile
+    call; each must equal the bootstrap computed directly for that baseline alone,
+    including a baseline with missing groups (fewer units, other resamples)."""
+    from pertbench.metrics.calibration import bootstrap_weights
+
+    rng = np.random.default_rng(7)
+    model = rng.normal(size=25)
+    baselines = {
+        "no_change": rng.normal(size=25) + 0.3,
+        "perturbation_mean": rng.normal(size=25),
+        "covariate_mean": np.where(np.arange(25) % 4 == 0, np.nan, rng.normal(size=25)),
+    }
+    cmp = compare_with_baselines(model, baselines, None, higher_is_better=False, seed=3)
+    for name, values in baselines.items():
+        both = ~np.isnan(values)
+        diff = values[both] - model[both]  # lower is better: positive = the model is better
+        weights = bootstrap_weights(int(both.sum()), 1000, 3)
+        boot = np.array([np.sum(w * diff) / np.sum(w) for w in weights])
+        low, high = np.quantile(boot, [0.025, 0.975])
+        value, lo, hi = cmp.advantage[name]
+        assert value == pytest.approx(diff.mean())
+        assert (lo, hi) == pytest.approx((low, high), rel=1e-12)
+        assert (lo, hi) == bootstrap_advantage(model, values, higher_is_better=False, seed=3)[1:3]

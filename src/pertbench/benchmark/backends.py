@@ -29,18 +29,10 @@ MAX_CRASHES = 2
 
 def _init_worker(threads: int, parent_pid: int) -> None:
     """Die with the parent; limit math-library threads so N workers do not oversubscribe."""
-    from pertbench.utils.processes import die_with_parent
+    from pertbench.utils.processes import die_with_parent, limit_threads
 
     die_with_parent(parent_pid)
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        os.environ[var] = str(threads)
-    import torch
-
-    torch.set_num_threads(threads)
-    try:
-        torch.set_num_interop_threads(1)
-    except RuntimeError:  # already set in this process
-        pass
+    limit_threads(threads)
 
 
 def threads_per_worker(workers: int) -> int:

@@ -56,7 +56,18 @@ def _group_scores(table: pd.DataFrame | None, label: str, id_cols: list[str]):
     index = pd.MultiIndex.from_frame(table[id_cols].astype(str))
     values = table.drop(columns=[c for c in ("model", *id_cols) if c in table.columns])
     values.index = index
-    return values.apply(pd.to_numeric, errors="coerce")
+    # numeric columns are left as read (converting them again is the slow part)
+    text = [c for c in values.columns if not pd.api.types.is_numeric_dtype(values[c])]
+    if text:
+        values[text] = values[text].apply(pd.to_numeric, errors="coerce")
+    return values
+
+
+def _aligned(table: pd.DataFrame, index: pd.Index) -> dict[str, np.ndarray]:
+    """``{metric: values}`` of a per-group score table reordered to the groups ``index``
+    (NaN for the groups it lacks)."""
+    values = table.reindex(index).to_numpy(dtype=float)
+    return {str(c): values[:, i] for i, c in enumerate(table.columns)}
 
 
 def add_baseline_comparison(
@@ -136,28 +147,22 @@ def add_baseline_comparison(
         for label, table in scores.items():
             if table is None:
                 continue
-            for metric in table.columns:
+            # every reference aligned to this model's groups once, not once per metric
+            own = _aligned(table, table.index)
+            aligned = {b: _aligned(t, table.index) for b, t in base.items()}
+            ceilings = _aligned(ceiling, table.index) if ceiling is not None else {}
+            for metric in own:
                 hib = direction(metric)
                 row = lookup.get((dataset, task, scenario, int(seed), label, metric))
                 if hib is None or row is None:
                     continue
-                model = table[metric]
-                others = {
-                    b: t[metric].reindex(model.index).to_numpy(dtype=float)
-                    for b, t in base.items()
-                    if metric in t.columns
-                }
+                others = {b: t[metric] for b, t in aligned.items() if metric in t}
                 if not others:
                     continue
-                ceil = (
-                    ceiling[metric].reindex(model.index).to_numpy(dtype=float)
-                    if ceiling is not None and metric in ceiling.columns
-                    else None
-                )
                 cmp = compare_with_baselines(
-                    model.to_numpy(dtype=float),
+                    own[metric],
                     others,
-                    ceil,
+                    ceilings.get(metric),
                     higher_is_better=hib,
                     n_bootstrap=n_bootstrap,
                     seed=int(seed),

@@ -161,8 +161,10 @@ def run_job(job: Any) -> JobOutcome:
     if job.threads:
         import torch
 
-        if torch.get_num_threads() != job.threads:
-            torch.set_num_threads(int(job.threads))
+        if torch.get_num_threads() != job.threads:  # a Ray task's first job in its process
+            from pertbench.utils.processes import limit_threads
+
+            limit_threads(int(job.threads))
     if isinstance(job, TuneJob):
         return run_tune_job(job)
     if isinstance(job, CellJob):
@@ -318,6 +320,8 @@ def _run_cell(job: CellJob, directory: Path) -> dict[str, Any]:
         baselines=("no_change",),
         ceiling=True,  # the noise ceiling is always part of a benchmark
         model_name=job.model_label,
+        # every cell of a split and seed has the same ceiling: computed once per worker
+        reuse_references=True,
     )
     pred = outcome.predictions[job.on]
     _save_predictions(pred, directory, job, keys)

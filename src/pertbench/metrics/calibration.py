@@ -196,8 +196,8 @@ def bootstrap_normalized(
     value = normalized_score(*means, higher_is_better=higher_is_better)
     low = high = float("nan")
     if n_bootstrap > 0 and M.shape[0] >= 2:
-        W = bootstrap_weights(M.shape[0], n_bootstrap, seed)
-        boot = (W @ M) / W.sum(axis=1, keepdims=True)
+        # every resample draws M.shape[0] groups: its weights sum to that exactly
+        boot = (bootstrap_weights(M.shape[0], n_bootstrap, seed) @ M) / M.shape[0]
         scores = normalized_score(
             boot[:, 0], boot[:, 1], boot[:, 2], higher_is_better=higher_is_better
         )
@@ -282,19 +282,45 @@ def bootstrap_advantage(
     -------
     value, ci_low, ci_high, n_groups
     """
+    value, boot, n = _advantage_draws(
+        model, baseline, higher_is_better=higher_is_better, n_bootstrap=n_bootstrap, seed=seed
+    )
+    ((low, high),) = _intervals([boot], level)
+    return value, low, high, n
+
+
+def _advantage_draws(
+    model: np.ndarray, baseline: np.ndarray, *, higher_is_better: bool, n_bootstrap: int, seed: int
+) -> tuple[float, np.ndarray | None, int]:
+    """(mean advantage, its bootstrap replicates or None, groups used): see
+    :func:`bootstrap_advantage`."""
     M = np.column_stack([model, baseline]).astype(np.float64)
     M = M[~np.isnan(M).any(axis=1)]
     if M.shape[0] == 0:
-        return float("nan"), float("nan"), float("nan"), 0
+        return float("nan"), None, 0
     sign = 1.0 if higher_is_better else -1.0
     diff = sign * (M[:, 0] - M[:, 1])
-    low = high = float("nan")
+    boot = None
     if n_bootstrap > 0 and M.shape[0] >= 2:
-        W = bootstrap_weights(M.shape[0], n_bootstrap, seed)
-        boot = (W @ diff) / W.sum(axis=1)
-        alpha = (1.0 - level) / 2.0
-        low, high = (float(q) for q in np.quantile(boot, [alpha, 1 - alpha]))
-    return float(diff.mean()), low, high, int(M.shape[0])
+        # every resample draws M.shape[0] groups: its weights sum to that exactly
+        boot = (bootstrap_weights(M.shape[0], n_bootstrap, seed) @ diff) / M.shape[0]
+    return float(diff.mean()), boot, int(M.shape[0])
+
+
+def _intervals(draws: Sequence[np.ndarray | None], level: float) -> list[tuple[float, float]]:
+    """The ``level`` percentile interval of each set of bootstrap replicates (NaN for
+    None); sets of one length share one quantile call (per row, the same numbers)."""
+    alpha = (1.0 - level) / 2.0
+    out = [(float("nan"), float("nan"))] * len(draws)
+    by_length: dict[int, list[int]] = {}
+    for i, boot in enumerate(draws):
+        if boot is not None:
+            by_length.setdefault(boot.size, []).append(i)
+    for rows in by_length.values():
+        bounds = np.quantile(np.vstack([draws[i] for i in rows]), [alpha, 1 - alpha], axis=1)
+        for j, i in enumerate(rows):
+            out[i] = (float(bounds[0, j]), float(bounds[1, j]))
+    return out
 
 
 def compare_with_baselines(
@@ -345,14 +371,18 @@ def compare_with_baselines(
     advantage = {}
     decided: list[bool] = []
     undecidable = not baselines
-    for name, values in baselines.items():
-        value, lo, hi, n = bootstrap_advantage(
+    draws = [
+        _advantage_draws(
             model,
             np.asarray(values, dtype=np.float64),
             higher_is_better=higher_is_better,
             n_bootstrap=n_bootstrap,
             seed=seed,
         )
+        for values in baselines.values()
+    ]
+    intervals = _intervals([boot for _, boot, _ in draws], CI_LEVEL)
+    for name, (value, _, n), (lo, hi) in zip(baselines, draws, intervals, strict=True):
         advantage[name] = (value, lo, hi)
         if n == 0:
             continue  # a baseline defined nowhere the model is cannot be beaten or lost to

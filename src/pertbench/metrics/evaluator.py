@@ -48,6 +48,7 @@ from pertbench.metrics.references import (
     BASELINES,
     CEILING,
     COMBINATION_BASELINES,
+    REFERENCE_CACHE,
     REPLICATE_AGREEMENT,
     BootstrapCeiling,
     CeilingEstimator,
@@ -162,6 +163,12 @@ class Evaluator:
     chunk_elements
         Cells x genes of one chunk of a block held in memory at once (observed,
         predicted and generated cells together); bounds memory, not the numbers.
+    reuse_references
+        Reuse the noise ceiling of a block computed by an earlier evaluation in this
+        process from the same observed cells, settings and seed
+        (:class:`~pertbench.metrics.references.ReferenceCache`): the same numbers, computed
+        once when many models are scored on one split (a benchmark). Local backend and
+        in-memory truth only.
     """
 
     def __init__(
@@ -195,6 +202,7 @@ class Evaluator:
         workers: int | None = None,
         ray_address: str | None = None,
         chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+        reuse_references: bool = False,
     ) -> None:
         self.keys = keys if keys is not None else PerturbationKeys()
         self.truth_arg, self.pred_arg = truth, pred
@@ -270,6 +278,7 @@ class Evaluator:
         if int(chunk_elements) < 1:
             raise ConfigError(f"chunk_elements must be positive, got {chunk_elements}")
         self.chunk_elements = int(chunk_elements)
+        self.reuse_references = bool(reuse_references)
 
     def _baselines_for(self, plan: EvaluationPlan) -> list[str]:
         """The baselines of this run: with ``baselines=True``, additive_within only when
@@ -358,6 +367,7 @@ class Evaluator:
             "truth_columns": plan.truth_columns,
             "pred_columns": plan.pred_columns,
             "all_groups": plan.all_groups(block) if settings.need_all_groups else None,
+            "reuse_references": self.reuse_references and self.backend == "local",
         }
 
     def _run_local(self, plan, sources, settings) -> list[dict[str, SourceScores]]:
@@ -478,21 +488,41 @@ def evaluate_block(job: dict, truth: RowReader, pred: RowReader) -> dict[str, So
     block: Block = job["block"]
     settings: BlockSettings = job["settings"]
     labels = job["labels"]
-    sources = [PredictionSource(job["model"], pred), *job["sources"]]
     extra = np.zeros(block.n_groups, dtype=np.int64)
     for source in job["sources"]:
         extra += source.generated_cells(block)
+    # references computed by an earlier evaluation of the same cells are not recomputed;
+    # the chunks stay those of the full set of sources
+    reused: dict[str, SourceScores] = {}
+    new_keys: dict[str, tuple] = {}
+    active = []
+    for source in job["sources"]:
+        key = None
+        if job.get("reuse_references") and isinstance(source, CeilingSource):
+            max_cells = max(1, int(settings.chunk_elements) // max(truth.shape[1], 1))
+            chunks = block.chunks(max_cells, extra)
+            key = REFERENCE_CACHE.key(source, block, settings, truth, chunks)
+        hit = REFERENCE_CACHE.get(key)
+        if hit is not None:
+            reused[source.name] = hit
+            continue
+        if key is not None:
+            new_keys[source.name] = key
+        active.append(source)
     stats = aggregate_block(
         block,
         truth,
-        sources,
+        [PredictionSource(job["model"], pred), *active],
         settings,
         labels=_LabelLookup(labels),
         extra_cells=extra,
         all_groups=job["all_groups"],
     )
-    ceilings = {s.name: s for s in job["sources"] if isinstance(s, CeilingSource)}
-    return score_block(stats, settings, model=job["model"], ceilings=ceilings)
+    ceilings = {s.name: s for s in active if isinstance(s, CeilingSource)}
+    scores = score_block(stats, settings, model=job["model"], ceilings=ceilings)
+    for name, key in new_keys.items():
+        REFERENCE_CACHE.put(key, scores[name])
+    return {**scores, **reused}
 
 
 def evaluate_block_job(job: dict) -> dict[str, SourceScores]:

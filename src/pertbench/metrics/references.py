@@ -36,6 +36,7 @@ from typing import Any
 import anndata as ad
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 
 from pertbench.data.ondisk import RowReader
 from pertbench.errors import ConfigError, EvaluationError, ModelError
@@ -292,6 +293,12 @@ class CeilingEstimator:
         """Replicate cells a folding estimator holds at once per group (bounds chunks)."""
         return np.zeros(block.n_groups, dtype=np.int64)
 
+    def block_identity(self, block: Block) -> tuple | None:
+        """Everything besides the observed cells and the evaluation settings that this
+        estimator's scores of ``block`` depend on, or ``None`` when they may depend on
+        more (then they are never reused, see :class:`ReferenceCache`)."""
+        return None
+
     def correct(self, spec: MetricSpec, value: np.ndarray) -> np.ndarray:
         """Per-metric correction of the averaged replicate scores (identity here)."""
         return value
@@ -440,6 +447,112 @@ class BootstrapCeiling(CeilingEstimator):
     def generated_cells(self, block: Block) -> np.ndarray:
         counts = block.truth_counts()
         return np.where(counts >= MIN_CELLS, 2 * counts, 0)  # a replicate and its inner one
+
+    def block_identity(self, block: Block) -> tuple | None:
+        # the draws of a block's groups are read at their positions in the plan's streams
+        if self._layout is None:
+            return None
+        at = block.groups
+        layout = self._layout
+        return (
+            type(self).__qualname__,
+            self.n_replicates,
+            self.seed,
+            _digest(layout["offset"][at], layout["usable_index"][at]),
+            int(layout["n_drawn"]),
+            int(layout["n_usable"]),
+        )
+
+
+# ---------------------------------------------------------------------------------------
+# Reuse across evaluations
+# ---------------------------------------------------------------------------------------
+def _digest(*parts: Any) -> str:
+    """A digest of arrays (values, dtype and shape) and sparse matrices (their structure)."""
+    import hashlib
+
+    digest = hashlib.blake2b(digest_size=20)
+    for part in parts:
+        if sp.issparse(part):
+            part = sp.csr_matrix(part)
+            digest.update(f"csr{part.shape}{part.dtype}".encode())
+            for array in (part.data, part.indices, part.indptr):
+                digest.update(np.ascontiguousarray(array).tobytes())
+        else:
+            array = np.ascontiguousarray(part)
+            digest.update(f"{array.shape}{array.dtype}".encode())
+            digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+class ReferenceCache:
+    """Block scores of references made of observed cells only, kept across evaluations.
+
+    A benchmark scores every model of a (dataset, task, scenario, seed) against the same
+    observed cells with the same seed, and the noise ceiling of a block is made of those
+    cells alone: it is the same for every model. Evaluations that opt in
+    (``Evaluator(reuse_references=True)``) compute it once per process and reuse it.
+
+    A block's scores are reused only when everything they are computed from is the
+    same: the estimator's own identity for the block
+    (:meth:`CeilingEstimator.block_identity`: its draws; an estimator without one is
+    never reused), every evaluation setting, the block's groups, observed cells and
+    controls, how it is cut into chunks, and a digest of the observed values themselves.
+    Only an in-memory truth is reused (reading an on-disk block a second time to digest
+    it would cost what it saves).
+    """
+
+    def __init__(self, size: int = 64) -> None:
+        self.size = int(size)
+        self._entries: dict[tuple, Any] = {}
+
+    def key(
+        self, source: Any, block: Block, settings: Any, truth: RowReader, chunks
+    ) -> tuple | None:
+        """The identity of ``source``'s scores of ``block``; ``None``: not reusable."""
+        import dataclasses
+
+        estimator = getattr(source, "estimator", None)
+        identity = None if estimator is None else estimator.block_identity(block)
+        if identity is None or truth.on_disk:
+            return None
+        options = tuple(
+            (f.name, tuple(s.name for s in settings.specs) if f.name == "specs" else repr(value))
+            for f in dataclasses.fields(settings)
+            for value in [getattr(settings, f.name)]
+        )
+        observed = np.concatenate([block.truth_rows, block.control_rows])
+        return (
+            source.name,
+            identity,
+            options,
+            tuple((c.start, c.stop) for c in chunks),
+            _digest(block.groups, block.truth_rows, block.truth_codes, block.control_rows),
+            _digest(truth.read(observed)),
+        )
+
+    def get(self, key: tuple | None) -> Any:
+        """A copy of the scores stored under ``key`` (``None`` when absent)."""
+        import copy
+
+        hit = None if key is None else self._entries.get(key)
+        return None if hit is None else copy.deepcopy(hit)
+
+    def put(self, key: tuple | None, scores: Any) -> None:
+        import copy
+
+        if key is None:
+            return
+        self._entries[key] = copy.deepcopy(scores)
+        while len(self._entries) > self.size:
+            self._entries.pop(next(iter(self._entries)))
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
+#: The reference scores of this process (evaluations with ``reuse_references=True``).
+REFERENCE_CACHE = ReferenceCache()
 
 
 class _Pending:

@@ -134,20 +134,12 @@ class ValidationStudy:
         write_csv_atomic(out / DETECTION_FILE, self.detection)
         write_json_atomic(out / STUDY_FILE, self.settings)
         if figure:
+            from pertbench.pl.png import figure_png
             from pertbench.pl.validation import failure_heatmap
             from pertbench.utils.io import write_bytes_atomic
 
             write_bytes_atomic(out / HEATMAP_FILE, figure_png(failure_heatmap(self.detection)))
         return out
-
-
-def figure_png(fig: Any, *, dpi: int = 110) -> bytes:
-    """A matplotlib figure as PNG bytes."""
-    import io
-
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
-    return buffer.getvalue()
 
 
 def fresh_replicate(truth: ad.AnnData, *, seed: int = 0, cells_factor: int = 1) -> ad.AnnData:

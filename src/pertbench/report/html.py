@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import json
 import math
 import os
@@ -186,10 +185,10 @@ class _Page:
         """Save ``fig`` as ``figures/<name>.png`` and embed it."""
         import matplotlib.pyplot as plt
 
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+        from pertbench.pl.png import figure_png
+
+        data = figure_png(fig)
         plt.close(fig)
-        data = buffer.getvalue()
         self.figure_count += 1
         filename = f"{self.figure_count:02d}_{paths.slug(name)}.png"
         write_bytes_atomic(self.figures_dir / filename, data)

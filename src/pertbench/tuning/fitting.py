@@ -125,6 +125,7 @@ def fit_and_evaluate(
     baselines: Sequence[str] | None = None,
     ceiling: bool = False,
     model_name: str | None = None,
+    reuse_references: bool = False,
 ) -> FitOutcome:
     """Fit ``model`` with ``params`` on the train cells and score its predictions.
 
@@ -144,6 +145,9 @@ def fit_and_evaluate(
         Metric names to compute (``None``: the evaluator's default set).
     baselines, ceiling
         Passed to the evaluator for calibrated (normalised) scores.
+    reuse_references
+        Reuse the ceiling computed by an earlier evaluation of the same cells in this
+        process (:class:`~pertbench.metrics.references.ReferenceCache`; same numbers).
 
     Returns
     -------
@@ -182,6 +186,7 @@ def fit_and_evaluate(
             baselines=baselines,
             ceiling=ceiling,
             model_name=model_name or model,
+            reuse_references=reuse_references,
         )
         outcome.evaluate_seconds += time.perf_counter() - start
         outcome.predictions[part] = pred
@@ -202,6 +207,7 @@ def evaluate_prediction(
     baselines: Sequence[str] | None = None,
     ceiling: bool = False,
     model_name: str = "model",
+    reuse_references: bool = False,
 ) -> Any:
     """Score ``pred`` against the observed ``on`` cells with :class:`pertbench.metrics.Evaluator`."""
     from pertbench.metrics import Evaluator
@@ -218,6 +224,7 @@ def evaluate_prediction(
         seed=seed,
         model_name=model_name,
         keep_aggregates=False,
+        reuse_references=reuse_references,
     ).run()
 
 

@@ -100,14 +100,12 @@ def run_workers(
 
 def worker_entry(spec: dict[str, Any], worker: int) -> None:
     """Entry point of a spawned tuning worker (top level, so it pickles)."""
-    from pertbench.utils.processes import die_with_parent
+    from pertbench.utils.processes import die_with_parent, limit_threads
 
     die_with_parent(int(spec["parent_pid"]))
-    import torch
-
     from pertbench.tuning.fitting import load_dataset, load_split
 
-    torch.set_num_threads(int(spec["threads"]))
+    limit_threads(int(spec["threads"]))
     keys = PerturbationKeys.from_dict(spec["keys"])
     settings_dict = dict(spec["settings"])
     if settings_dict.get("report_metrics") is not None:

@@ -68,3 +68,34 @@ def die_with_parent(parent_pid: int, *, interval: float = WATCHDOG_INTERVAL) -> 
             daemon=True,
         ).start()
     return how
+
+
+#: Environment variables read by the math libraries when they are loaded.
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+def limit_threads(threads: int) -> None:
+    """Limit this (worker) process to ``threads`` math-library threads.
+
+    Sets torch's intra-op threads and the thread pools of the BLAS and OpenMP libraries
+    already loaded (numpy's OpenBLAS is loaded with ``import numpy``, before a worker can
+    set any environment variable, and would otherwise run as many threads as there are
+    cores in every worker: N workers would oversubscribe the machine N times over), and
+    the environment variables read by libraries loaded later. The number of threads does
+    not change pertbench's numbers on CPU.
+    """
+    threads = max(1, int(threads))
+    for var in THREAD_VARIABLES:
+        os.environ[var] = str(threads)
+    import torch
+
+    torch.set_num_threads(threads)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # already set in this process
+        pass
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn
+        return
+    threadpool_limits(limits=threads)
