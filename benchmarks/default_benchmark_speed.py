@@ -1,13 +1,12 @@
 """Where the default benchmark's time went, and what each speedup saves (ratios, one run).
 
-``make benchmark`` (the shipped default config, 2 workers) first; then, on its finished
-folder, three comparisons of the same work done two ways, each in this one run:
+Three comparisons of the same work done two ways, side by side in this one run:
 
-- ``blas``: six latent-model cells of the combo task (fit, predict, evaluate, probe)
-  run by two spawned worker processes at once, with workers set up as before (only the
-  ``*_NUM_THREADS`` variables, which numpy's OpenBLAS, loaded at ``import numpy``, had
-  already read: four BLAS threads on two cores) and as now
-  (:func:`pertbench.utils.processes.limit_threads`). Wall time of the pair.
+- ``workers``: the shipped default benchmark (2 workers, as ``make benchmark``) with its
+  worker processes set up as before (only the ``*_NUM_THREADS`` variables, which numpy's
+  OpenBLAS, loaded at ``import numpy``, had already read: two BLAS threads per worker on
+  two cores) and as now (:func:`pertbench.utils.processes.limit_threads`). Wall and CPU
+  time (user + sys, workers included); the results tables are checked to be identical.
 - ``ceiling``: the saved predictions of every model of one split and seed evaluated one
   after the other in one process, without and with the reused noise ceiling
   (``Evaluator(reuse_references=True)``); the tables are checked to be identical.
@@ -17,8 +16,7 @@ folder, three comparisons of the same work done two ways, each in this one run:
 
 Usage::
 
-    python benchmarks/default_benchmark_speed.py                # runs the benchmark first
-    python benchmarks/default_benchmark_speed.py --run runs/default   # a finished run
+    python benchmarks/default_benchmark_speed.py     # about 5 minutes on 2 cores
 
 Timings on a shared machine are noisy: read the ratios, measured side by side.
 """
@@ -26,41 +24,31 @@ Timings on a shared machine are noisy: read the ratios, measured side by side.
 from __future__ import annotations
 
 import argparse
-import concurrent.futures as cf
 import json
-import multiprocessing
 import os
 import resource
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-LATENT_MODELS = ("cpa", "sams_vae", "biolord")
 
-
-def _children_cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
-
-def run_default(out: Path) -> None:
-    """``pertbench benchmark --default`` with 2 workers; prints wall and CPU time."""
-    start, cpu = time.perf_counter(), _children_cpu()
-    command = Path(sys.executable).with_name("pertbench")
-    subprocess.run(
-        [str(command), "benchmark", "--default", "--out", str(out), "--workers", "2"], check=True
-    )
-    print(
-        f"default benchmark: {time.perf_counter() - start:.1f} s wall, "
-        f"{_children_cpu() - cpu:.1f} s CPU (user + sys), 2 workers"
-    )
+def _cpu() -> float:
+    """CPU time (user + sys) of this process and of its joined children."""
+    total = 0.0
+    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+        usage = resource.getrusage(who)
+        total += usage.ru_utime + usage.ru_stime
+    return total
 
 
 def _env_only(threads: int, parent_pid: int) -> None:
-    """The worker set-up before limit_threads: variables and torch, no thread-pool limits."""
+    """The worker set-up before limit_threads: variables and torch, no thread-pool limits.
+
+    The old initializer lived in ``pertbench.benchmark.backends``: unpickling it imported
+    that module (numpy and scipy with their OpenBLAS) before it set any variable.
+    """
+    import pertbench.benchmark.backends  # noqa: F401  (the import order of the old set-up)
     from pertbench.utils.processes import THREAD_VARIABLES, die_with_parent
 
     die_with_parent(parent_pid)
@@ -71,55 +59,32 @@ def _env_only(threads: int, parent_pid: int) -> None:
     torch.set_num_threads(threads)
 
 
-def _limited(threads: int, parent_pid: int) -> None:
-    from pertbench.utils.processes import die_with_parent, limit_threads
+def compare_workers(scratch: Path) -> Path:
+    """The default benchmark (2 workers) with workers set up as before and as now."""
+    import pandas as pd
 
-    die_with_parent(parent_pid)
-    limit_threads(threads)
+    from pertbench.benchmark import backends
+    from pertbench.benchmark.runner import run_benchmark
 
-
-def _cell(args: tuple[str, str]) -> float:
-    from pertbench.benchmark.config import default_config_path, load_config
-    from pertbench.benchmark.jobs import run_job
-    from pertbench.benchmark.runner import build_jobs
-
-    out, job_id = Path(args[0]), args[1]
-    os.chdir(out)
-    manifest = json.loads((out / "manifest.json").read_text())
-    jobs, _ = build_jobs(load_config(default_config_path()), out, manifest, threads=1)
-    job = jobs[job_id]
-    shutil.rmtree(job.directory)
-    job.directory.mkdir(parents=True)
-    start = time.perf_counter()
-    outcome = run_job(job)
-    assert outcome.status == "ok", outcome.error
-    return time.perf_counter() - start
-
-
-def compare_blas(run: Path, scratch: Path) -> None:
-    ids = [f"cell:simulated|combo|full|{m}|{s}" for m in LATENT_MODELS for s in (0, 1)]
-    walls, cpus = {}, {}
-    for label, initializer in (("variables only", _env_only), ("limit_threads", _limited)):
-        copy = scratch / f"blas_{label.replace(' ', '_')}"
-        shutil.copytree(run, copy)
-        cpu = _children_cpu()
-        with cf.ProcessPoolExecutor(
-            2,
-            mp_context=multiprocessing.get_context("spawn"),
-            initializer=initializer,
-            initargs=(1, os.getpid()),
-        ) as pool:
-            pool.submit(time.sleep, 0).result()  # both workers started before timing
-            start = time.perf_counter()
-            list(pool.map(_cell, [(str(copy), i) for i in ids]))
-            walls[label] = time.perf_counter() - start
-        cpus[label] = _children_cpu() - cpu  # the workers' CPU time, once they are joined
-        print(
-            f"blas: {len(ids)} cells on 2 workers, {label}: {walls[label]:.1f} s wall, "
-            f"{cpus[label]:.1f} s worker CPU (spinning BLAS threads count here)"
-        )
-    old, new = "variables only", "limit_threads"
-    print(f"blas: ratio {walls[old] / walls[new]:.2f}x wall, {cpus[old] / cpus[new]:.2f}x CPU")
+    measured, folders = {}, {}
+    current = backends._init_worker
+    for label, initializer in (("variables only", _env_only), ("limit_threads", current)):
+        folders[label] = scratch / f"default_{label.replace(' ', '_')}"
+        backends._init_worker = initializer  # looked up when the pool starts
+        try:
+            start, cpu = time.perf_counter(), _cpu()
+            run_benchmark(None, out=folders[label], workers=2, log=lambda msg: None)
+            measured[label] = (time.perf_counter() - start, _cpu() - cpu)
+        finally:
+            backends._init_worker = current
+        wall, cpu = measured[label]
+        print(f"benchmark, workers with {label}: {wall:.1f} s wall, {cpu:.1f} s CPU")
+    tables = [pd.read_parquet(f / "results.parquet") for f in folders.values()]
+    timing = ["fit_seconds", "predict_seconds", "evaluate_seconds"]
+    pd.testing.assert_frame_equal(*(t.drop(columns=timing) for t in tables), check_exact=True)
+    (w0, c0), (w1, c1) = measured.values()
+    print(f"benchmark: identical results; ratio {w0 / w1:.2f}x wall, {c0 / c1:.2f}x CPU")
+    return folders["limit_threads"]
 
 
 def compare_ceiling(run: Path) -> None:
@@ -200,15 +165,10 @@ def compare_report(run: Path, scratch: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", type=Path, help="a finished default benchmark folder")
-    args = parser.parse_args()
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()
     with tempfile.TemporaryDirectory(prefix="pertbench-speed-") as tmp:
         scratch = Path(tmp)
-        run = args.run.resolve() if args.run else scratch / "default"
-        if args.run is None:
-            run_default(run)
-        compare_blas(run, scratch)
+        run = compare_workers(scratch)
         compare_ceiling(run)
         compare_report(run, scratch)
 
