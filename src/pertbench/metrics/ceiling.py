@@ -256,6 +256,7 @@ class FitCeiling:
         bb: np.ndarray,
         *,
         observed: np.ndarray | None = None,
+        rank_sides: tuple | None = None,
     ) -> None:
         """One replicate for groups ``at``: (groups x genes) profiles of the population
         ``t`` the replicate ``b`` was drawn from (the observed groups, smoothed for unseen
@@ -267,7 +268,11 @@ class FitCeiling:
         inner = fit_metrics(bb, parent, ["rmse", "mae"])
         for key in ("rmse", "mae"):
             self.sums[key][at] += 2.0 * first[key] - inner[key]
-        ranks = [rank_rows(x) for x in (t, b, parent, bb)]
+        # spearman reads the uncorrected replicates (observed, b, its parent, bb) when
+        # given: breaking the ties among zeros of unseen genes makes it too pessimistic
+        ranks = [
+            rank_rows(x) for x in (rank_sides if rank_sides is not None else (t, b, parent, bb))
+        ]
         for key, (x_t, x_b, x_parent, x_bb) in (
             ("energy", (t, b, parent, bb)),
             ("centred", [_centre(x) for x in (t, b, parent, bb)]),
@@ -277,8 +282,6 @@ class FitCeiling:
         observed = t if observed is None else observed
         self.norms["plain"][at] = _energy(observed)
         self.norms["centred"][at] = _energy(_centre(observed))
-        # ranks: of the population the replicates are drawn from (ties among the zeros
-        # of unseen genes would shrink the observed ranks' spread)
         self.norms["ranks"][at] = _energy(_centre(ranks[0]))
         self.count[at] += 1
         self.n_genes = t.shape[1]

@@ -102,6 +102,8 @@ class BlockCeiling:
         # the replicates' own z-scores are only needed for the logp aggregation
         self.replicate_de = "logp" in self.profiled
         self.fits = {agg: ceil.FitCeiling(G, agg) for agg in self.profiled}
+        # aggregations whose spearman ceiling reads the uncorrected replicates
+        self.spearman = {s.aggregation for s in self.fit if s.base == "spearman"}
         self.ranks = ceil.RankCeiling(
             [(s.name, s.base, s.aggregation) for s in ranks],
             block.truth_counts(),
@@ -177,9 +179,9 @@ class BlockCeiling:
             # the rank rules, logp's test and the rules on sides read the replicates of the
             # cells as seen (the corrections are the fit rules')
             plain = plain2 = None
-            if self.ranks.metrics or self.replicate_de or keep_sides:
+            if self.ranks.metrics or self.replicate_de or keep_sides or self.spearman:
                 plain = view.measure(Cells(X[rows], rep_codes), de=self.replicate_de)
-            if self.replicate_de or keep_sides:
+            if self.replicate_de or keep_sides or self.spearman:
                 plain2 = view.measure(Cells(X[rows[inner]], inner_codes), de=self.replicate_de)
             if self.replicate_de:
                 boot.z, boot2.z = plain.z, plain2.z
@@ -194,7 +196,19 @@ class BlockCeiling:
                 parent = b_prof if agg == "logp" else view.profile(boot_pop, at, agg)
                 bb_prof = ceil.balanced(parent, view.profile(boot2, at, agg), second[at])
                 b_prof = ceil.balanced(pop, b_prof, first[at])
-                self.fits[agg].add(lo + at, pop, b_prof, parent, bb_prof, observed=t_prof)
+                rank_sides = None
+                if agg in self.spearman:
+                    seen = view.profile(plain, at, agg)
+                    seen_bb = view.profile(plain2, at, agg)
+                    rank_sides = (
+                        t_prof,
+                        ceil.balanced(t_prof, seen, first[at]),
+                        seen,
+                        ceil.balanced(seen, seen_bb, second[at]),
+                    )
+                self.fits[agg].add(
+                    lo + at, pop, b_prof, parent, bb_prof, observed=t_prof, rank_sides=rank_sides
+                )
                 if plain is not None:
                     seen = ceil.balanced(t_prof, view.profile(plain, at, agg), first[at])
                     self.ranks.add(agg, r, lo + at, t_prof, seen)
