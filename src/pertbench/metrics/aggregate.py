@@ -174,6 +174,9 @@ class ChunkView:
     control_mean: np.ndarray
     reference: Any  # the block's controls, as the Wilcoxon tests take them
     settings: BlockSettings
+    #: (n_genes,) detection rate of each gene over the block's cells, when a source asks
+    #: for it (``wants_detection``; :func:`block_detection`)
+    detection: np.ndarray | None = None
 
     def measure(self, cells: Cells, *, de: bool) -> SideStats:
         parts = _measure(
@@ -322,6 +325,16 @@ def _cell_metrics(
             side.cell_values[spec.name][chunk.groups.start + g] = spec.compute(P, T)
 
 
+def block_detection(block: Block, truth: RowReader, controls, max_cells: int, extra_cells):
+    """(n_genes,) share of the block's cells (controls and every group) detecting each
+    gene, read chunk by chunk like the block itself: it does not depend on chunking."""
+    detected = np.asarray((controls != 0).sum(axis=0)).ravel().astype(np.float64)
+    for groups in block.chunks(max_cells, extra_cells):
+        inside = (block.truth_codes >= groups.start) & (block.truth_codes < groups.stop)
+        detected += np.asarray((truth.read(block.truth_rows[inside]) != 0).sum(axis=0)).ravel()
+    return detected / max(controls.shape[0] + block.truth_rows.size, 1)
+
+
 def aggregate_block(
     block: Block,
     truth: RowReader,
@@ -364,16 +377,9 @@ def aggregate_block(
     sides: dict[str, list[tuple[SideStats, SideStats | None]]] = {}
     max_cells = max(1, int(settings.chunk_elements) // max(n_genes, 1))
     shared: dict = {}  # statistics of predictions shared by all groups, per matrix
-    wants = [s for s in sources if getattr(s, "wants_detection", False)]
-    if wants:  # detection rate of each gene over the whole block (controls and groups)
-        detected = np.asarray((controls != 0).sum(axis=0)).ravel().astype(np.float64)
-        for groups in block.chunks(max_cells, extra_cells):
-            inside = (block.truth_codes >= groups.start) & (block.truth_codes < groups.stop)
-            part = truth.read(block.truth_rows[inside])
-            detected += np.asarray((part != 0).sum(axis=0)).ravel()
-        rate = detected / max(controls.shape[0] + block.truth_rows.size, 1)
-        for source in wants:
-            source.set_detection(block, rate)
+    detection = None
+    if any(getattr(s, "wants_detection", False) for s in sources):
+        detection = block_detection(block, truth, controls, max_cells, extra_cells)
     for groups in block.chunks(max_cells, extra_cells):
         inside = (block.truth_codes >= groups.start) & (block.truth_codes < groups.stop)
         rows = block.truth_rows[inside]
@@ -383,7 +389,7 @@ def aggregate_block(
         n = chunk.n_groups
         parts = measure(observed, n, reference, settings)
         _store(truth_side, groups, parts)
-        view = ChunkView(chunk, SideStats(*parts), control_mean, reference, settings)
+        view = ChunkView(chunk, SideStats(*parts), control_mean, reference, settings, detection)
         for source in sources:
             if getattr(source, "folds", False):
                 source.fold(view)

@@ -14,12 +14,14 @@ Good-Turing (Good 1953; Robbins 1968) estimates, from the group itself, how much
 mass the unseen genes have: with ``N1`` the number of genes detected in exactly one of
 the ``n`` cells, ``E[sum of p over genes detected in no cell] ~ N1 / n``. That mass is
 spread over the unseen genes in proportion to their chance of having gone unseen,
-``r (1 - r)^n`` with ``r`` the gene's detection rate in the block's control cells (a
-gene the controls detect in most cells is not missed by chance: it is switched off, and
-gets nothing). Each replicate then detects each unseen gene in Binomial(n, q) of its
-cells, with the value of a random detecting control cell. The inner replicates of the
-iterated bootstrap get the same treatment from their parent replicate, so both levels of
-``2 L(b, t) - L(bb, b)`` carry it.
+``r (1 - r)^n`` with ``r`` the gene's detection rate over the block's cells (controls and
+every group; a gene the rest of the block detects in most cells is not missed by chance:
+it is switched off, and gets nothing, as does a gene nothing in the block detects). Each
+replicate then detects each unseen gene in Binomial(n, q) of its cells, each detection
+worth one count of its cell, and is scored against the smoothed population it was drawn
+from (:func:`population`). The inner replicates of the iterated bootstrap get the same
+treatment from their parent replicate, so both levels of ``2 L(b, t) - L(bb, b)`` carry
+it.
 
 Draws come from one generator per (replicate, level, group), seeded by the evaluation
 seed and the group's position among all groups, so they do not depend on how the groups
@@ -38,20 +40,15 @@ genes, for mae and the similarities).
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import scipy.sparse as sp
 
+from pertbench.data.groups import indicator_matrix
+
 #: Stream of the unseen-expression draws.
 UNSEEN_STREAM = 0x0A5E
-
-
-def control_rates(controls) -> np.ndarray:
-    """(n_genes,) detection rate of each gene in the control cells, with half a
-    pseudo-detection ((detected + 1/2) / (n + 1)): a gene no control detected may still
-    be expressed at a rate below 1/n."""
-    C = sp.csc_matrix(controls, dtype=np.float64)
-    C.eliminate_zeros()
-    return np.diff(C.indptr) / max(C.shape[0], 1)
 
 
 def single_count_values(X) -> np.ndarray:
@@ -71,13 +68,7 @@ def single_count_values(X) -> np.ndarray:
 
 def detections(X, codes: np.ndarray, n_groups: int) -> np.ndarray:
     """(n_groups, n_genes) number of cells of each group with a non-zero value."""
-    codes = np.asarray(codes, dtype=np.int64)
-    keep = np.flatnonzero(codes >= 0)
-    indicator = sp.csr_matrix(
-        (np.ones(keep.size), (codes[keep], keep)), shape=(n_groups, X.shape[0])
-    )
-    nonzero = (X != 0).astype(np.float64)
-    counts = indicator @ nonzero
+    counts = indicator_matrix(codes, n_groups) @ (X != 0).astype(np.float64)
     counts = counts.toarray() if sp.issparse(counts) else np.asarray(counts)
     return np.rint(counts).astype(np.int64)
 
@@ -92,7 +83,7 @@ def unseen_rates(counts: np.ndarray, n_cells: np.ndarray, rate: np.ndarray) -> n
     n_cells
         (n_groups,) parent cells per group.
     rate
-        (n_genes,) detection rate in the controls.
+        (n_genes,) detection rate over the block's cells.
 
     Returns
     -------
@@ -118,8 +109,6 @@ def population(side, q: np.ndarray, X, codes: np.ndarray):
     mean ``q E[v]``, variance ``q E[v^2] - (q E[v])^2``, ``v`` the single-count value of
     a random cell of the group. Replicates are scored against it: the bootstrap's
     sample-to-population error, for the smoothed population."""
-    import dataclasses
-
     codes = np.asarray(codes, dtype=np.int64)
     n = np.maximum(np.bincount(codes, minlength=q.shape[0]), 1)
     v = single_count_values(X)

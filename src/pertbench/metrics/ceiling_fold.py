@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from pertbench.errors import EvaluationError
 from pertbench.metrics import ceiling as ceil
 from pertbench.metrics import ceiling_corrections as small
 from pertbench.metrics.aggregate import Cells, SideStats, _store
@@ -83,7 +84,6 @@ class BlockCeiling:
         n_drawn: int,
         usable_index: np.ndarray,
         n_usable: int,
-        rate: np.ndarray | None = None,
     ) -> None:
         specs = [s for s in settings.specs if _has_rule(s)]
         self.specs = settings.specs
@@ -113,7 +113,6 @@ class BlockCeiling:
         self.de_values = {name: np.full(G, np.nan) for name in self.de}
         # whole replicate sides of the first replicates, for the rules on sides
         self.sides: list[tuple[SideStats, SideStats]] = []
-        self._rates = rate  # detection rate per gene in the block (the controls' if not given)
 
     # -- chunks --------------------------------------------------------------------------
     def fold(self, view) -> None:
@@ -134,17 +133,18 @@ class BlockCeiling:
         observed = ceil.observed_rows(codes, n)
         start = int(self.offset[lo + at[0]])  # the chunk's eligible groups are contiguous
         keep_sides = bool(self.on_sides)
-        if self._rates is None:
-            self._rates = small.control_rates(view.chunk.controls)
+        if view.detection is None:
+            raise EvaluationError("the ceiling needs the block's detection rates (wants_detection)")
         group_ids = self.block.groups[lo : lo + n]
         parent_q = small.unseen_rates(
-            small.detections(X, codes, n), np.bincount(codes, minlength=n), self._rates
+            small.detections(X, codes, n), np.bincount(codes, minlength=n), view.detection
         )
         if "var" in self.fits:
             truth = view.truth
             self.fits["var"].exact_noise[lo + at] = small.variance_noise(
                 X, codes, truth.mean, truth.var
             )[at]
+        truth_pop = small.population(view.truth, parent_q, X, codes)
         for r in range(self.n_replicates):
             run = r * 2 * self.n_drawn
             rng = ceil.stream_at(self.seed, ceil.REPLICATE_STREAM, run + start)
@@ -163,7 +163,7 @@ class BlockCeiling:
             inner_q = small.unseen_rates(
                 small.detections(X_b, rep_codes, n),
                 np.bincount(rep_codes, minlength=n),
-                self._rates,
+                view.detection,
             )
             X_bb = small.add_unseen(
                 X_b[inner],
@@ -187,7 +187,6 @@ class BlockCeiling:
                 boot.z, boot2.z = plain.z, plain2.z
             first = ceil.weight_balance(rows, observed, rep_codes, n)
             second = ceil.weight_balance(rows[inner], rows, inner_codes, n)
-            truth_pop = small.population(view.truth, parent_q, X, codes)
             boot_pop = small.population(boot, inner_q, X_b, rep_codes)
             for agg in self.profiled:
                 t_prof = view.profile(view.truth, at, agg)
@@ -196,22 +195,18 @@ class BlockCeiling:
                 parent = b_prof if agg == "logp" else view.profile(boot_pop, at, agg)
                 bb_prof = ceil.balanced(parent, view.profile(boot2, at, agg), second[at])
                 b_prof = ceil.balanced(pop, b_prof, first[at])
-                rank_sides = None
-                if agg in self.spearman:
+                rank_sides = seen_b = None
+                if plain is not None:
                     seen = view.profile(plain, at, agg)
-                    seen_bb = view.profile(plain2, at, agg)
-                    rank_sides = (
-                        t_prof,
-                        ceil.balanced(t_prof, seen, first[at]),
-                        seen,
-                        ceil.balanced(seen, seen_bb, second[at]),
-                    )
+                    seen_b = ceil.balanced(t_prof, seen, first[at])
+                if agg in self.spearman:
+                    seen_bb = ceil.balanced(seen, view.profile(plain2, at, agg), second[at])
+                    rank_sides = (t_prof, seen_b, seen, seen_bb)
                 self.fits[agg].add(
                     lo + at, pop, b_prof, parent, bb_prof, observed=t_prof, rank_sides=rank_sides
                 )
-                if plain is not None:
-                    seen = ceil.balanced(t_prof, view.profile(plain, at, agg), first[at])
-                    self.ranks.add(agg, r, lo + at, t_prof, seen)
+                if seen_b is not None:
+                    self.ranks.add(agg, r, lo + at, t_prof, seen_b)
             if keep_sides and r < ceil.SIDE_REPLICATES:
                 self._keep_sides(r, chunk_groups=view.chunk.groups, boot=plain, boot2=plain2)
             del boot, boot2, plain, plain2

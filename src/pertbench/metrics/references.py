@@ -423,11 +423,8 @@ class BootstrapCeiling(CeilingEstimator):
     def replicates(self, block: Block) -> list[Replicate]:
         return []  # made chunk by chunk (start_block)
 
-    def start_block(self, block: Block, settings, rate=None):
+    def start_block(self, block: Block, settings):
         from pertbench.metrics.ceiling_fold import BlockCeiling
-
-        if settings is None:  # the settings come with the first chunk
-            return _Pending(self, block, rate)
 
         if self._layout is None:
             raise EvaluationError("BootstrapCeiling.prepare(plan, seed=...) must run first")
@@ -441,7 +438,6 @@ class BootstrapCeiling(CeilingEstimator):
             n_drawn=self._layout["n_drawn"],
             usable_index=self._layout["usable_index"][at],
             n_usable=self._layout["n_usable"],
-            rate=rate,
         )
 
     def generated_cells(self, block: Block) -> np.ndarray:
@@ -555,23 +551,6 @@ class ReferenceCache:
 REFERENCE_CACHE = ReferenceCache()
 
 
-class _Pending:
-    """A block's ceiling waiting for its first chunk's settings."""
-
-    def __init__(self, estimator, block, rate):
-        self.estimator, self.block, self.rate, self.inner = estimator, block, rate, None
-
-    def fold(self, view):
-        if self.inner is None:
-            self.inner = self.estimator.start_block(self.block, view.settings, rate=self.rate)
-        self.inner.fold(view)
-
-    def finish(self, view):
-        if self.inner is None:
-            self.inner = self.estimator.start_block(self.block, view.settings, rate=self.rate)
-        return self.inner.finish(view)
-
-
 class CeilingSource:
     """The replicates of a ceiling estimator for one or more blocks, as a source.
 
@@ -594,12 +573,9 @@ class CeilingSource:
 
     @property
     def wants_detection(self) -> bool:
-        """Whether the estimator takes each block's detection rates before its chunks."""
+        """Whether the estimator reads each block's detection rates
+        (:attr:`~pertbench.metrics.aggregate.ChunkView.detection`)."""
         return self.folds and bool(getattr(self.estimator, "uses_detection", False))
-
-    def set_detection(self, block, rate) -> None:
-        """The block's pooled detection rate per gene (before its first chunk)."""
-        self._folded[block.index] = self.estimator.start_block(block, None, rate=rate)
 
     def fold(self, view) -> None:
         """Fold one chunk (a :class:`~pertbench.metrics.aggregate.ChunkView`)."""
