@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import matplotlib
 
+from split_helpers import toy_with_held_out
+
 matplotlib.use("Agg")
 
 import numpy as np
@@ -13,20 +15,14 @@ from matplotlib.figure import Figure
 
 from pertbench import pl
 from pertbench.cli.main import main
-from pertbench.data import make_split, write_split
+from pertbench.data import write_split
 from pertbench.errors import EvaluationError
 from pertbench.metrics import Evaluator
 
 
 @pytest.fixture
 def files(make_toy, tmp_path):
-    truth = make_toy(n_covariates=2, n_perturbations=4, n_genes=30)
-    obs = truth.obs
-    split = make_split(truth.obs_names, "train")
-    held = (obs["cell_type"] == "C1").to_numpy() & obs["condition"].isin(
-        ["P0", "P1", "P2"]
-    ).to_numpy()
-    split[held] = "test"
+    truth, split, held = toy_with_held_out(make_toy, n_perturbations=4, n_genes=30)
     pred = truth[held].copy()
     pred.X = pred.X.toarray() + 0.2
     pred = pred[:, ::-1].copy()  # other gene order

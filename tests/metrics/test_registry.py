@@ -13,6 +13,7 @@ from pertbench.errors import ConfigError
 from pertbench.metrics import Evaluator, catalog
 from pertbench.metrics.catalog import MetricSpec
 from pertbench.report.html import lower_is_better
+from split_helpers import toy_with_held_out
 
 PLUGIN_MODULE = '''
 import numpy as np
@@ -181,7 +182,6 @@ def test_register_metric_in_process(make_toy):
 def test_block_metrics_see_every_group_of_their_covariate_block(make_toy):
     """A needs='block' metric with all_groups=True: distance of the prediction to the
     centroid of the block's training perturbations (Systema-like), against numpy."""
-    from pertbench.data import make_split
 
     def to_train_centroid(view):
         groups = view.all_groups
@@ -199,13 +199,10 @@ def test_block_metrics_see_every_group_of_their_covariate_block(make_toy):
     )  # fmt: skip
     catalog.register_metric(spec)
     try:
-        truth = make_toy(n_covariates=2, n_perturbations=4, n_genes=20)
+        truth, split, held = toy_with_held_out(
+            make_toy, n_perturbations=4, n_genes=20, held=("P0", "P1")
+        )
         obs = truth.obs
-        split = make_split(truth.obs_names, "train")
-        held = (obs["cell_type"] == "C1").to_numpy() & obs["condition"].isin(
-            ["P0", "P1"]
-        ).to_numpy()
-        split[held] = "test"
         pred = truth[held].copy()
         pred.X = pred.X.toarray() + 0.25
         res = Evaluator(truth, pred, split=split, metrics="rmse_to_train_centroid").run()

@@ -11,6 +11,7 @@ from pertbench.metrics.systema import (
     perturbation_centroid,
     systematic_variation,
 )
+from split_helpers import toy_with_held_out
 
 
 @pytest.fixture
@@ -111,16 +112,10 @@ def _means(adata, mask):
 
 
 def test_evaluator_centroid_uses_every_perturbation_of_the_covariate(make_toy):
-    from pertbench.data import make_split
     from pertbench.metrics import Evaluator
 
-    truth = make_toy(n_covariates=2, n_perturbations=5, n_genes=30)
+    truth, split, held = toy_with_held_out(make_toy, n_perturbations=5, n_genes=30)
     obs = truth.obs
-    split = make_split(truth.obs_names, "train")
-    held = (obs["cell_type"] == "C1").to_numpy() & obs["condition"].isin(
-        ["P0", "P1", "P2"]
-    ).to_numpy()
-    split[held] = "test"
     pred = truth[held].copy()
     rng = np.random.default_rng(1)
     dense = pred.X.toarray()
