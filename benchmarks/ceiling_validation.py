@@ -87,21 +87,9 @@ def calibrated(truth, pred, metrics, *, seed: int, references: bool) -> pd.DataF
 
 
 def normalised(table: pd.DataFrame, oracle: pd.Series) -> pd.Series:
-    from pertbench.metrics import catalogue
-    from pertbench.metrics.calibration import normalized_score
+    from pertbench.metrics.calibration import normalized_scores
 
-    specs = catalogue()
-    return pd.Series(
-        {
-            m: normalized_score(
-                oracle[m],
-                table.loc[m, "no_change"],
-                table.loc[m, "ceiling"],
-                higher_is_better=specs[m].higher_is_better,
-            )
-            for m in table.index
-        }
-    )
+    return normalized_scores(oracle.reindex(table.index), table["no_change"], table["ceiling"])
 
 
 def validate(cells, effects, *, n_genes: int, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:

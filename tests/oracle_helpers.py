@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pandas as pd
 
-from pertbench.metrics import Evaluator, catalogue
-from pertbench.metrics.calibration import normalized_score
+from pertbench.metrics import Evaluator
+from pertbench.metrics.calibration import normalized_scores
 
 
 def oracle_normalised_scores(truth, oracle, half, metrics) -> pd.Series:
@@ -20,15 +20,4 @@ def oracle_normalised_scores(truth, oracle, half, metrics) -> pd.Series:
     )
     halved = Evaluator(truth, half, **options).run().summary.set_index("metric")["value"]
     limit = 2.0 * calib["oracle"] - halved[calib.index]
-    specs = catalogue()
-    return pd.Series(
-        {
-            name: normalized_score(
-                limit[name],
-                calib.loc[name, "no_change"],
-                calib.loc[name, "ceiling"],
-                higher_is_better=specs[name].higher_is_better,
-            )
-            for name in calib.index
-        }
-    )
+    return normalized_scores(limit, calib["no_change"], calib["ceiling"])

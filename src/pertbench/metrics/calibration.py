@@ -28,6 +28,8 @@ from functools import lru_cache
 import numpy as np
 import pandas as pd
 
+from pertbench.metrics.catalog import catalogue
+
 CI_LEVEL = 0.95
 #: Relative gap below which ceiling and baseline count as equal.
 EQUAL_TOLERANCE = 1e-12
@@ -167,6 +169,23 @@ def normalized_score(
     with np.errstate(invalid="ignore", divide="ignore"):
         out = np.where(valid, (m - b) / np.where(valid, gap, 1.0), np.nan) + 0.0  # no -0.0
     return float(out) if out.ndim == 0 else out
+
+
+def normalized_scores(model: pd.Series, baseline: pd.Series, ceiling: pd.Series) -> pd.Series:
+    """:func:`normalized_score` of each metric (index: catalogue names) in its direction."""
+    specs = catalogue()
+    return pd.Series(
+        {
+            name: normalized_score(
+                model[name],
+                baseline[name],
+                ceiling[name],
+                higher_is_better=specs[name].higher_is_better,
+            )
+            for name in model.index
+        },
+        dtype=np.float64,
+    )
 
 
 def bootstrap_normalized(
