@@ -103,7 +103,11 @@ class BlockCeiling:
         self.replicate_de = "logp" in self.profiled
         self.fits = {agg: ceil.FitCeiling(G, agg) for agg in self.profiled}
         # aggregations whose spearman ceiling reads the uncorrected replicates
-        self.spearman = {s.aggregation for s in self.fit if s.base == "spearman"}
+        self.spearman = {
+            s.aggregation
+            for s in self.fit
+            if s.base == "spearman" and s.aggregation not in ceil.DIRECT_SPEARMAN
+        }
         self.ranks = ceil.RankCeiling(
             [(s.name, s.base, s.aggregation) for s in ranks],
             block.truth_counts(),
@@ -191,11 +195,16 @@ class BlockCeiling:
             for agg in self.profiled:
                 t_prof = view.profile(view.truth, at, agg)
                 pop = t_prof if agg == "logp" else view.profile(truth_pop, at, agg)
-                b_prof = view.profile(boot, at, agg)
-                parent = b_prof if agg == "logp" else view.profile(boot_pop, at, agg)
-                bb_prof = ceil.balanced(parent, view.profile(boot2, at, agg), second[at])
-                b_prof = ceil.balanced(pop, b_prof, first[at])
+                raw_b = view.profile(boot, at, agg)
+                parent = raw_b if agg == "logp" else view.profile(boot_pop, at, agg)
+                raw_bb = view.profile(boot2, at, agg)
+                bb_prof = ceil.balanced(parent, raw_bb, second[at])
+                b_prof = ceil.balanced(pop, raw_b, first[at])
                 rank_sides = seen_b = None
+                if agg in ceil.DIRECT_SPEARMAN:
+                    # balancing would break the replicate's ties at zero in the
+                    # population's order
+                    rank_sides = (pop, raw_b, parent, raw_bb)
                 if plain is not None:
                     seen = view.profile(plain, at, agg)
                     seen_b = ceil.balanced(t_prof, seen, first[at])
