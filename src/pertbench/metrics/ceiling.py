@@ -32,10 +32,10 @@ Rule per family:
   iterated. mse, r2, cosine, pearson and spearman follow from the iterated noise energy
   S of the profile (centred for pearson, of centred ranks for spearman): mse = S / G,
   r2 = 1 - S / SST, similarity = sqrt(1 - S / |t|^2) (a perfect profile is the observed
-  one minus its noise); spearman of average: the replicates' own rank
-  correlation with their population (:data:`DIRECT_SPEARMAN`). ``logp`` has no population value (it grows without bound with
-  the number of cells), so its ceiling is that of an independent replicate of the
-  measured size (:data:`INDEPENDENT`).
+  one minus its noise); spearman of average: the replicates' own rank correlation with
+  their population (:data:`DIRECT_SPEARMAN`). ``logp`` has no population value (it
+  grows without bound with the number of cells), so its ceiling is that of an
+  independent replicate of the measured size (:data:`INDEPENDENT`).
 - **Rank metrics** (:func:`replicate_rank_scores`): a perfect model mis-ranks a
   perturbation when the truth's noise brings it closer to another perturbation. The
   observed profile ``t_i`` plays the prediction of ``i`` against the observed ``t_j``
@@ -271,37 +271,44 @@ class FitCeiling:
         *,
         observed: np.ndarray | None = None,
         rank_sides: tuple | None = None,
+        unbalanced: np.ndarray | None = None,
     ) -> None:
         """One replicate for groups ``at``: (groups x genes) profiles of the population
         ``t`` the replicate ``b`` was drawn from (the observed groups, smoothed for unseen
         genes: :func:`~pertbench.metrics.ceiling_corrections.population`), of ``b`` (as
         scored against ``t``), and of the inner replicate ``bb`` with the population
         ``parent`` it was drawn from. ``observed``: the observed profiles, whose energy
-        the similarities' rule reads the noise against (default ``t``)."""
+        the similarities' rule reads the noise against (default ``t``). ``rank_sides``:
+        the four profiles spearman's energy rule reads instead; ``unbalanced``: ``b``
+        before :func:`balanced`, for the direct rule (:data:`DIRECT_SPEARMAN`)."""
         first = fit_metrics(b, t, ["rmse", "mae"])
         inner = fit_metrics(bb, parent, ["rmse", "mae"])
         for key in ("rmse", "mae"):
             self.sums[key][at] += 2.0 * first[key] - inner[key]
-        # the rank rules read ``rank_sides`` (observed, b, its parent, bb) when given:
-        # the uncorrected replicates for the energy rule (pseudo-detections breaking the
-        # ties among zeros make it too pessimistic), the unbalanced ones for the direct
-        # rule (:data:`DIRECT_SPEARMAN`)
-        ranks = [
-            rank_rows(x) for x in (rank_sides if rank_sides is not None else (t, b, parent, bb))
-        ]
-        for key, (x_t, x_b, x_parent, x_bb) in (
+        pairs = [
             ("energy", (t, b, parent, bb)),
             ("centred", [_centre(x) for x in (t, b, parent, bb)]),
-            ("ranks", [_centre(x) for x in ranks]),
-        ):
+        ]
+        direct = self.aggregation in DIRECT_SPEARMAN
+        if direct:
+            # the replicate as drawn: balancing would give its zeros the population's order
+            replicate = b if unbalanced is None else unbalanced
+            self.sums["spearman"][at] += fit_metrics(replicate, t, ["spearman"])["spearman"]
+        else:
+            # the energy rule reads ``rank_sides`` (observed, b, its parent, bb) when given:
+            # the uncorrected replicates (pseudo-detections breaking the ties among zeros
+            # make it too pessimistic)
+            ranks = [
+                _centre(rank_rows(x))
+                for x in (rank_sides if rank_sides is not None else (t, b, parent, bb))
+            ]
+            pairs.append(("ranks", ranks))
+            self.norms["ranks"][at] = _energy(ranks[0])
+        for key, (x_t, x_b, x_parent, x_bb) in pairs:
             self.sums[key][at] += 2.0 * _energy(x_b - x_t) - _energy(x_bb - x_parent)
-        if self.aggregation in DIRECT_SPEARMAN:
-            # spearman(b, t): the pearson of their ranks
-            self.sums["spearman"][at] += fit_metrics(ranks[1], ranks[0], ["pearson"])["pearson"]
         observed = t if observed is None else observed
         self.norms["plain"][at] = _energy(observed)
         self.norms["centred"][at] = _energy(_centre(observed))
-        self.norms["ranks"][at] = _energy(_centre(ranks[0]))
         self.count[at] += 1
         self.n_genes = t.shape[1]
 

@@ -197,14 +197,9 @@ class BlockCeiling:
                 pop = t_prof if agg == "logp" else view.profile(truth_pop, at, agg)
                 raw_b = view.profile(boot, at, agg)
                 parent = raw_b if agg == "logp" else view.profile(boot_pop, at, agg)
-                raw_bb = view.profile(boot2, at, agg)
-                bb_prof = ceil.balanced(parent, raw_bb, second[at])
+                bb_prof = ceil.balanced(parent, view.profile(boot2, at, agg), second[at])
                 b_prof = ceil.balanced(pop, raw_b, first[at])
                 rank_sides = seen_b = None
-                if agg in ceil.DIRECT_SPEARMAN:
-                    # balancing would break the replicate's ties at zero in the
-                    # population's order
-                    rank_sides = (pop, raw_b, parent, raw_bb)
                 if plain is not None:
                     seen = view.profile(plain, at, agg)
                     seen_b = ceil.balanced(t_prof, seen, first[at])
@@ -212,7 +207,14 @@ class BlockCeiling:
                     seen_bb = ceil.balanced(seen, view.profile(plain2, at, agg), second[at])
                     rank_sides = (t_prof, seen_b, seen, seen_bb)
                 self.fits[agg].add(
-                    lo + at, pop, b_prof, parent, bb_prof, observed=t_prof, rank_sides=rank_sides
+                    lo + at,
+                    pop,
+                    b_prof,
+                    parent,
+                    bb_prof,
+                    observed=t_prof,
+                    rank_sides=rank_sides,
+                    unbalanced=raw_b,
                 )
                 if seen_b is not None:
                     self.ranks.add(agg, r, lo + at, t_prof, seen_b)
