@@ -9,6 +9,7 @@ import pytest
 from pertbench.metrics.calibration import (
     bootstrap_means,
     bootstrap_normalized,
+    ceiling_resolved,
     bootstrap_weights,
     normalized_score,
     split_halves,
@@ -89,6 +90,38 @@ def test_bootstrap_normalized_is_paired_and_skips_undefined_groups():
     assert n == 3
     assert value == pytest.approx((m - b) / (c - b))
     assert lo <= value <= hi
+
+
+def test_ceiling_resolved_needs_a_gap_beyond_its_interval():
+    rng = np.random.default_rng(0)
+    base = 1.0 + rng.normal(0.0, 0.1, 200)
+    # a clear gap (0.05 per group, sd 0.02): resolved, in the metric's direction only
+    clear = base - 0.05 + rng.normal(0.0, 0.02, 200)
+    assert ceiling_resolved(base, clear, higher_is_better=False)
+    assert not ceiling_resolved(base, clear, higher_is_better=True)
+    # a mean gap of 0.002 under per-group noise of sd 0.1 (standard error 0.007): not
+    blurred = base - 0.002 + rng.normal(0.0, 0.1, 200)
+    assert blurred.mean() < base.mean()  # better on average, yet within the noise
+    assert not ceiling_resolved(base, blurred, higher_is_better=False)
+    # the same mean gap with little spread is resolved: the rule is the interval, not the size
+    tight = base - 0.002 + rng.normal(0.0, 0.001, 200)
+    assert ceiling_resolved(base, tight, higher_is_better=False)
+    # NaN units are left out; one unit needs a positive gap
+    assert ceiling_resolved(np.array([1.0, np.nan]), np.array([0.5, 0.1]), higher_is_better=False)
+    assert not ceiling_resolved(np.array([np.nan]), np.array([0.1]), higher_is_better=False)
+
+
+def test_bootstrap_normalized_is_undefined_when_the_gap_is_within_the_noise():
+    rng = np.random.default_rng(1)
+    base = 1.0 + rng.normal(0.0, 0.1, 100)
+    ceiling = base - 0.001 + rng.normal(0.0, 0.1, 100)
+    model = base - 0.5  # far better than both: a ratio over the blurred gap would be huge
+    plain = normalized_score(model.mean(), base.mean(), ceiling.mean(), higher_is_better=False)
+    assert np.isfinite(plain) and abs(plain) > 10
+    value, lo, hi, n = bootstrap_normalized(
+        model, base, ceiling, higher_is_better=False, n_bootstrap=200
+    )
+    assert n == 100 and np.isnan(value) and np.isnan(lo) and np.isnan(hi)
 
 
 def test_summarize_seeds():

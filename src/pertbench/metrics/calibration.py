@@ -14,8 +14,9 @@
   given the measurement noise. Values above 1 mean better than the estimated ceiling
   (sampling noise of the estimate, or a ceiling rule that is conservative for that
   metric, see docs/metrics.md). It is undefined (NaN, with a note) when the ceiling is
-  not better than the baseline: then there is no room between them to measure progress
-  in.
+  not better than the baseline by more than the 95% interval of their mean gap over
+  groups (:func:`ceiling_resolved`): then the measurement cannot tell a perfect model
+  from doing nothing, and a ratio over that gap would be noise.
 - :func:`summarize_seeds`: mean +/- sd of summary values across runs with different seeds.
 """
 
@@ -27,6 +28,7 @@ from functools import lru_cache
 
 import numpy as np
 import pandas as pd
+from scipy import special
 
 from pertbench.metrics.catalog import catalogue
 
@@ -171,6 +173,43 @@ def normalized_score(
     return float(out) if out.ndim == 0 else out
 
 
+def ceiling_resolved(
+    baseline: np.ndarray,
+    ceiling: np.ndarray,
+    *,
+    higher_is_better: bool,
+    level: float = CI_LEVEL,
+) -> bool:
+    """Whether the ceiling beats the baseline by more than the measurement can blur.
+
+    The per-unit (group) gaps ``ceiling - baseline``, in the metric's direction, must
+    have a mean above the ``level`` normal interval of that mean: mean > z sd / sqrt(n).
+    Where they do not (typically logp's errors at <= 20 cells per group, where an
+    independent replicate of the measured size scores about as well as no change), a
+    normalised score would divide by a gap the ceiling's own error exceeds: the
+    validation measured values of -2 to 3 there. A single unit needs a positive gap.
+
+    Parameters
+    ----------
+    baseline, ceiling
+        Per-unit values, aligned; units where either is NaN are left out.
+    """
+    b = np.asarray(baseline, dtype=np.float64)
+    c = np.asarray(ceiling, dtype=np.float64)
+    keep = ~(np.isnan(b) | np.isnan(c))
+    gap = (c[keep] - b[keep]) * (1.0 if higher_is_better else -1.0)
+    if gap.size == 0:
+        return False
+    mean = float(gap.mean())
+    scale = max(float(np.abs(b[keep]).mean()), float(np.abs(c[keep]).mean()), 1.0)
+    if mean <= EQUAL_TOLERANCE * scale:
+        return False
+    if gap.size < 2:
+        return True
+    z = float(special.ndtri(0.5 + level / 2.0))
+    return mean > z * float(gap.std(ddof=1)) / np.sqrt(gap.size)
+
+
 def normalized_scores(model: pd.Series, baseline: pd.Series, ceiling: pd.Series) -> pd.Series:
     """:func:`normalized_score` of each metric (index: catalogue names) in its direction."""
     specs = catalogue()
@@ -201,7 +240,8 @@ def bootstrap_normalized(
     """Normalised score of group means and its paired bootstrap interval over groups.
 
     Only groups where model, baseline and ceiling are all defined are used; the same
-    resampled groups enter the three means of each replicate.
+    resampled groups enter the three means of each replicate. NaN (value and interval)
+    unless the ceiling beats the baseline beyond its interval (:func:`ceiling_resolved`).
 
     Returns
     -------
@@ -211,6 +251,8 @@ def bootstrap_normalized(
     M = M[~np.isnan(M).any(axis=1)]
     if M.shape[0] == 0:
         return float("nan"), float("nan"), float("nan"), 0
+    if not ceiling_resolved(M[:, 1], M[:, 2], higher_is_better=higher_is_better, level=level):
+        return float("nan"), float("nan"), float("nan"), int(M.shape[0])
     means = M.mean(axis=0)
     value = normalized_score(*means, higher_is_better=higher_is_better)
     low = high = float("nan")

@@ -394,7 +394,8 @@ def _normalized(
     if undefined:
         notes.append(
             f"normalised score undefined (NaN) where the ceiling is not better than "
-            f"{label}: {', '.join(undefined[:10])}"
+            f"{label} by more than the 95% interval of their gap over groups (no room "
+            f"to measure progress in): {', '.join(undefined[:10])}"
             + (f" and {len(undefined) - 10} more" if len(undefined) > 10 else "")
         )
     return norm, lows, highs
