@@ -164,7 +164,7 @@ def report(table: pd.DataFrame, plain: pd.DataFrame, resolved: pd.DataFrame) -> 
     fmt = {"float_format": lambda v: f"{v:6.3f}", "na_rep": "   NaN"}
     with pd.option_context("display.width", 200, "display.max_rows", 500):
         print("\nOracle normalised score, fit metrics (1 = the ceiling is what a perfect model")
-        print(f"scores; required 1 +/- {BAND} at every grid point). logp: its ceiling is that of")
+        print(f"scores; required 1 +/- {BAND} wherever defined). logp: its ceiling is that of")
         print("an independent replicate of the measured size, so its oracle is n further cells;")
         print("NaN: the ceiling is not better than no_change beyond the 95% interval of their")
         print("gap over groups, where the evaluator reports no normalised score either.\n")

@@ -9,8 +9,8 @@ import pytest
 from pertbench.metrics.calibration import (
     bootstrap_means,
     bootstrap_normalized,
-    ceiling_resolved,
     bootstrap_weights,
+    ceiling_resolved,
     normalized_score,
     split_halves,
     summarize_seeds,
@@ -106,6 +106,11 @@ def test_ceiling_resolved_needs_a_gap_beyond_its_interval():
     # the same mean gap with little spread is resolved: the rule is the interval, not the size
     tight = base - 0.002 + rng.normal(0.0, 0.001, 200)
     assert ceiling_resolved(base, tight, higher_is_better=False)
+    # a skewed gap positive in every group is resolved, however wide its spread: one
+    # strong perturbation among weak ones (a normal-theory interval would cover 0 here)
+    skewed = np.array([0.01] * 15 + [10.0])
+    assert skewed.mean() < 1.96 * skewed.std(ddof=1) / np.sqrt(skewed.size)
+    assert ceiling_resolved(np.zeros(16), skewed, higher_is_better=True)
     # NaN units are left out; one unit needs a positive gap
     assert ceiling_resolved(np.array([1.0, np.nan]), np.array([0.5, 0.1]), higher_is_better=False)
     assert not ceiling_resolved(np.array([np.nan]), np.array([0.1]), higher_is_better=False)

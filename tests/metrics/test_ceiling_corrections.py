@@ -103,3 +103,25 @@ def test_oracle_spearman_average_at_ten_cells_with_many_undetected_genes():
     half = first_cells(oracle, 250)
     scores = oracle_normalised_scores(truth, oracle, half, ["spearman_average"])
     assert scores["spearman_average"] == pytest.approx(1.0, abs=0.15)
+
+
+def test_logp_errors_at_ten_cells_have_no_normalised_score():
+    """At 10 cells per group an independent replicate of the measured size is about as
+    far from the truth's logp as no change: the ceiling's gap over no_change is within
+    its interval, so the normalised score is NaN with a note instead of a ratio over
+    noise (the validation grid measured -2 to 3 there); logp's similarities, whose
+    no_change is 0, keep theirs."""
+    from pertbench.metrics import Evaluator
+
+    truth, oracle = simulate_with_oracle(
+        10, 10, n_covariates=2, n_perturbations=20, n_combinations=5, n_genes=500, seed=0
+    )
+    names = ["rmse_logp", "mse_logp", "cosine_logp"]
+    result = Evaluator(
+        truth, oracle, metrics=names, baselines=["no_change"], ceiling=True, n_bootstrap=0
+    ).run()
+    table = result.calibration.set_index("metric")
+    assert np.isnan(table.loc["rmse_logp", "normalized"])
+    assert np.isnan(table.loc["mse_logp", "normalized"])
+    assert np.isfinite(table.loc["cosine_logp", "normalized"])
+    assert any("rmse_logp" in note and "interval" in note for note in result.notes)

@@ -14,7 +14,7 @@
   given the measurement noise. Values above 1 mean better than the estimated ceiling
   (sampling noise of the estimate, or a ceiling rule that is conservative for that
   metric, see docs/metrics.md). It is undefined (NaN, with a note) when the ceiling is
-  not better than the baseline by more than the 95% interval of their mean gap over
+  not better than the baseline beyond the 95% bootstrap interval of their mean gap over
   groups (:func:`ceiling_resolved`): then the measurement cannot tell a perfect model
   from doing nothing, and a ratio over that gap would be noise.
 - :func:`summarize_seeds`: mean +/- sd of summary values across runs with different seeds.
@@ -28,7 +28,6 @@ from functools import lru_cache
 
 import numpy as np
 import pandas as pd
-from scipy import special
 
 from pertbench.metrics.catalog import catalogue
 
@@ -173,21 +172,29 @@ def normalized_score(
     return float(out) if out.ndim == 0 else out
 
 
+#: Resamples of the test of :func:`ceiling_resolved` (whatever the intervals' count).
+RESOLUTION_RESAMPLES = 1000
+
+
 def ceiling_resolved(
     baseline: np.ndarray,
     ceiling: np.ndarray,
     *,
     higher_is_better: bool,
+    seed: int = 0,
     level: float = CI_LEVEL,
 ) -> bool:
     """Whether the ceiling beats the baseline by more than the measurement can blur.
 
     The per-unit (group) gaps ``ceiling - baseline``, in the metric's direction, must
-    have a mean above the ``level`` normal interval of that mean: mean > z sd / sqrt(n).
-    Where they do not (typically logp's errors at <= 20 cells per group, where an
-    independent replicate of the measured size scores about as well as no change), a
-    normalised score would divide by a gap the ceiling's own error exceeds: the
-    validation measured values of -2 to 3 there. A single unit needs a positive gap.
+    have a positive mean whose ``level`` percentile bootstrap interval (resampling units,
+    :data:`RESOLUTION_RESAMPLES` times, seeded) lies above 0, the same kind of interval
+    as every other in the evaluator. Gaps that are positive in every unit always pass
+    (however few and however skewed); where they do not (typically logp's errors at
+    <= 20 cells per group, where an independent replicate of the measured size scores
+    about as well as no change), a normalised score would divide by a gap the ceiling's
+    own error exceeds: the validation measured values of -2 to 3 there. A single unit
+    needs a positive gap.
 
     Parameters
     ----------
@@ -200,14 +207,13 @@ def ceiling_resolved(
     gap = (c[keep] - b[keep]) * (1.0 if higher_is_better else -1.0)
     if gap.size == 0:
         return False
-    mean = float(gap.mean())
     scale = max(float(np.abs(b[keep]).mean()), float(np.abs(c[keep]).mean()), 1.0)
-    if mean <= EQUAL_TOLERANCE * scale:
+    if float(gap.mean()) <= EQUAL_TOLERANCE * scale:
         return False
-    if gap.size < 2:
+    if gap.size < 2 or gap.min() > 0:
         return True
-    z = float(special.ndtri(0.5 + level / 2.0))
-    return mean > z * float(gap.std(ddof=1)) / np.sqrt(gap.size)
+    means = (bootstrap_weights(gap.size, RESOLUTION_RESAMPLES, seed) @ gap) / gap.size
+    return float(np.quantile(means, (1.0 - level) / 2.0)) > 0.0
 
 
 def normalized_scores(model: pd.Series, baseline: pd.Series, ceiling: pd.Series) -> pd.Series:
@@ -251,7 +257,10 @@ def bootstrap_normalized(
     M = M[~np.isnan(M).any(axis=1)]
     if M.shape[0] == 0:
         return float("nan"), float("nan"), float("nan"), 0
-    if not ceiling_resolved(M[:, 1], M[:, 2], higher_is_better=higher_is_better, level=level):
+    resolved = ceiling_resolved(
+        M[:, 1], M[:, 2], higher_is_better=higher_is_better, seed=seed, level=level
+    )
+    if not resolved:
         return float("nan"), float("nan"), float("nan"), int(M.shape[0])
     means = M.mean(axis=0)
     value = normalized_score(*means, higher_is_better=higher_is_better)
