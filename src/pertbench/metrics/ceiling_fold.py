@@ -197,7 +197,8 @@ class BlockCeiling:
                 pop = t_prof if agg == "logp" else view.profile(truth_pop, at, agg)
                 raw_b = view.profile(boot, at, agg)
                 parent = raw_b if agg == "logp" else view.profile(boot_pop, at, agg)
-                bb_prof = ceil.balanced(parent, view.profile(boot2, at, agg), second[at])
+                raw_bb = view.profile(boot2, at, agg)
+                bb_prof = ceil.balanced(parent, raw_bb, second[at])
                 b_prof = ceil.balanced(pop, raw_b, first[at])
                 rank_sides = seen_b = None
                 if plain is not None:
@@ -214,7 +215,7 @@ class BlockCeiling:
                     bb_prof,
                     observed=t_prof,
                     rank_sides=rank_sides,
-                    unbalanced=raw_b,
+                    unbalanced=(raw_b, raw_bb),
                 )
                 if seen_b is not None:
                     self.ranks.add(agg, r, lo + at, t_prof, seen_b)
