@@ -223,3 +223,21 @@ def test_replicate_agreement_is_a_reference_not_the_ceiling(make_toy):
     assert row["replicate_agreement"] > row["ceiling"]
     m, b, c = row["model"], row["no_change"], row["ceiling"]
     assert row["normalized"] == pytest.approx((m - b) / (c - b))
+
+
+def test_split_rows_halves_each_group_once_and_skips_single_cells():
+    codes = np.array([0, 1, 0, 2, 0, 1, -1, 0, 0])  # group 0: 5 cells, 1: 2, 2: 1
+    rows_a, codes_a, rows_b, codes_b = ceil.split_rows(codes, 3, rng=np.random.default_rng(0))
+    assert not set(rows_a) & set(rows_b)
+    assert sorted(np.concatenate([rows_a, rows_b])) == [0, 1, 2, 4, 5, 7, 8]
+    np.testing.assert_array_equal(codes[rows_a], codes_a)
+    np.testing.assert_array_equal(codes[rows_b], codes_b)
+    assert np.bincount(codes_a, minlength=3).tolist() == [2, 1, 0]
+    assert np.bincount(codes_b, minlength=3).tolist() == [3, 1, 0]
+    # seeded: the same generator state gives the same halves, another one other halves
+    again = ceil.split_rows(codes, 3, rng=np.random.default_rng(0))
+    np.testing.assert_array_equal(again[0], rows_a)
+    others = {
+        tuple(sorted(ceil.split_rows(codes, 3, rng=np.random.default_rng(s))[0])) for s in range(20)
+    }
+    assert len(others) > 1

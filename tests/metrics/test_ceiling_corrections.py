@@ -113,13 +113,13 @@ def test_logp_errors_at_ten_cells_have_no_normalised_score():
     far from the truth's logp as no change: the ceiling's gap over no_change is within
     its interval, so the normalised score is NaN with a note instead of a ratio over
     noise (the validation grid measured -2 to 3 there); logp's similarities, whose
-    no_change is 0, keep theirs."""
+    no_change is 0, keep theirs, and spearman_logp's is the oracle's within the band."""
     from pertbench.metrics import Evaluator
 
     truth, oracle = simulate_with_oracle(
         10, 10, n_covariates=2, n_perturbations=20, n_combinations=5, n_genes=500, seed=0
     )
-    names = ["rmse_logp", "mse_logp", "cosine_logp"]
+    names = ["rmse_logp", "mse_logp", "cosine_logp", "spearman_logp"]
     result = Evaluator(
         truth, oracle, metrics=names, baselines=["no_change"], ceiling=True, n_bootstrap=0
     ).run()
@@ -127,4 +127,8 @@ def test_logp_errors_at_ten_cells_have_no_normalised_score():
     assert np.isnan(table.loc["rmse_logp", "normalized"])
     assert np.isnan(table.loc["mse_logp", "normalized"])
     assert np.isfinite(table.loc["cosine_logp", "normalized"])
+    # the oracle IS logp's perfect model here (an independent replicate of 10 cells):
+    # the split halves. Spearman-Brown ceiling gives it 0.96; the energy rule on
+    # bootstrap replicates gave 0.82 (optimistic)
+    assert table.loc["spearman_logp", "normalized"] == pytest.approx(1.0, abs=0.15)
     assert any("rmse_logp" in note and "interval" in note for note in result.notes)

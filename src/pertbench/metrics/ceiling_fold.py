@@ -102,12 +102,11 @@ class BlockCeiling:
         # the replicates' own z-scores are only needed for the logp aggregation
         self.replicate_de = "logp" in self.profiled
         self.fits = {agg: ceil.FitCeiling(G, agg) for agg in self.profiled}
-        # aggregations whose spearman ceiling reads the uncorrected replicates
-        self.spearman = {
-            s.aggregation
-            for s in self.fit
-            if s.base == "spearman" and s.aggregation not in ceil.DIRECT_SPEARMAN
-        }
+        # aggregations whose spearman ceiling reads the uncorrected replicates (the energy
+        # rule), and those whose comes from split halves
+        spearman = {s.aggregation for s in self.fit if s.base == "spearman"}
+        self.spearman = spearman - ceil.DIRECT_SPEARMAN - ceil.SPLIT_HALF_SPEARMAN
+        self.split_half = sorted(spearman & ceil.SPLIT_HALF_SPEARMAN)
         self.ranks = ceil.RankCeiling(
             [(s.name, s.base, s.aggregation) for s in ranks],
             block.truth_counts(),
@@ -130,6 +129,8 @@ class BlockCeiling:
             return
         if self.fits or self.ranks.metrics or self.on_sides:
             self._fold_replicates(view, X, codes, n, lo, at)
+        if self.split_half:
+            self._fold_splits(view, X, codes, n, lo, at)
         if self.de:
             self._fold_de(view, counts, lo, at)
 
@@ -222,6 +223,20 @@ class BlockCeiling:
             if keep_sides and r < ceil.SIDE_REPLICATES:
                 self._keep_sides(r, chunk_groups=view.chunk.groups, boot=plain, boot2=plain2)
             del boot, boot2, plain, plain2
+
+    def _fold_splits(self, view, X, codes, n: int, lo: int, at: np.ndarray) -> None:
+        """Split halves of the chunk's groups, for :data:`~pertbench.metrics.ceiling.
+        SPLIT_HALF_SPEARMAN` (each half tested against the block's controls)."""
+        start = int(self.offset[lo + at[0]])
+        for r in range(ceil.SPLITS):
+            rng = ceil.stream_at(self.seed, ceil.SPLIT_STREAM, r * self.n_drawn + start)
+            rows_a, codes_a, rows_b, codes_b = ceil.split_rows(codes, n, rng=rng)
+            half_a = view.measure(Cells(X[rows_a], codes_a), de=True)
+            half_b = view.measure(Cells(X[rows_b], codes_b), de=True)
+            for agg in self.split_half:
+                self.fits[agg].add_split(
+                    lo + at, view.profile(half_a, at, agg), view.profile(half_b, at, agg)
+                )
 
     def _keep_sides(self, r: int, *, chunk_groups: slice, boot: SideStats, boot2: SideStats):
         if len(self.sides) <= r:
