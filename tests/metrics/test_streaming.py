@@ -155,7 +155,11 @@ def test_ceiling_draws_do_not_depend_on_the_order_of_blocks(simulated_files, mon
 
     truth, pred, split, keys, paths = simulated_files
     options = {"keys": keys, "split": split, "ceiling": True, "ceiling_replicates": 3}
-    options.update(metrics="rmse_logfc,pearson_rank_delta,jaccard_top10", n_bootstrap=0, top_k=10)
+    options.update(
+        metrics="rmse_logfc,pearson_rank_delta,jaccard_top10,spearman_logp",
+        n_bootstrap=0,
+        top_k=10,
+    )
     forward = Evaluator(truth, pred, **options).run()
     build = evaluator_module.build_plan
 
@@ -170,7 +174,8 @@ def test_ceiling_draws_do_not_depend_on_the_order_of_blocks(simulated_files, mon
     backward = Evaluator(paths["truth"], paths["pred"], chunk_elements=chunks, **options).run()
     assert_same_result(forward, backward)
     ceiling = forward.per_group[forward.per_group["model"] == "ceiling"]
-    assert ceiling[["rmse_logfc", "pearson_rank_delta", "jaccard_top10"]].notna().all().all()
+    drawn = ["rmse_logfc", "pearson_rank_delta", "jaccard_top10", "spearman_logp"]
+    assert ceiling[drawn].notna().all().all()  # bootstrap, DE and split-half draws
 
 
 @pytest.mark.ray
