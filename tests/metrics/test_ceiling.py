@@ -241,3 +241,9 @@ def test_split_rows_halves_each_group_once_and_skips_single_cells():
         tuple(sorted(ceil.split_rows(codes, 3, rng=np.random.default_rng(s))[0])) for s in range(20)
     }
     assert len(others) > 1
+    # a single-cell group before the others shifts nothing
+    first = np.array([0, 1, 1, 1, 2, 2, 2, 2])  # group 0: 1 cell, 1: 3, 2: 4
+    rows_a, codes_a, rows_b, codes_b = ceil.split_rows(first, 3, rng=np.random.default_rng(1))
+    assert np.bincount(codes_a, minlength=3).tolist() == [0, 1, 2]
+    assert np.bincount(codes_b, minlength=3).tolist() == [0, 2, 2]
+    assert 0 not in set(rows_a) | set(rows_b)

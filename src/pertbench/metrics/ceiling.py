@@ -198,7 +198,8 @@ def split_rows(
     codes = np.asarray(codes, dtype=np.int64)
     cells = np.flatnonzero(codes >= 0)
     counts = np.bincount(codes[cells], minlength=n_groups)
-    cells = cells[counts[codes[cells]] >= MIN_CELLS]
+    counts = np.where(counts >= MIN_CELLS, counts, 0)  # smaller groups are left out
+    cells = cells[counts[codes[cells]] > 0]
     order = cells[np.argsort(codes[cells], kind="stable")]
     group = codes[order]
     keys = rng.random(order.size)
