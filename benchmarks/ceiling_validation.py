@@ -32,7 +32,7 @@ documents how far the rank, DE and distribution ceilings are from the oracle.
 
 Usage::
 
-    python benchmarks/ceiling_validation.py            # 4 x 2 grid, about 3.5 min of CPU
+    python benchmarks/ceiling_validation.py            # 4 x 2 grid, about 2 min on 2 cores
     python benchmarks/ceiling_validation.py --quick    # 2 x 2 grid on 200 genes
 """
 
