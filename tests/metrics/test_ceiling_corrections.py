@@ -128,7 +128,7 @@ def test_logp_errors_at_ten_cells_have_no_normalised_score():
     assert np.isnan(table.loc["mse_logp", "normalized"])
     assert np.isfinite(table.loc["cosine_logp", "normalized"])
     # the oracle IS logp's perfect model here (an independent replicate of 10 cells):
-    # the split halves. Spearman-Brown ceiling gives it 0.96; the energy rule on
+    # the split halves' Spearman-Brown ceiling gives it 0.96; the energy rule on
     # bootstrap replicates gave 0.82 (optimistic)
     assert table.loc["spearman_logp", "normalized"] == pytest.approx(1.0, abs=0.15)
     assert any("rmse_logp" in note and "interval" in note for note in result.notes)

@@ -133,21 +133,43 @@ def split_halves(
     codes = np.asarray(codes, dtype=np.int64)
     rng = np.random.default_rng(seed)
     cells = np.flatnonzero(codes >= 0)
-    counts = np.bincount(codes[cells], minlength=n_groups)
-    # random order within each group: sort by (group, random key)
-    order = cells[np.lexsort((rng.random(cells.size), codes[cells]))]
-    group_of = codes[order]
+    order, in_a, in_b = halves_by_key(codes[cells], rng.random(cells.size), n_groups)
+    rows = cells[order]
+    group_of = codes[rows]
+    half_a = np.full(codes.shape, -1, dtype=np.int64)
+    half_b = np.full(codes.shape, -1, dtype=np.int64)
+    half_a[rows[in_a]] = group_of[in_a]
+    half_b[rows[in_b]] = group_of[in_b]
+    return half_a, half_b
+
+
+def halves_by_key(
+    groups: np.ndarray, keys: np.ndarray, n_groups: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Split every group of at least 2 cells in two by a random key per cell.
+
+    Parameters
+    ----------
+    groups
+        Group code of each cell (0..n_groups-1).
+    keys
+        One random key per cell: each group's cells are ordered by it.
+
+    Returns
+    -------
+    order, in_a, in_b
+        ``order`` sorts the cells by (group, key); ``in_a`` / ``in_b`` mark, in that order,
+        the first floor(n/2) cells of each group and the rest (a group of one cell is in
+        neither).
+    """
+    counts = np.bincount(groups, minlength=n_groups)
+    order = np.lexsort((keys, groups))
+    group_of = groups[order]
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
     position = np.arange(order.size) - starts[group_of]
     half = counts[group_of] // 2
     splittable = counts[group_of] >= 2
-    in_a = splittable & (position < half)
-    in_b = splittable & (position >= half)
-    half_a = np.full(codes.shape, -1, dtype=np.int64)
-    half_b = np.full(codes.shape, -1, dtype=np.int64)
-    half_a[order[in_a]] = group_of[in_a]
-    half_b[order[in_b]] = group_of[in_b]
-    return half_a, half_b
+    return order, splittable & (position < half), splittable & (position >= half)
 
 
 def normalized_score(

@@ -70,6 +70,7 @@ import copy
 
 import numpy as np
 
+from pertbench.metrics.calibration import halves_by_key
 from pertbench.metrics.de import direction_agreement, jaccard_top_k, overlap_top_k
 from pertbench.metrics.fit import HIGHER_IS_BETTER, fit_metrics, rank_rows
 from pertbench.metrics.rank import distance_matrix
@@ -195,20 +196,11 @@ def split_rows(
     rows_a, codes_a, rows_b, codes_b
         Row indices into the observed cells of each half and their group codes.
     """
-    codes = np.asarray(codes, dtype=np.int64)
-    cells = np.flatnonzero(codes >= 0)
-    counts = np.bincount(codes[cells], minlength=n_groups)
-    counts = np.where(counts >= MIN_CELLS, counts, 0)  # smaller groups are left out
-    cells = cells[counts[codes[cells]] > 0]
-    order = cells[np.argsort(codes[cells], kind="stable")]
-    group = codes[order]
-    keys = rng.random(order.size)
-    shuffled = np.lexsort((keys, group))  # within each group, by key
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    position = np.arange(order.size) - starts[group[shuffled]]
-    in_a = position < counts[group[shuffled]] // 2
-    rows, groups = order[shuffled], group[shuffled]
-    return rows[in_a], groups[in_a], rows[~in_a], groups[~in_a]
+    cells = observed_rows(codes, n_groups)  # the cells that draw, in the bootstrap's order
+    group = np.asarray(codes, dtype=np.int64)[cells]
+    order, in_a, in_b = halves_by_key(group, rng.random(cells.size), n_groups)
+    rows, groups = cells[order], group[order]
+    return rows[in_a], groups[in_a], rows[in_b], groups[in_b]
 
 
 def weight_balance(
@@ -348,7 +340,7 @@ class FitCeiling:
             if self.aggregation in ITERATED_SPEARMAN:
                 rho = 2.0 * rho - fit_metrics(inner_replicate, parent, ["spearman"])["spearman"]
             self.sums["spearman"][at] += rho
-        else:
+        elif self.aggregation not in SPLIT_HALF_SPEARMAN:  # (its rule: :meth:`add_split`)
             # the energy rule reads ``rank_sides`` (observed, b, its parent, bb) when given:
             # the uncorrected replicates (pseudo-detections breaking the ties among zeros
             # make it too pessimistic)
