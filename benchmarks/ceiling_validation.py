@@ -73,8 +73,7 @@ def calibrated(truth, pred, metrics, *, seed: int, references: bool) -> pd.DataF
     ``references``, for ``no_change`` and the ceiling, and whether the ceiling's gap over
     no_change is resolved (``resolved``: beyond its 95% interval over groups, the rule
     under which the evaluator reports a normalised score at all)."""
-    from pertbench.metrics import Evaluator, catalogue
-    from pertbench.metrics.calibration import ceiling_resolved
+    from pertbench.metrics import Evaluator
 
     result = Evaluator(
         truth,
@@ -90,19 +89,11 @@ def calibrated(truth, pred, metrics, *, seed: int, references: bool) -> pd.DataF
     if not references:
         summary = result.summary.set_index("metric")["value"]
         return pd.DataFrame({"oracle": summary})
-    table = result.calibration.set_index("metric")[["oracle", "no_change", "ceiling"]]
-    groups = result.per_group
-    specs = catalogue()
-    table["resolved"] = [
-        ceiling_resolved(
-            groups.loc[groups["model"] == "no_change", metric].to_numpy(),
-            groups.loc[groups["model"] == "ceiling", metric].to_numpy(),
-            higher_is_better=specs[metric].higher_is_better,
-        )
-        if metric in groups
-        else True  # per-covariate metrics: one unit per block, judged by the plain rule
-        for metric in table.index
-    ]
+    calibration = result.calibration.set_index("metric")
+    table = calibration[["oracle", "no_change", "ceiling"]].copy()
+    # the evaluator's own verdict: where all three are defined, its normalised score is NaN
+    # exactly when the ceiling's gap is not resolved (calibration.ceiling_resolved)
+    table["resolved"] = calibration["normalized"].notna() | table.isna().any(axis=1)
     return table
 
 
