@@ -67,13 +67,18 @@ def main() -> int:
     rng = np.random.default_rng(args.seed)
     k = len(NAMES)
     true_abs, boot_abs, boot_sq, exact_sq, genes = (np.zeros(k) for _ in range(5))
-    good_turing = 0.0
+    good_turing = no_change = 0.0
+    cell_types = truth.obs["cell_type"].astype(str).values
+    controls = truth.obs["condition"].astype(str).values == "control"
     for group in np.unique(labels_o):
         cells = X_t[labels_t == group]
         n = cells.shape[0]
         observed_var = cells.var(axis=0)
         stratum = np.digitize((cells != 0).sum(axis=0), EDGES)
-        error = np.abs(observed_var - X_o[labels_o == group].var(axis=0))
+        oracle_var = X_o[labels_o == group].var(axis=0)
+        error = np.abs(observed_var - oracle_var)
+        control_var = X_t[controls & (cell_types == group.split("|")[1])].var(axis=0)
+        no_change += np.abs(observed_var - control_var).sum()
         a, b = _variance_mse_weights(n)
         centred4 = ((cells - cells.mean(axis=0)) ** 4).mean(axis=0)
         exact = a * centred4 + b * observed_var**2
@@ -109,6 +114,11 @@ def main() -> int:
     print(f"  bootstrap            {boot_abs.sum() / total:.3f}")
     print(f"  group-scaled         {scaled / total:.3f}")
     print(f"  detected + Good-Turing {detected / total:.3f}")
+    print(f"  no_change (the floor)  {no_change / total:.3f}")
+    print(
+        "the normalised score divides by the floor's excess over the ceiling, so a ceiling "
+        f"off by x% moves it by about x / {100 * (no_change / total - 1):.1f}"
+    )
     return 0
 
 
