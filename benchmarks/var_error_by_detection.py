@@ -19,7 +19,10 @@ bootstrap's estimate and their ratio, then the totals of three rules:
 - ``bootstrap``: the plain iterated bootstrap over all genes;
 - ``group-scaled``: the bootstrap scaled by sqrt(exact / bootstrap noise energy) per group,
   the scale the shipped rule applies (without its unseen-gene draws);
-- ``detected + Good-Turing``: the bootstrap on detected genes, unscaled, plus A1 - A2.
+- ``detected + Good-Turing``: the bootstrap on detected genes, unscaled, plus A1 - A2;
+
+and no_change's error beside them: the normalised score divides by its excess over the
+ceiling, which says how close the ceiling has to be.
 
 Usage::
 
@@ -33,21 +36,17 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import scipy.sparse as sp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from ceiling_validation import truth_and_oracles
 
 from pertbench.metrics.ceiling_corrections import _variance_mse_weights
+from pertbench.models.data import dense_rows
 
 EDGES = (1, 2, 3, 5)  # strata: 0, 1, 2, 3-4, >= 5 detections
 NAMES = ("0", "1", "2", "3-4", ">=5")
 REPLICATES = 40
-
-
-def dense(X) -> np.ndarray:
-    return X.toarray() if sp.issparse(X) else np.asarray(X)
 
 
 def group_labels(adata) -> np.ndarray:
@@ -60,10 +59,13 @@ def main() -> int:
     parser.add_argument("--cells", type=int, default=10)
     parser.add_argument("--effect", type=float, default=0.5)
     args = parser.parse_args()
+    if args.cells < 4:
+        parser.error(
+            f"--cells must be at least 4 (the variance's exact noise needs 4), got {args.cells}"
+        )
 
     truth, oracle, _, _ = truth_and_oracles(args.cells, args.effect, n_genes=500, seed=args.seed)
     labels_t, labels_o = group_labels(truth), group_labels(oracle)
-    X_t, X_o = dense(truth.X), dense(oracle.X)
     rng = np.random.default_rng(args.seed)
     k = len(NAMES)
     true_abs, boot_abs, boot_sq, exact_sq, genes = (np.zeros(k) for _ in range(5))
@@ -71,13 +73,14 @@ def main() -> int:
     cell_types = truth.obs["cell_type"].astype(str).values
     controls = truth.obs["condition"].astype(str).values == "control"
     for group in np.unique(labels_o):
-        cells = X_t[labels_t == group]
+        cells = dense_rows(truth.X, np.flatnonzero(labels_t == group))
         n = cells.shape[0]
         observed_var = cells.var(axis=0)
         stratum = np.digitize((cells != 0).sum(axis=0), EDGES)
-        oracle_var = X_o[labels_o == group].var(axis=0)
+        oracle_var = dense_rows(oracle.X, np.flatnonzero(labels_o == group)).var(axis=0)
         error = np.abs(observed_var - oracle_var)
-        control_var = X_t[controls & (cell_types == group.split("|")[1])].var(axis=0)
+        own_controls = np.flatnonzero(controls & (cell_types == group.split("|")[1]))
+        control_var = dense_rows(truth.X, own_controls).var(axis=0)
         no_change += np.abs(observed_var - control_var).sum()
         a, b = _variance_mse_weights(n)
         centred4 = ((cells - cells.mean(axis=0)) ** 4).mean(axis=0)
